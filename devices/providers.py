@@ -1,0 +1,90 @@
+"""Execution providers: the only place in edge-run that names them.
+
+A device name ("cpu", "cuda", "coreml", ...) maps to an onnxruntime provider, its options, and
+where OrtValues (the KV cache) live. "auto" takes the first available in preference order.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnxruntime as ort
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Device:
+    """An execution target.
+
+    Attributes:
+        name: edge-run device name.
+        provider: onnxruntime execution provider.
+        ort_device: OrtValue device type for buffers bound to this provider ("cpu" or "cuda").
+        options: provider options.
+    """
+
+    name: str
+    provider: str
+    ort_device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# preference order for "auto"; mobile / NPU providers first where they exist
+DEVICES: dict[str, Device] = {d.name: d for d in (
+    Device("cuda", "CUDAExecutionProvider", "cuda"),
+    Device("dml", "DmlExecutionProvider"),
+    Device("coreml", "CoreMLExecutionProvider"),
+    Device("qnn", "QNNExecutionProvider", options={"backend_path": "QnnHtp.dll" if os.name == "nt" else "libQnnHtp.so"}),
+    Device("nnapi", "NnapiExecutionProvider"),
+    Device("xnnpack", "XnnpackExecutionProvider"),
+    Device("cpu", "CPUExecutionProvider"),
+)}
+
+
+def available_devices() -> list[str]:
+    providers = set(ort.get_available_providers())
+    return [name for name, d in DEVICES.items() if d.provider in providers]
+
+
+def resolve_device(name: str = "cpu") -> Device:
+    """Return the Device for `name` ("auto" = best available).
+
+    Raises:
+        ValueError: unknown name, or its provider is not in this onnxruntime build.
+    """
+    if name == "auto":
+        name = available_devices()[0]
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; choose one of: auto, {', '.join(DEVICES)}")
+    device = DEVICES[name]
+    if device.provider not in ort.get_available_providers():
+        raise ValueError(f"device {name!r} needs {device.provider}, which this onnxruntime build lacks "
+                         f"(available: {', '.join(available_devices())}); install the matching "
+                         f"onnxruntime package (e.g. onnxruntime-gpu for cuda)")
+    return device
+
+
+def physical_cores() -> int:
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Session options for decoding: all graph optimisations, one thread per physical core."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return opts
+
+
+def providers_for(device: Device) -> list[tuple[str, dict[str, Any]]]:
+    """Provider list for an InferenceSession: the device's provider, CPU as fallback for the rest."""
+    chain = [(device.provider, dict(device.options))]
+    if device.provider != "CPUExecutionProvider":
+        chain.append(("CPUExecutionProvider", {}))
+    return chain

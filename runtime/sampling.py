@@ -1,0 +1,111 @@
+"""Next-token selection: repetition penalty, temperature, top-k, top-p, seeded sampling.
+
+The order follows Hugging Face's logits processors: penalty, temperature, top-k, top-p.
+`distribution` exposes the final (sparse) distribution so speculative decoding can use
+exactly the same one for draft and target.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings; temperature 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k
+    top_p: float = 1.0  # 1: no nucleus cut
+    repetition_penalty: float = 1.0  # 1: none
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SamplingParams":
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown sampling settings {sorted(unknown)}")
+        return cls(**data)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """Divide positive / multiply negative logits of already-seen token ids by `penalty`."""
+    if penalty == 1.0 or seen.size == 0:
+        return logits
+    logits = logits.copy()
+    picked = logits[seen]
+    logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def distribution(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """Final sampling distribution over the surviving candidates.
+
+    Args:
+        logits: float [vocab] (after any repetition penalty).
+        params: sampling settings with temperature > 0.
+    Returns:
+        (token_ids, probs), probs summing to 1, sorted by descending probability.
+    """
+    scaled = logits.astype(np.float64) / params.temperature
+    k = params.top_k if 0 < params.top_k < scaled.size else scaled.size
+    if params.top_p < 1.0:
+        # the nucleus lies inside the top-m tokens once their mass reaches top_p: grow m until it does
+        full = np.exp(scaled - scaled.max())
+        full /= full.sum()
+        m = min(k, 64)
+        while True:
+            ids = np.argpartition(-full, m - 1)[:m] if m < full.size else np.arange(full.size)
+            ids = ids[np.argsort(-full[ids], kind="stable")]
+            if m == k or full[ids].sum() >= params.top_p:
+                break
+            m = min(k, m * 4)
+    else:
+        ids = np.argpartition(-scaled, k - 1)[:k] if k < scaled.size else np.arange(scaled.size)
+        ids = ids[np.argsort(-scaled[ids], kind="stable")]
+    probs = np.exp(scaled[ids] - scaled[ids[0]])
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
+        ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
+    return ids, probs
+
+
+class Sampler:
+    """Picks tokens for one sequence; owns its random generator and seen-token mask."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, rng: np.random.Generator | None = None):
+        self.params = params
+        self.rng = rng if rng is not None else np.random.default_rng(params.seed)
+        self.seen = np.zeros(vocab_size, dtype=bool)
+
+    def observe(self, token_ids) -> None:
+        self.seen[np.asarray(token_ids, dtype=np.int64)] = True
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.params.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, np.flatnonzero(self.seen), self.params.repetition_penalty)
+        if self.params.greedy:
+            token = int(np.argmax(logits))
+        else:
+            ids, probs = distribution(logits, self.params)
+            token = int(ids[min(np.searchsorted(np.cumsum(probs), self.rng.random(), side="right"), ids.size - 1)])
+        self.seen[token] = True
+        return token
