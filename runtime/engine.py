@@ -73,6 +73,11 @@ class Engine:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def _tokens(self, prompt: str | Sequence[int], add_special_tokens: bool) -> list[int]:
+        if isinstance(prompt, str):
+            return self.encode(prompt, add_special_tokens)
+        return [int(t) for t in prompt]
+
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
@@ -113,7 +118,7 @@ class Engine:
         """Generate from one prompt or a batch of 1..8 prompts, streaming one response per token.
 
         Args:
-            prompt: a string, a list of token ids, or a list of strings (a batch; each
+            prompt: a string or a list of token ids, or a list of those (a batch; each
                 response's `index` says which prompt it continues).
             max_new_tokens: most tokens to generate per prompt.
             temperature, top_k, top_p, repetition_penalty: sampling; temperature 0 is greedy.
@@ -126,12 +131,8 @@ class Engine:
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if isinstance(prompt, str):
-            prompts = [self.encode(prompt, add_special_tokens)]
-        elif prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
-            prompts = [[int(t) for t in prompt]]
-        else:
-            prompts = [self.encode(p, add_special_tokens) for p in prompt]
+        one = isinstance(prompt, str) or all(isinstance(t, (int, np.integer)) for t in prompt)
+        prompts = [self._tokens(p, add_special_tokens) for p in ([prompt] if one else prompt)]
         if not 1 <= len(prompts) <= 8:
             raise ValueError(f"batch size must be 1..8 prompts, got {len(prompts)}")
         for row, tokens in enumerate(prompts):

@@ -1,0 +1,95 @@
+"""Shared fixtures: the real default model (pulled through pip), its package, tiny models."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The default model's GGUF, pulled into the edge-run cache (a no-op when already there)."""
+    from edgerun.export.models import pull
+
+    return pull("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_package(smollm2_gguf, tmp_path_factory) -> Path:
+    from edgerun.export.package import export
+
+    out = tmp_path_factory.mktemp("pkg") / "smollm2-fp32"
+    export(smollm2_gguf, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_package):
+    import edgerun
+
+    return edgerun.Engine(smollm2_package, max_context=512)
+
+
+@pytest.fixture(scope="session")
+def mt_bench_prompts() -> list[str]:
+    """First turn of one MT-Bench question per category (8 prompts)."""
+    rows = [json.loads(line) for line in (DATA / "mt_bench_8.jsonl").read_text().splitlines()]
+    return [r["turns"][0] for r in rows]
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """Hugging Face transformers' own GGUF loader: the independent reference implementation."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.set_num_threads(2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    return model.eval()
+
+
+def build_tiny_llama(folder: Path, seed: int = 0, tie: bool = True, **overrides) -> Path:
+    """Save a randomly initialised tiny Llama (HF format + byte-level BPE tokenizer) to `folder`."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20,
+                                   "edge run exports small language models to onnx"], trainer)
+    config = dict(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    config.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    with torch.no_grad():  # random norms, so a wrong norm weight cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant:{% endif %}"}))
+    return folder
+
+
+def torch_logits(folder: Path, tokens: list[int]) -> np.ndarray:
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
