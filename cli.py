@@ -4,17 +4,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Iterator
 
 from jinja2 import TemplateError
 
 from . import __version__
-from .runtime.manifest import PackageError
+from .runtime.manifest import MANIFEST_NAME, PackageError
 
 log = logging.getLogger("edgerun")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, in the same form as every other edge-run error."""
+
+    def error(self, message: str):
+        self.exit(2, f"edge-run: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +46,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-run", description="Run language models on this device.")
+    parser = _Parser(prog="edge-run", description="Run language models on this device.")
     parser.add_argument("--version", action="version", version=f"edge-run {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-boundaries", default="",
                    help="comma-separated first layer of each extra stage graph, e.g. 10,20 "
                         "(default: one graph for the whole model)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing package folder")
 
     p = sub.add_parser("run", help="generate from one prompt, streaming tokens")
     _add_model_args(p)
@@ -71,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sampling(args: argparse.Namespace) -> dict:
+    """Generation settings from the command line, checked before any model is loaded or exported."""
+    from .runtime.sampling import SamplingParams
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.max_context is not None and args.max_context < 2:
+        raise ValueError(f"--max-context must be >= 2, got {args.max_context}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"-n/--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
@@ -108,6 +127,7 @@ def _messages(args: argparse.Namespace, history: list[dict]) -> list[dict]:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    sampling = _sampling(args)
     engine = _load(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.raw or not engine.manifest.chat_template:
@@ -115,13 +135,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     else:
         text = engine.apply_chat_template(_messages(args, [{"role": "user", "content": prompt}]))
         tokens = engine.encode(text, add_special_tokens=False)
-    responses = engine.generate(tokens, **_sampling(args))  # validates before timing
+    responses = engine.generate(tokens, **sampling)  # validates before timing
     start = time.perf_counter()
     count, ttft, finish = _stream(responses, start)
     _summary(len(tokens), count, ttft, time.perf_counter() - start, finish)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    sampling = _sampling(args)
     engine = _load(args)
     history: list[dict] = []
     print("edge-run chat: empty line or Ctrl-D to quit", file=sys.stderr)
@@ -134,7 +155,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         history.append({"role": "user", "content": user})
         tokens = engine.encode(engine.apply_chat_template(_messages(args, history)), add_special_tokens=False)
-        responses = engine.generate(tokens, **_sampling(args))
+        responses = engine.generate(tokens, **sampling)
         pieces = []
         start = time.perf_counter()
 
@@ -170,6 +191,11 @@ def cmd_export(args: argparse.Namespace) -> None:
         boundaries = [int(b) for b in args.stage_boundaries.split(",") if b.strip()]
     except ValueError:
         raise ValueError(f"--stage-boundaries must be comma-separated integers, got {args.stage_boundaries!r}") from None
+    out = Path(args.output)
+    if args.force and out.exists() and not (out / MANIFEST_NAME).is_file() \
+            and not (out.is_dir() and not any(out.iterdir())):
+        raise PackageError(f"{out} is not an edge-run package (no {MANIFEST_NAME}); --force only "
+                           f"replaces a package folder, so choose another -o folder")
     ckpt = load_checkpoint(source)
     manifest = write_package(ckpt, args.output, boundaries, force=args.force, progress=True)
     print(f"wrote {args.output}: {manifest.model.architecture}, {manifest.model.num_layers} layers, "
@@ -214,13 +240,26 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         COMMANDS[args.command](args)
-    except (PackageError, ValueError, TemplateError, OSError) as e:
-        print(f"edge-run: error: {e}", file=sys.stderr)
-        return 1
+    except TemplateError as e:
+        hint = "; pass --raw to skip it" if args.command == "run" else ""
+        return _fail(f"the package's chat template failed: {e}{hint}")
+    except (PackageError, ValueError, OSError) as e:
+        return _fail(str(e))
     except KeyboardInterrupt:
         print("\nedge-run: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # an unforeseen failure is still one line; -v shows the traceback
+        if args.verbose:
+            traceback.print_exc()
+        return _fail(f"{type(e).__name__}: {e} (rerun with -v for the traceback)")
     return 0
+
+
+def _fail(message: str) -> int:
+    """Print `message` as edge-run's one-line error; returns the exit status."""
+    one_line = re.sub(r"\s*\n\s*", " ", message.strip())
+    print(f"edge-run: error: {one_line}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

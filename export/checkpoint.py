@@ -136,26 +136,32 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PackageError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise PackageError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 def _safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for file in sorted(folder.glob("*.safetensors")):
         # framework="numpy" cannot read bfloat16; torch is used only when a file needs it
         try:
-            with safe_open(file, framework="numpy") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except TypeError:
-            import torch  # noqa: F401  (bf16 checkpoints need torch to decode)
+            try:
+                with safe_open(file, framework="numpy") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+            except TypeError:
+                import torch  # noqa: F401  (bf16 checkpoints need torch to decode)
 
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name).float().numpy()
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name).float().numpy()
+        except SafetensorError as e:
+            raise PackageError(f"{file} is truncated or corrupt ({e}); download it again") from None
 
 
 def _load_hf(folder: Path) -> Checkpoint:
@@ -167,7 +173,11 @@ def _load_hf(folder: Path) -> Checkpoint:
     weights = _collect(family, spec, tensors, family.hf_names,
                        lambda _, a: np.ascontiguousarray(a, dtype=np.float32))
     tok_config = _read_json(folder / "tokenizer_config.json")
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    try:
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise PackageError(f"{folder / 'tokenizer.json'} is not a valid tokenizer file ({e}); "
+                           f"copy it again from the model's repository") from None
     template = tok_config.get("chat_template")
     if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()

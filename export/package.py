@@ -30,8 +30,12 @@ def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
     target = Path(target)
     if target.exists() and not force:
         raise PackageError(f"{target} already exists; choose another -o folder or pass --force")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except OSError as e:
+        raise PackageError(f"cannot create {target}: {e.strerror or e} ({e.filename or target.parent}); "
+                           f"choose a writable -o folder") from None
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a package is an ordinary folder

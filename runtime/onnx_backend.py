@@ -21,7 +21,7 @@ class OnnxBackend:
 
     def __init__(self, package_dir: Path, manifest: Manifest, device: Device, threads: int | None = None):
         self.manifest, self.device = manifest, device
-        opts = session_options(threads)
+        opts = session_options(threads, spinning=len(manifest.stages) == 1)
         self.sessions = []
         for stage in manifest.stages:
             path = Path(package_dir) / stage.file
@@ -33,6 +33,20 @@ class OnnxBackend:
                     ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
                 raise PackageError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
         self.bindings = [s.io_binding() for s in self.sessions]
+        self._bound: list[KVCache | None] = [None] * len(self.sessions)  # cache bound to each binding
+
+    def _main_output(self, stage) -> tuple[str, str]:
+        """Name and device of a stage's main output: logits come to the host, hidden stays put."""
+        return ("logits", "cpu") if stage.has_head else ("hidden_out", self.device.ort_device)
+
+    def _bind_cache(self, stage, io, cache: KVCache) -> None:
+        """Bind past and present of every layer to the same buffer: the graph updates it in place."""
+        io.clear_binding_outputs()
+        io.bind_output(*self._main_output(stage))
+        for local, layer in enumerate(range(stage.first_layer, stage.end_layer)):
+            for kind, buffers in (("key", cache.keys), ("value", cache.values)):
+                io.bind_ortvalue_input(f"past_{kind}_{local}", buffers[layer])
+                io.bind_ortvalue_output(f"present_{kind}_{local}", buffers[layer])
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.manifest.model, self.manifest.model.num_layers, batch, max_len, self.device.ort_device)
@@ -56,7 +70,7 @@ class OnnxBackend:
                              f"({cache.max_len}); raise max_context")
         total = np.array(int(seqlens.max()) + 1, dtype=np.int32)
         hidden = None
-        for stage, session, io in zip(self.manifest.stages, self.sessions, self.bindings):
+        for k, (stage, session, io) in enumerate(zip(self.manifest.stages, self.sessions, self.bindings)):
             if stage.embeds:
                 io.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
             else:
@@ -65,20 +79,16 @@ class OnnxBackend:
             io.bind_cpu_input("total_sequence_length", total)
             if stage.has_head:
                 io.bind_cpu_input("logits_positions", np.ascontiguousarray(logits_positions[..., None], dtype=np.int64))
-                io.bind_output("logits", "cpu")
-            else:
-                io.bind_output("hidden_out", self.device.ort_device)
-            # bound after the main output, so get_outputs()[0] is logits / hidden_out
-            for local, layer in enumerate(range(stage.first_layer, stage.end_layer)):
-                for kind, buffers in (("key", cache.keys), ("value", cache.values)):
-                    io.bind_ortvalue_input(f"past_{kind}_{local}", buffers[layer])
-                    io.bind_ortvalue_output(f"present_{kind}_{local}", buffers[layer])
+            if self._bound[k] is not cache:
+                self._bind_cache(stage, io, cache)
+                self._bound[k] = cache
+            # ORT allocates the main output per run (its shape varies); re-binding replaces it in place
+            io.bind_output(*self._main_output(stage))
             session.run_with_iobinding(io)
             out = io.get_outputs()[0]
             if stage.has_head:
                 logits = out.numpy()
             else:
                 hidden = out
-            io.clear_binding_outputs()
         cache.advance(counts)
         return logits

@@ -66,8 +66,11 @@ def distribution(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray
     scaled = logits.astype(np.float64) / params.temperature
     k = params.top_k if 0 < params.top_k < scaled.size else scaled.size
     if params.top_p < 1.0:
-        # the nucleus lies inside the top-m tokens once their mass reaches top_p: grow m until it does
+        # the nucleus lies inside the top-m tokens once their mass reaches top_p: grow m until it does.
+        # Masses are of the softmax renormalised over the top-k survivors (zero outside them), as in HF.
         full = np.exp(scaled - scaled.max())
+        if k < full.size:
+            full[np.argpartition(-scaled, k - 1)[k:]] = 0.0
         full /= full.sum()
         m = min(k, 64)
         while True:
@@ -76,15 +79,15 @@ def distribution(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray
             if m == k or full[ids].sum() >= params.top_p:
                 break
             m = min(k, m * 4)
+        # keep the smallest prefix whose mass reaches top_p (the token crossing it included); the mass
+        # is of the whole top-k distribution, not of the top-m tokens renormalised among themselves
+        keep = int(np.searchsorted(np.cumsum(full[ids]), params.top_p) + 1)
+        ids = ids[:keep]
     else:
         ids = np.argpartition(-scaled, k - 1)[:k] if k < scaled.size else np.arange(scaled.size)
         ids = ids[np.argsort(-scaled[ids], kind="stable")]
     probs = np.exp(scaled[ids] - scaled[ids[0]])
     probs /= probs.sum()
-    if params.top_p < 1.0:
-        # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
-        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
-        ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
     return ids, probs
 
 

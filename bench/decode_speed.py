@@ -1,0 +1,81 @@
+"""Time to first token and decode speed of one or more packages, side by side in one run.
+
+    python -m edgerun.bench.decode_speed PACKAGE [PACKAGE ...] --prompt-tokens 128 --new-tokens 128
+
+Each round runs every package once (interleaved, so machine noise hits all alike) after one
+warm-up run per package; prints min/median/max and the ratio of each package's median decode
+speed to the first package's. The prompt is the start of WikiText-2 test, exactly N tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from .. import __version__
+
+
+def find_data_dir() -> Path:
+    """The shared data folder: $EDGE_RUN_DATA, else ../shared/data beside the checkout or cwd."""
+    candidates = [os.environ.get("EDGE_RUN_DATA")] + [
+        str(base / "shared" / "data") for base in (Path.cwd().parent, Path(__file__).resolve().parents[2])]
+    for c in filter(None, candidates):
+        if (Path(c) / "wikitext-2" / "test.txt").is_file():
+            return Path(c)
+    raise FileNotFoundError("WikiText-2 not found; set EDGE_RUN_DATA to the folder holding wikitext-2/")
+
+
+def measure(engine, prompt: list[int], new_tokens: int) -> dict[str, float]:
+    """One greedy generation; returns ttft_s and decode tokens/s (tokens after the first)."""
+    engine.eos_token_ids, saved = frozenset(), engine.eos_token_ids  # always generate new_tokens
+    try:
+        start = time.perf_counter()
+        stamps = [time.perf_counter() for _ in engine.generate(prompt, max_new_tokens=new_tokens)]
+    finally:
+        engine.eos_token_ids = saved
+    return {"ttft_s": stamps[0] - start, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import edgerun
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("packages", nargs="+", help="package folders or model names")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write results here")
+    args = p.parse_args(argv)
+
+    engines = [edgerun.load(pkg, threads=args.threads) for pkg in args.packages]
+    text = (find_data_dir() / "wikitext-2" / "test.txt").read_text()
+    prompt = engines[0].encode(text)[:args.prompt_tokens]
+    runs: list[list[dict]] = [[] for _ in engines]
+    for engine in engines:
+        measure(engine, prompt, 8)  # warm-up, excluded
+    for _ in range(args.rounds):
+        for engine, rows in zip(engines, runs):
+            rows.append(measure(engine, prompt, args.new_tokens))
+    base = statistics.median(r["decode_tok_s"] for r in runs[0])
+    results = []
+    print(f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, {args.rounds} rounds (min/median/max)")
+    for pkg, rows in zip(args.packages, runs):
+        ttft = sorted(r["ttft_s"] * 1e3 for r in rows)
+        tps = sorted(r["decode_tok_s"] for r in rows)
+        med = statistics.median(tps)
+        print(f"{pkg}: ttft {ttft[0]:.0f}/{statistics.median(ttft):.0f}/{ttft[-1]:.0f} ms | decode "
+              f"{tps[0]:.1f}/{med:.1f}/{tps[-1]:.1f} tok/s | x{med / base:.3f} vs first")
+        results.append({"package": str(pkg), "ttft_ms": ttft, "decode_tok_s": tps})
+    if args.json:
+        args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+                                         "edge_run": __version__, "args": vars(args) | {"json": str(args.json)},
+                                         "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
