@@ -51,30 +51,39 @@ class OnnxBackend:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.manifest.model, self.manifest.model.num_layers, batch, max_len, self.device.ort_device)
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, counts: np.ndarray,
-                logits_positions: np.ndarray) -> np.ndarray:
-        """Run new tokens through every stage and advance the cache.
+    def forward(self, inputs, cache: KVCache, counts: np.ndarray, logits_positions: np.ndarray | None = None,
+                stages: range | None = None):
+        """Run new tokens through the package's stages (all, or a contiguous run of them).
+
+        Running a prefix of the stages returns the residual stream, which a later call can pass
+        on to the remaining stages (early exit, self-speculative drafting).
 
         Args:
-            tokens: int64 [B, S] new tokens per row, right-padded where a row has fewer.
-            cache: the KV cache; row b's tokens go at positions lengths[b] ...
-            counts: int [B] real (non-pad) tokens per row; the cache advances by these.
+            inputs: int64 [B, S] new token ids, right-padded where a row has fewer, when the
+                run starts at the embedding stage; else the hidden-state OrtValue [B, S, H]
+                returned by the previous stage.
+            cache: the KV cache; row b's new positions start at cache.lengths[b].
+            counts: int [B] real (non-pad) tokens per row; the cache advances by these once
+                the run reaches the head.
             logits_positions: int64 [B, N] positions within the S new tokens to score.
+            stages: indices of the stages to run (default: all).
         Returns:
-            float32 logits [B, N, vocab].
+            float32 logits [B, N, vocab] when the run ends at the head, else the hidden OrtValue.
         """
-        batch, seq = tokens.shape
+        stages = range(len(self.sessions)) if stages is None else stages
+        batch, seq = inputs.shape[:2] if isinstance(inputs, np.ndarray) else inputs.shape()[:2]
         seqlens = (cache.lengths + (seq - 1)).astype(np.int32)
         if int(seqlens.max()) >= cache.max_len + 1:
             raise ValueError(f"sequence of {int(seqlens.max()) + 1} tokens exceeds the cache "
                              f"({cache.max_len}); raise max_context")
         total = np.array(int(seqlens.max()) + 1, dtype=np.int32)
-        hidden = None
-        for k, (stage, session, io) in enumerate(zip(self.manifest.stages, self.sessions, self.bindings)):
+        out = inputs
+        for k in stages:
+            stage, io = self.manifest.stages[k], self.bindings[k]
             if stage.embeds:
-                io.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
+                io.bind_cpu_input("input_ids", np.ascontiguousarray(out, dtype=np.int64))
             else:
-                io.bind_ortvalue_input("hidden_in", hidden)
+                io.bind_ortvalue_input("hidden_in", out)
             io.bind_cpu_input("seqlens_k", seqlens)
             io.bind_cpu_input("total_sequence_length", total)
             if stage.has_head:
@@ -84,11 +93,9 @@ class OnnxBackend:
                 self._bound[k] = cache
             # ORT allocates the main output per run (its shape varies); re-binding replaces it in place
             io.bind_output(*self._main_output(stage))
-            session.run_with_iobinding(io)
+            self.sessions[k].run_with_iobinding(io)
             out = io.get_outputs()[0]
-            if stage.has_head:
-                logits = out.numpy()
-            else:
-                hidden = out
-        cache.advance(counts)
-        return logits
+        if self.manifest.stages[stages[-1]].has_head:
+            cache.advance(counts)
+            return out.numpy()
+        return out

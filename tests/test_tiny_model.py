@@ -109,3 +109,45 @@ def test_context_limit_ends_with_length(tiny_engine):
     responses = list(engine.generate(TOKENS, max_new_tokens=50))
     assert len(TOKENS) + len(responses) == 17  # 16 cached positions + the last sampled token
     assert responses[-1].finish_reason == "length"
+
+
+def test_prefix_of_layers_then_rest_equals_full_run(tiny_hf, tmp_path):
+    """Run layers 0..k, hand the hidden states on, run k+1..L: same logits as one pass."""
+    export(tiny_hf, tmp_path / "staged", stage_boundaries=[2])
+    engine = edgerun.Engine(tmp_path / "staged")
+    ids = np.asarray([TOKENS], dtype=np.int64)
+    positions = np.arange(len(TOKENS))[None]
+    cache = engine.backend.new_cache(1, 32)
+    hidden = engine.backend.forward(ids, cache, np.array([len(TOKENS)]), positions, stages=range(0, 1))
+    assert hidden.shape() == [1, len(TOKENS), engine.manifest.model.hidden_size]
+    assert cache.lengths.tolist() == [0]  # the cache advances only when the head is reached
+    logits = engine.backend.forward(hidden, cache, np.array([len(TOKENS)]), positions, stages=range(1, 2))
+    assert cache.lengths.tolist() == [len(TOKENS)]
+    np.testing.assert_allclose(logits[0], engine.logits(TOKENS), atol=1e-5, rtol=0)
+
+
+def test_head_only_graph_scores_hidden_states(tiny_hf, tiny_engine):
+    """A zero-layer stage with the head turns any layer's hidden states into logits (exit head)."""
+    import onnxruntime as ort
+
+    from edgerun.export.checkpoint import load_checkpoint
+    from edgerun.export.onnx_graph import build_stage
+
+    ckpt = load_checkpoint(tiny_hf)
+    spec = ckpt.spec
+    head = ort.InferenceSession(build_stage(spec, ckpt.weights, spec.num_layers, spec.num_layers,
+                                            embeds=False, has_head=True).SerializeToString())
+    ids = np.asarray([TOKENS], dtype=np.int64)
+    positions = np.arange(len(TOKENS))[None]
+    # the single-stage package has no hidden output, so build the all-layers prefix graph here
+    body = ort.InferenceSession(build_stage(spec, ckpt.weights, 0, spec.num_layers, embeds=True,
+                                            has_head=False).SerializeToString())
+    feeds = {"input_ids": ids, "seqlens_k": np.array([len(TOKENS) - 1], np.int32),
+             "total_sequence_length": np.array(len(TOKENS), np.int32)}
+    kv = np.zeros((1, spec.num_kv_heads, 32, spec.head_dim), np.float32)
+    feeds |= {f"past_{k}_{i}": kv for i in range(spec.num_layers) for k in ("key", "value")}
+    hidden = body.run(["hidden_out"], feeds)[0]
+    logits = head.run(["logits"], {"hidden_in": hidden, "seqlens_k": feeds["seqlens_k"],
+                                   "total_sequence_length": feeds["total_sequence_length"],
+                                   "logits_positions": positions[..., None]})[0]
+    np.testing.assert_allclose(logits[0], tiny_engine.logits(TOKENS), atol=1e-5, rtol=0)
