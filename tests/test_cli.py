@@ -90,6 +90,11 @@ def cache_entries(home: Path) -> list[str]:
     return sorted(str(p.relative_to(home)) for p in home.rglob("*")) if home.exists() else []
 
 
+def no_packages(home: Path) -> bool:
+    """True when the cache holds no auto-exported package (not even a hidden partial one)."""
+    return not (home / "packages").exists() or not any((home / "packages").iterdir())
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -146,8 +151,7 @@ def test_truncated_gguf(capsys, tmp_path, home, smollm2_gguf):
     # auto-export through `info` must not leave anything in the cache either
     line = fail(capsys, "info", truncated)
     assert "truncated or corrupt" in line
-    assert leftovers(tmp_path) == [] and not (home / "packages").exists() or \
-        list((home / "packages").iterdir()) == []
+    assert leftovers(tmp_path) == [] and no_packages(home)
 
 
 def test_unsupported_architecture(capsys, tmp_path):
@@ -417,4 +421,4 @@ def test_subprocess_errors_are_one_line(tmp_path, home, case, request):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("edge-run: error: ") and expected in lines[0], result.stderr
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
-    assert not (home / "packages").exists() or list((home / "packages").iterdir()) == []
+    assert no_packages(home)
