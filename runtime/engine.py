@@ -11,9 +11,9 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from ..devices.providers import resolve_device
 from .manifest import PackageError, read_manifest
-from .onnx_backend import OnnxBackend
+from . import onnx_backend  # noqa: F401  (registers the onnx backend)
+from .backend import open_backend
 from .sampling import Sampler, SamplingParams
 from .textstream import StopMatcher, TextStream
 
@@ -52,12 +52,13 @@ class Engine:
     Args:
         package_dir: folder with manifest.json.
         device: "cpu", "cuda", ... or "auto" (see edgerun.devices).
+        backend: "onnx", "llamacpp" or "auto" (the package's first).
         threads: intra-op threads (default: physical cores).
         max_context: KV cache length per sequence (default: min(model context, 2048)).
     """
 
     def __init__(self, package_dir: str | Path, device: str = "cpu", threads: int | None = None,
-                 max_context: int | None = None):
+                 max_context: int | None = None, backend: str = "auto"):
         self.package_dir = Path(package_dir)
         self.manifest = read_manifest(self.package_dir)
         spec = self.manifest.model
@@ -65,7 +66,7 @@ class Engine:
         if self.max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {max_context}")
         self.tokenizer = Tokenizer.from_file(str(self.package_dir / self.manifest.tokenizer))
-        self.backend = OnnxBackend(self.package_dir, self.manifest, resolve_device(device), threads)
+        self.backend = open_backend(backend, self.package_dir, self.manifest, device, threads)
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self._caches: dict[int, object] = {}
 
@@ -193,11 +194,11 @@ class Engine:
 
 
 def load(model: str | Path, device: str = "cpu", threads: int | None = None,
-         max_context: int | None = None, progress: bool = False) -> Engine:
+         max_context: int | None = None, backend: str = "auto", progress: bool = False) -> Engine:
     """Load a package folder, a checkpoint (.gguf / HF folder) or a known model name.
 
     Checkpoints are exported once to an fp32 ONNX package in the cache (see `edge-run pull`).
     """
     from ..export.models import resolve_package
 
-    return Engine(resolve_package(model, progress=progress), device, threads, max_context)
+    return Engine(resolve_package(model, progress=progress), device, threads, max_context, backend)

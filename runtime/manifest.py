@@ -93,6 +93,7 @@ class Manifest:
     source: dict[str, Any]
     tool_version: str
     kept_layers: tuple[int, ...] = ()  # original block index of each package layer
+    gguf: str | None = None  # GGUF file for the llama.cpp backend (relative to the package, or absolute)
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -119,7 +120,9 @@ class Manifest:
     def validate(self) -> None:
         """Check the stages cover every layer once, in order, from embedding to head."""
         if not self.stages:
-            raise PackageError("manifest lists no stages")
+            if self.gguf is None:
+                raise PackageError("manifest lists neither ONNX stages nor a GGUF file")
+            return
         expected = 0
         for stage in self.stages:
             if stage.first_layer != expected or stage.end_layer < stage.first_layer:
@@ -132,6 +135,11 @@ class Manifest:
             raise PackageError(f"stages cover {expected} layers, model has {self.model.num_layers}")
         if not self.stages[0].embeds or not self.stages[-1].has_head:
             raise PackageError("first stage must embed tokens and the last must hold the LM head")
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Backends that can run this package, in preference order."""
+        return tuple(name for name, present in (("onnx", bool(self.stages)), ("llamacpp", bool(self.gguf))) if present)
 
     def write(self, directory: Path) -> None:
         (Path(directory) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..devices.providers import Device, providers_for, session_options
+from ..devices.providers import providers_for, resolve_device, session_options
+from .backend import register_backend
 from .kv_cache import KVCache
 from .manifest import Manifest, PackageError
 
@@ -19,8 +20,8 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, package_dir: Path, manifest: Manifest, device: Device, threads: int | None = None):
-        self.manifest, self.device = manifest, device
+    def __init__(self, package_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None):
+        self.manifest, self.device = manifest, resolve_device(device)
         opts = session_options(threads, spinning=len(manifest.stages) == 1)
         self.sessions = []
         for stage in manifest.stages:
@@ -28,7 +29,7 @@ class OnnxBackend:
             if not path.is_file():
                 raise PackageError(f"package {package_dir} lacks {stage.file}; re-export it")
             try:
-                self.sessions.append(ort.InferenceSession(str(path), opts, providers=providers_for(device)))
+                self.sessions.append(ort.InferenceSession(str(path), opts, providers=providers_for(self.device)))
             except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail,
                     ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
                 raise PackageError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
@@ -99,3 +100,6 @@ class OnnxBackend:
             cache.advance(counts)
             return out.numpy()
         return out
+
+
+register_backend("onnx", OnnxBackend)

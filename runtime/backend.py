@@ -1,0 +1,64 @@
+"""The interface every inference backend implements, and the registry that finds them.
+
+A backend runs new tokens for a batch of sequences on top of their cached state and returns
+logits at chosen positions. Decoding strategies (sampling, speculative, early exit) drive it
+token by token; they never see what is behind it (onnxruntime sessions, a llama.cpp context).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .manifest import Manifest, PackageError
+
+
+class Cache(Protocol):
+    """Per-sequence decoding state. Rollback only moves offsets; it never copies."""
+
+    batch: int
+    max_len: int
+    lengths: np.ndarray  # int32 [batch]: valid positions per sequence
+
+    def reset(self) -> None: ...
+    def rollback(self, lengths: np.ndarray) -> None: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def new_cache(self, batch: int, max_len: int) -> Cache: ...
+
+    def forward(self, inputs: np.ndarray, cache: Cache, counts: np.ndarray,
+                logits_positions: np.ndarray) -> np.ndarray:
+        """Append `inputs` (int64 [B, S], right-padded; `counts[b]` real tokens in row b) to
+        each sequence and return float32 logits [B, N, vocab] at `logits_positions` [B, N]."""
+        ...
+
+
+BackendFactory = Callable[[Path, Manifest, str, "int | None"], Backend]
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    _BACKENDS[name] = factory
+
+
+def open_backend(name: str, package_dir: Path, manifest: Manifest, device: str,
+                 threads: int | None) -> Backend:
+    """Create backend `name` ("auto": the package's first) for a package.
+
+    Raises:
+        PackageError: the package has no artifact for that backend, or the name is unknown.
+    """
+    if name == "auto":
+        name = manifest.backends[0]
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(_BACKENDS)}")
+    if name not in manifest.backends:
+        raise PackageError(f"package {package_dir} has nothing for the {name} backend (it has: "
+                           f"{', '.join(manifest.backends)}); export it with the matching --format")
+    return _BACKENDS[name](package_dir, manifest, device, threads)
