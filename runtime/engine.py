@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -15,6 +16,7 @@ from .manifest import PackageError, read_manifest
 from . import onnx_backend  # noqa: F401  (registers the onnx backend)
 from .backend import open_backend
 from .sampling import Sampler, SamplingParams
+from .speculative import AdaptiveDraftLength, Draft, Drafter, SpeculativeStats, make_drafter, verify
 from .textstream import StopMatcher, TextStream
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,32 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
+class _Row:
+    """Decoding state of one sequence of a batch: context, sampler, text stream, finish rules."""
+
+    def __init__(self, index: int, prompt: list[int], sampler: Sampler, stream: TextStream,
+                 matcher: StopMatcher, eos: frozenset[int], max_new_tokens: int):
+        self.index, self.tokens, self.sampler = index, list(prompt), sampler
+        self.stream, self.matcher, self.eos, self.max_new_tokens = stream, matcher, eos, max_new_tokens
+        self.generated, self.active = 0, True
+        sampler.observe(prompt)
+
+    def emit(self, token: int, from_draft: bool, max_len: int) -> GenerationResponse:
+        """Record a generated token and decide whether the sequence ends with it."""
+        self.tokens.append(token)
+        self.generated += 1
+        text, stopped = self.matcher.push(self.stream.push(token))
+        finish = None
+        if token in self.eos or stopped:
+            finish = "stop"
+        elif self.generated >= self.max_new_tokens or len(self.tokens) - 1 >= max_len:
+            finish = "length"  # out of tokens, or no cache slot left for the next one
+        if finish is not None and not stopped:
+            text += self.matcher.flush()
+        self.active = finish is None
+        return GenerationResponse(token, text, self.index, finish, from_draft)
+
+
 class Engine:
     """A loaded package ready to generate.
 
@@ -69,6 +97,9 @@ class Engine:
         self.backend = open_backend(backend, self.package_dir, self.manifest, device, threads)
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self._caches: dict[int, object] = {}
+        self._drafters: dict[str, Drafter] = {}
+        self.threads = threads
+        self.stats = SpeculativeStats()  # speculative decoding figures of the last generation
 
     # -- text <-> tokens -------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -115,7 +146,9 @@ class Engine:
     def generate(self, prompt: str | Sequence[str] | Sequence[int], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: Iterable[str] = (), add_special_tokens: bool = True) -> Iterator[GenerationResponse]:
+                 stop: Iterable[str] = (), add_special_tokens: bool = True,
+                 speculative: str | Drafter | None = None, draft_tokens: int | str = "auto",
+                 ) -> Iterator[GenerationResponse]:
         """Generate from one prompt or a batch of 1..8 prompts, streaming one response per token.
 
         Args:
@@ -126,6 +159,10 @@ class Engine:
             seed: makes sampling reproducible.
             stop: strings that end generation (not included in the output).
             add_special_tokens: let the tokenizer add BOS etc. when encoding string prompts.
+            speculative: None (plain decoding), "lookup" (prompt lookup), "draft:PATH" (a draft
+                package with the same vocabulary) or a Drafter object. Lossless: greedy output
+                is token-identical, sampling keeps the target distribution.
+            draft_tokens: drafts per round, or "auto" (adapted to measured acceptance and cost).
         Yields:
             GenerationResponse per token; the last one of each prompt carries finish_reason.
         """
@@ -142,40 +179,63 @@ class Engine:
             if len(tokens) >= self.max_context:
                 raise ValueError(f"prompt {row} has {len(tokens)} tokens but the context holds "
                                  f"{self.max_context}; shorten it or raise max_context")
-        return self._generate(prompts, params, max_new_tokens, list(stop))
+        if draft_tokens != "auto" and not (isinstance(draft_tokens, int) and draft_tokens >= 1):
+            raise ValueError(f"draft_tokens must be an integer >= 1 or 'auto', got {draft_tokens!r}")
+        policy = AdaptiveDraftLength(fixed=None if draft_tokens == "auto" else draft_tokens)
+        return self._generate(prompts, params, max_new_tokens, list(stop), self._drafter(speculative), policy)
+
+    def _drafter(self, speculative: str | Drafter | None) -> Drafter | None:
+        if not isinstance(speculative, str):
+            return speculative
+        if speculative not in self._drafters:  # draft models load once per engine
+            self._drafters[speculative] = make_drafter(speculative, self, max_context=self.max_context,
+                                                       threads=self.threads)
+        return self._drafters[speculative]
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, max_new_tokens: int,
-                  stops: list[str]) -> Iterator[GenerationResponse]:
-        batch = len(prompts)
-        rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(params.seed).spawn(batch)]
-        samplers = [Sampler(params, self.manifest.model.vocab_size, rng) for rng in rngs]
-        for sampler, tokens in zip(samplers, prompts):
-            sampler.observe(tokens)
-        streams = [TextStream(self.tokenizer) for _ in range(batch)]
-        matchers = [StopMatcher(stops) for _ in range(batch)]
-        cache = self._cache(batch)
+                  stops: list[str], drafter: Drafter | None, policy: AdaptiveDraftLength) -> Iterator[GenerationResponse]:
+        seeds = np.random.SeedSequence(params.seed).spawn(len(prompts))
+        rows = [_Row(i, p, Sampler(params, self.manifest.model.vocab_size, np.random.default_rng(seed)),
+                     TextStream(self.tokenizer), StopMatcher(stops), self.eos_token_ids, max_new_tokens)
+                for i, (p, seed) in enumerate(zip(prompts, seeds))]
+        self.stats = stats = SpeculativeStats()
+        cache = self._cache(len(rows))
         logits = self.prefill(prompts, cache)
-        active = np.ones(batch, dtype=bool)
-        last = np.zeros((batch, 1), dtype=np.int64)
-        for step in range(max_new_tokens):
-            for row in np.flatnonzero(active):
-                token = samplers[row](logits[row])
-                last[row, 0] = token
-                text, stopped = matchers[row].push(streams[row].push(token))
-                finish = None
-                if token in self.eos_token_ids or stopped:
-                    finish = "stop"
-                elif step == max_new_tokens - 1 or cache.lengths[row] >= cache.max_len:
-                    finish = "length"
-                if finish == "length" or (finish == "stop" and not stopped):
-                    text += matchers[row].flush()
-                if finish:
-                    active[row] = False
-                yield GenerationResponse(token, text, int(row), finish)
-            if not active.any():
-                return
-            logits = self.backend.forward(last, cache, active.astype(np.int32),
-                                          np.zeros((batch, 1), dtype=np.int64))[:, 0]
+        for row in rows:
+            yield row.emit(row.sampler(logits[row.index]), False, cache.max_len)
+        if drafter is not None:
+            drafter.start(prompts, params)
+        while any(row.active for row in rows):
+            # each active row feeds its pending token (the last one, not yet cached) + its drafts
+            start = np.array([len(row.tokens) - 1 if row.active else 0 for row in rows], dtype=np.int32)
+            cache.rollback(start)
+            k = policy.length() if drafter is not None else 0
+            limits = [min(k, max_new_tokens - row.generated - 1, cache.max_len - int(start[row.index]) - 1)
+                      if row.active else 0 for row in rows]
+            t0 = time.perf_counter()
+            drafts = drafter.propose([row.tokens for row in rows], limits) if max(limits) > 0 else [Draft() for _ in rows]
+            t1 = time.perf_counter()
+            width = 1 + max(len(d.tokens) for d in drafts)
+            tokens = np.zeros((len(rows), width), dtype=np.int64)
+            counts = np.zeros(len(rows), dtype=np.int32)
+            for row, draft in zip(rows, drafts):
+                if row.active:
+                    counts[row.index] = 1 + len(draft.tokens)
+                    tokens[row.index, :counts[row.index]] = [row.tokens[-1], *draft.tokens]
+            logits = self.backend.forward(tokens, cache, counts, np.tile(np.arange(width), (len(rows), 1)))
+            t2 = time.perf_counter()
+            proposed = accepted = 0
+            for row, draft in zip(rows, drafts):
+                if not row.active:
+                    continue
+                out = verify(row.sampler, draft, logits[row.index, :counts[row.index]])
+                stats.record(len(draft.tokens), len(out) - 1)
+                proposed, accepted = proposed + len(draft.tokens), accepted + len(out) - 1
+                for j, token in enumerate(out):
+                    yield row.emit(token, j < len(out) - 1, cache.max_len)
+                    if not row.active:
+                        break
+            policy.update(proposed, accepted, t1 - t0, t2 - t1)
 
     def chat(self, messages: list[dict], **kwargs) -> Iterator[GenerationResponse]:
         """Generate the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...])."""

@@ -49,6 +49,16 @@ class OnnxBackend:
                 io.bind_ortvalue_input(f"past_{kind}_{local}", buffers[layer])
                 io.bind_ortvalue_output(f"present_{kind}_{local}", buffers[layer])
 
+    def _forward_rows(self, inputs, cache: KVCache, counts, logits_positions, stages: range):
+        if not isinstance(inputs, np.ndarray) or not self.manifest.stages[stages[-1]].has_head:
+            raise NotImplementedError("row-by-row steps need token inputs and a run that ends at the head")
+        logits = np.zeros((inputs.shape[0], logits_positions.shape[1], self.manifest.model.vocab_size), np.float32)
+        for b in np.flatnonzero(counts):
+            width = int(counts[b])  # this row's tokens only: no padding
+            logits[b] = self.forward(inputs[b:b + 1, :width], cache.row(int(b)), counts[b:b + 1],
+                                     np.minimum(logits_positions[b:b + 1], width - 1), stages)[0]
+        return logits
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.manifest.model, self.manifest.model.num_layers, batch, max_len, self.device.ort_device)
 
@@ -73,6 +83,10 @@ class OnnxBackend:
         """
         stages = range(len(self.sessions)) if stages is None else stages
         batch, seq = inputs.shape[:2] if isinstance(inputs, np.ndarray) else inputs.shape()[:2]
+        if batch > 1 and seq > 1 and cache.lengths.any() and self.device.ort_device == "cpu":
+            # onnxruntime's CPU GroupQueryAttention rejects several new tokens on top of a cache
+            # at batch > 1, so such steps (batched speculative verification) run row by row
+            return self._forward_rows(inputs, cache, counts, logits_positions, stages)
         seqlens = (cache.lengths + (seq - 1)).astype(np.int32)
         if int(seqlens.max()) >= cache.max_len + 1:
             raise ValueError(f"sequence of {int(seqlens.max()) + 1} tokens exceeds the cache "

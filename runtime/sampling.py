@@ -7,9 +7,19 @@ exactly the same one for draft and target.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -23,14 +33,16 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
-        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        checks = (
+            ("temperature", _real(self.temperature) and self.temperature >= 0, ">= 0 (0 = greedy)"),
+            ("top_k", _integer(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("top_p", _real(self.top_p) and 0 < self.top_p <= 1, "in (0, 1] (1 = off)"),
+            ("repetition_penalty", _real(self.repetition_penalty) and self.repetition_penalty > 0, "> 0 (1 = off)"),
+            ("seed", self.seed is None or _integer(self.seed), "an integer or None"),
+        )
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "SamplingParams":
@@ -102,9 +114,27 @@ class Sampler:
     def observe(self, token_ids) -> None:
         self.seen[np.asarray(token_ids, dtype=np.int64)] = True
 
+    def penalized(self, logits: np.ndarray) -> np.ndarray:
+        """`logits` with the repetition penalty for the tokens seen so far."""
+        if self.params.repetition_penalty == 1.0:
+            return logits
+        return apply_repetition_penalty(logits, np.flatnonzero(self.seen), self.params.repetition_penalty)
+
+    def dense(self, logits: np.ndarray) -> np.ndarray:
+        """The sampling distribution over the whole vocabulary (penalty already applied)."""
+        ids, probs = distribution(logits, self.params)
+        p = np.zeros(logits.shape[-1])
+        p[ids] = probs
+        return p
+
+    def draw_dense(self, p: np.ndarray) -> int:
+        """Draw a token from a dense distribution with this sampler's generator."""
+        cdf = np.cumsum(p)
+        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), p.size - 1))
+
     def __call__(self, logits: np.ndarray) -> int:
-        if self.params.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, np.flatnonzero(self.seen), self.params.repetition_penalty)
+        """Pick the next token (greedy or sampled) and remember it for the penalty."""
+        logits = self.penalized(logits)
         if self.params.greedy:
             token = int(np.argmax(logits))
         else:

@@ -1,0 +1,259 @@
+"""Speculative decoding: drafters, lossless verification, and the draft-length policy.
+
+A drafter proposes up to k tokens per sequence; the target scores the pending token plus
+the drafts in one pass and keeps the longest acceptable prefix. Greedy verification keeps a
+draft only if it equals the target's argmax, so the output is token-identical to plain greedy
+decoding. Sampled verification accepts a draft d with probability min(1, p(d)/q(d)) and
+otherwise samples from the normalised residual max(0, p - q) (Leviathan et al. 2023), which
+leaves the target distribution p unchanged for any draft distribution q.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Draft:
+    """Proposed tokens for one sequence; `probs[i]` is the dense draft distribution q_i
+    (None: the drafter is deterministic, q is a point mass on the token)."""
+
+    tokens: list[int] = field(default_factory=list)
+    probs: list[np.ndarray] | None = None
+
+
+class Drafter(Protocol):
+    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+        """Called once per generation with each row's prompt."""
+
+    def propose(self, contexts: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[Draft]:
+        """Up to lengths[b] draft tokens continuing contexts[b] (prompt + generated so far)."""
+
+
+def verify(sampler: Sampler, draft: Draft, target_logits: np.ndarray) -> list[int]:
+    """Accept a prefix of `draft` against target logits [len(draft)+1, vocab].
+
+    Returns:
+        The accepted draft tokens followed by one token from the target (the correction at
+        the first rejection, or a bonus token when every draft was accepted).
+    """
+    out: list[int] = []
+    for i, token in enumerate(draft.tokens):
+        logits = sampler.penalized(target_logits[i])
+        if sampler.params.greedy:
+            best = int(np.argmax(logits))
+            if best != token:
+                out.append(best)
+                sampler.observe([best])
+                return out
+        else:
+            p = sampler.dense(logits)
+            q = draft.probs[i] if draft.probs is not None else _point_mass(token, p.size)
+            if sampler.rng.random() * q[token] >= p[token]:  # reject with prob 1 - min(1, p/q)
+                residual = np.maximum(p - q, 0.0)
+                out.append(sampler.draw_dense(residual / residual.sum()))
+                sampler.observe(out[-1:])
+                return out
+        out.append(token)
+        sampler.observe([token])
+    out.append(sampler(target_logits[len(draft.tokens)]))
+    return out
+
+
+def _point_mass(token: int, size: int) -> np.ndarray:
+    q = np.zeros(size)
+    q[token] = 1.0
+    return q
+
+
+class LookupDrafter:
+    """Prompt lookup: copy what followed the most recent earlier occurrence of the last n tokens.
+
+    Args:
+        max_ngram: longest suffix to match (tried first); min_ngram: shortest.
+    """
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+        pass
+
+    def propose(self, contexts: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[Draft]:
+        return [Draft(self._lookup(np.asarray(c), k)) if k > 0 else Draft() for c, k in zip(contexts, lengths)]
+
+    def _lookup(self, context: np.ndarray, k: int) -> list[int]:
+        for n in range(min(self.max_ngram, context.size - 1), self.min_ngram - 1, -1):
+            suffix = context[-n:]
+            windows = np.lib.stride_tricks.sliding_window_view(context[:-1], n)
+            hits = np.flatnonzero((windows == suffix).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n  # most recent earlier match
+                return context[start:start + k].tolist()
+        return []
+
+
+class ModelDrafter:
+    """A smaller model (any package with the same vocabulary, on any backend) drafts.
+
+    Its KV cache follows the target's accepted tokens: each round it rolls back to the
+    longest prefix it shares with the context and feeds only what is new.
+    """
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.cache = None
+        self.cached: list[list[int]] = []
+
+    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+        self.params = params
+        self.cache = self.engine.backend.new_cache(len(prompts), self.engine.max_context)
+        self.cached = [[] for _ in prompts]
+        seeds = np.random.SeedSequence([params.seed or 0, 7919]).spawn(len(prompts))
+        vocab = self.engine.manifest.model.vocab_size
+        self.samplers = [Sampler(params, vocab, np.random.default_rng(s)) for s in seeds]
+
+    def propose(self, contexts: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[Draft]:
+        batch = len(contexts)
+        drafts = [Draft(probs=None if self.params.greedy else []) for _ in range(batch)]
+        # feed each row's uncached suffix (right-padded), then draft one token at a time
+        new = []
+        for row, context in enumerate(contexts):
+            keep = _common_prefix(self.cached[row], context)
+            keep = min(keep, len(context) - 1)  # always feed at least the last token
+            self.cached[row] = list(context[:keep])
+            new.append(list(context[keep:]))
+        self.cache.rollback(np.array([len(c) for c in self.cached], dtype=np.int32))
+        for step in range(max(lengths, default=0)):
+            live = np.array([len(n) > 0 and lengths[row] > step for row, n in enumerate(new)])
+            if not live.any():
+                break
+            width = max(len(n) for n in new)
+            tokens = np.zeros((batch, width), dtype=np.int64)
+            for row, n in enumerate(new):
+                tokens[row, :len(n)] = n
+            counts = np.array([len(n) if live[row] else 0 for row, n in enumerate(new)], dtype=np.int32)
+            logits = self.engine.backend.forward(tokens, self.cache, counts, np.maximum(counts - 1, 0)[:, None])[:, 0]
+            for row in np.flatnonzero(live):
+                self.cached[row] += new[row]
+                sampler = self.samplers[row]
+                sampler.observe(new[row])  # penalty history may keep rolled-back tokens: it only shapes q
+                penalized = sampler.penalized(logits[row])
+                if self.params.greedy:
+                    token = int(np.argmax(penalized))
+                else:
+                    q = sampler.dense(penalized)
+                    token = sampler.draw_dense(q)
+                    drafts[row].probs.append(q)
+                drafts[row].tokens.append(token)
+                new[row] = [token]
+            for row in np.flatnonzero(~live):
+                new[row] = []
+        return drafts
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+class AdaptiveDraftLength:
+    """Chooses the draft length from measured acceptance and costs; 0 when drafting does not pay.
+
+    With per-token acceptance rate a, k drafts yield (1 - a^(k+1)) / (1 - a) tokens per round,
+    at a cost of t_step + k * (t_draft + t_verify_extra). The k with the best tokens per second
+    is used; when that is k = 0 (plain decoding), a probe round of 2 drafts runs every 16 rounds
+    so a change in the text can switch speculation back on.
+    """
+
+    def __init__(self, max_tokens: int = 8, fixed: int | None = None, smoothing: float = 0.3):
+        self.max_tokens, self.fixed, self.smoothing = max_tokens, fixed, smoothing
+        self.rate, self.t_step, self.t_extra, self.t_draft = 0.6, None, 0.0, 0.0
+        self.idle_rounds = 0
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def length(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.t_step is None:
+            return min(4, self.max_tokens)
+        a = min(self.rate, 0.999)
+        ks = np.arange(self.max_tokens + 1)
+        gain = (1 - a ** (ks + 1)) / (1 - a) * self.t_step / (self.t_step + ks * (self.t_extra + self.t_draft))
+        best = int(np.argmax(gain))
+        if best == 0:
+            self.idle_rounds += 1
+            return 2 if self.idle_rounds % 16 == 0 else 0
+        self.idle_rounds = 0
+        return best
+
+    def update(self, proposed: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        if proposed == 0:
+            self.t_step = self._ema(self.t_step, verify_s)
+            return
+        self.rate = self._ema(self.rate, accepted / proposed)
+        self.t_draft = self._ema(self.t_draft, draft_s / proposed)
+        if self.t_step is not None:
+            self.t_extra = self._ema(self.t_extra, max(verify_s - self.t_step, 0.0) / proposed)
+        else:
+            self.t_step = verify_s
+
+
+@dataclass
+class SpeculativeStats:
+    rounds: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    histogram: dict[int, int] = field(default_factory=dict)  # accepted length -> rounds
+
+    def record(self, proposed: int, accepted: int) -> None:
+        if proposed:
+            self.rounds += 1
+            self.proposed += proposed
+            self.accepted += accepted
+            self.histogram[accepted] = self.histogram.get(accepted, 0) + 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.accepted / self.rounds if self.rounds else 0.0
+
+
+def make_drafter(spec: str | Drafter | None, target, **load_kwargs) -> Drafter | None:
+    """Build a drafter from "lookup", "draft:PATH" (a package, checkpoint or model name) or
+    pass an object through. Refuses a draft whose vocabulary differs from the target's."""
+    if spec is None or not isinstance(spec, str):
+        return spec
+    kind, _, arg = spec.partition(":")
+    if kind == "lookup":
+        return LookupDrafter(*(int(n) for n in arg.split(",")) if arg else ())
+    if kind == "draft":
+        from .engine import load
+
+        if not arg:
+            raise ValueError("--speculative draft:PATH needs a package, checkpoint or model name")
+        draft = load(arg, **load_kwargs)
+        ours, theirs = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+        if ours != theirs:
+            raise ValueError(f"draft {arg} has a different vocabulary ({len(theirs)} tokens vs the target's "
+                             f"{len(ours)}); a draft must share the target's tokenizer")
+        return ModelDrafter(draft)
+    raise ValueError(f"unknown speculative mode {spec!r}; use lookup, lookup:MAX_NGRAM[,MIN_NGRAM], "
+                     f"draft:PATH")
