@@ -64,7 +64,7 @@ def split_layers(num_layers: int, boundaries: Sequence[int] = ()) -> list[tuple[
 
 
 def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Sequence[int] = (),
-                  force: bool = False, progress: bool = False) -> Manifest:
+                  force: bool = False, progress: bool = False, separate_head: bool = False) -> Manifest:
     """Write `ckpt` as an fp32 ONNX package.
 
     Args:
@@ -73,14 +73,18 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
         stage_boundaries: first layer of every stage after the first (empty: one graph).
         force: replace an existing folder.
         progress: show a progress bar on stderr.
+        separate_head: put final norm + LM head in a stage of its own, so the runtime can
+            score the hidden states of any stage boundary (early exit, self-speculation).
     Returns:
         The manifest written.
     """
     ranges = split_layers(ckpt.spec.num_layers, stage_boundaries)
+    if separate_head:
+        ranges.append((ckpt.spec.num_layers, ckpt.spec.num_layers))
     stages = []
     with atomic_dir(Path(out_dir), force=force) as tmp:
         for k, (start, end) in enumerate(tqdm(ranges, desc="export", unit="stage", disable=not progress)):
-            stage = Stage(file=f"stage{k}.onnx", first_layer=start, end_layer=end,
+            stage = Stage(file="head.onnx" if start == end else f"stage{k}.onnx", first_layer=start, end_layer=end,
                           embeds=k == 0, has_head=k == len(ranges) - 1)
             model = build_stage(ckpt.spec, ckpt.weights, start, end, stage.embeds, stage.has_head)
             onnx.save_model(model, tmp / stage.file, save_as_external_data=True,
@@ -108,6 +112,6 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
 
 
 def export(model: str | Path, out_dir: str | Path, stage_boundaries: Sequence[int] = (),
-           force: bool = False, progress: bool = False) -> Manifest:
+           force: bool = False, progress: bool = False, separate_head: bool = False) -> Manifest:
     """Read checkpoint `model` (path) and write an ONNX package to `out_dir`."""
-    return write_package(load_checkpoint(model), out_dir, stage_boundaries, force, progress)
+    return write_package(load_checkpoint(model), out_dir, stage_boundaries, force, progress, separate_head)

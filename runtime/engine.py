@@ -204,7 +204,7 @@ class Engine:
         for row in rows:
             yield row.emit(row.sampler(logits[row.index]), False, cache.max_len)
         if drafter is not None:
-            drafter.start(prompts, params)
+            drafter.start(prompts, params, cache)
         while any(row.active for row in rows):
             # each active row feeds its pending token (the last one, not yet cached) + its drafts
             start = np.array([len(row.tokens) - 1 if row.active else 0 for row in rows], dtype=np.int32)
@@ -222,7 +222,9 @@ class Engine:
                 if row.active:
                     counts[row.index] = 1 + len(draft.tokens)
                     tokens[row.index, :counts[row.index]] = [row.tokens[-1], *draft.tokens]
-            logits = self.backend.forward(tokens, cache, counts, np.tile(np.arange(width), (len(rows), 1)))
+            # a self-speculative drafter verifies with the layers it did not run itself
+            forward = getattr(drafter, "target_forward", self.backend.forward) if width > 1 else self.backend.forward
+            logits = forward(tokens, cache, counts, np.tile(np.arange(width), (len(rows), 1)))
             t2 = time.perf_counter()
             proposed = accepted = 0
             for row, draft in zip(rows, drafts):

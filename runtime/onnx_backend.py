@@ -49,21 +49,21 @@ class OnnxBackend:
                 io.bind_ortvalue_input(f"past_{kind}_{local}", buffers[layer])
                 io.bind_ortvalue_output(f"present_{kind}_{local}", buffers[layer])
 
-    def _forward_rows(self, inputs, cache: KVCache, counts, logits_positions, stages: range):
+    def _forward_rows(self, inputs: np.ndarray, cache: KVCache, counts, logits_positions, stages: range, start):
         if not isinstance(inputs, np.ndarray) or not self.manifest.stages[stages[-1]].has_head:
-            raise NotImplementedError("row-by-row steps need token inputs and a run that ends at the head")
+            raise NotImplementedError("row-by-row steps need numpy inputs and a run that ends at the head")
         logits = np.zeros((inputs.shape[0], logits_positions.shape[1], self.manifest.model.vocab_size), np.float32)
-        for b in np.flatnonzero(counts):
+        for b in map(int, np.flatnonzero(counts)):
             width = int(counts[b])  # this row's tokens only: no padding
-            logits[b] = self.forward(inputs[b:b + 1, :width], cache.row(int(b)), counts[b:b + 1],
-                                     np.minimum(logits_positions[b:b + 1], width - 1), stages)[0]
+            logits[b] = self.forward(inputs[b:b + 1, :width], cache.row(b), counts[b:b + 1],
+                                     np.minimum(logits_positions[b:b + 1], width - 1), stages, start[b:b + 1])[0]
         return logits
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.manifest.model, self.manifest.model.num_layers, batch, max_len, self.device.ort_device)
 
     def forward(self, inputs, cache: KVCache, counts: np.ndarray, logits_positions: np.ndarray | None = None,
-                stages: range | None = None):
+                stages: range | None = None, start: np.ndarray | None = None):
         """Run new tokens through the package's stages (all, or a contiguous run of them).
 
         Running a prefix of the stages returns the residual stream, which a later call can pass
@@ -71,23 +71,30 @@ class OnnxBackend:
 
         Args:
             inputs: int64 [B, S] new token ids, right-padded where a row has fewer, when the
-                run starts at the embedding stage; else the hidden-state OrtValue [B, S, H]
-                returned by the previous stage.
-            cache: the KV cache; row b's new positions start at cache.lengths[b].
-            counts: int [B] real (non-pad) tokens per row; the cache advances by these once
-                the run reaches the head.
+                run starts at the embedding stage; else hidden states [B, S, H] (the OrtValue
+                a previous call returned, or a float32 array).
+            cache: the KV cache; row b's new positions start at `start[b]`.
+            counts: int [B] real (non-pad) tokens per row.
             logits_positions: int64 [B, N] positions within the S new tokens to score.
             stages: indices of the stages to run (default: all).
+            start: first position of the new tokens per row (default: cache.lengths). When
+                given, the caller owns the offsets: the cache does not advance.
         Returns:
             float32 logits [B, N, vocab] when the run ends at the head, else the hidden OrtValue.
+            A run that ends at the head with `start` unset advances cache.lengths by `counts`.
         """
         stages = range(len(self.sessions)) if stages is None else stages
+        advance = start is None and self.manifest.stages[stages[-1]].has_head
+        start = cache.lengths if start is None else np.asarray(start, dtype=np.int32)
         batch, seq = inputs.shape[:2] if isinstance(inputs, np.ndarray) else inputs.shape()[:2]
-        if batch > 1 and seq > 1 and cache.lengths.any() and self.device.ort_device == "cpu":
+        if batch > 1 and seq > 1 and start.any() and self.device.ort_device == "cpu":
             # onnxruntime's CPU GroupQueryAttention rejects several new tokens on top of a cache
             # at batch > 1, so such steps (batched speculative verification) run row by row
-            return self._forward_rows(inputs, cache, counts, logits_positions, stages)
-        seqlens = (cache.lengths + (seq - 1)).astype(np.int32)
+            logits = self._forward_rows(inputs, cache, counts, logits_positions, stages, start.copy())
+            if advance:
+                cache.advance(counts)
+            return logits
+        seqlens = (start + (seq - 1)).astype(np.int32)
         if int(seqlens.max()) >= cache.max_len + 1:
             raise ValueError(f"sequence of {int(seqlens.max()) + 1} tokens exceeds the cache "
                              f"({cache.max_len}); raise max_context")
@@ -95,10 +102,11 @@ class OnnxBackend:
         out = inputs
         for k in stages:
             stage, io = self.manifest.stages[k], self.bindings[k]
-            if stage.embeds:
-                io.bind_cpu_input("input_ids", np.ascontiguousarray(out, dtype=np.int64))
+            name = "input_ids" if stage.embeds else "hidden_in"
+            if isinstance(out, np.ndarray):
+                io.bind_cpu_input(name, np.ascontiguousarray(out, dtype=np.int64 if stage.embeds else np.float32))
             else:
-                io.bind_ortvalue_input("hidden_in", out)
+                io.bind_ortvalue_input(name, out)
             io.bind_cpu_input("seqlens_k", seqlens)
             io.bind_cpu_input("total_sequence_length", total)
             if stage.has_head:
@@ -110,10 +118,11 @@ class OnnxBackend:
             io.bind_output(*self._main_output(stage))
             self.sessions[k].run_with_iobinding(io)
             out = io.get_outputs()[0]
-        if self.manifest.stages[stages[-1]].has_head:
+        if not self.manifest.stages[stages[-1]].has_head:
+            return out
+        if advance:
             cache.advance(counts)
-            return out.numpy()
-        return out
+        return out.numpy()
 
 
 register_backend("onnx", OnnxBackend)

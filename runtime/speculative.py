@@ -30,8 +30,8 @@ class Draft:
 
 
 class Drafter(Protocol):
-    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
-        """Called once per generation with each row's prompt."""
+    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams, cache) -> None:
+        """Called once per generation with each row's prompt and the target's KV cache."""
 
     def propose(self, contexts: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[Draft]:
         """Up to lengths[b] draft tokens continuing contexts[b] (prompt + generated so far)."""
@@ -85,7 +85,7 @@ class LookupDrafter:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams, cache=None) -> None:
         pass
 
     def propose(self, contexts: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[Draft]:
@@ -114,13 +114,11 @@ class ModelDrafter:
         self.cache = None
         self.cached: list[list[int]] = []
 
-    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams, cache=None) -> None:
         self.params = params
         self.cache = self.engine.backend.new_cache(len(prompts), self.engine.max_context)
         self.cached = [[] for _ in prompts]
-        seeds = np.random.SeedSequence([params.seed or 0, 7919]).spawn(len(prompts))
-        vocab = self.engine.manifest.model.vocab_size
-        self.samplers = [Sampler(params, vocab, np.random.default_rng(s)) for s in seeds]
+        self.samplers = _draft_samplers(params, len(prompts), self.engine.manifest.model.vocab_size)
 
     def propose(self, contexts: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[Draft]:
         batch = len(contexts)
@@ -145,20 +143,90 @@ class ModelDrafter:
             logits = self.engine.backend.forward(tokens, self.cache, counts, np.maximum(counts - 1, 0)[:, None])[:, 0]
             for row in np.flatnonzero(live):
                 self.cached[row] += new[row]
-                sampler = self.samplers[row]
-                sampler.observe(new[row])  # penalty history may keep rolled-back tokens: it only shapes q
-                penalized = sampler.penalized(logits[row])
-                if self.params.greedy:
-                    token = int(np.argmax(penalized))
-                else:
-                    q = sampler.dense(penalized)
-                    token = sampler.draw_dense(q)
-                    drafts[row].probs.append(q)
-                drafts[row].tokens.append(token)
-                new[row] = [token]
+                self.samplers[row].observe(new[row])  # penalty history may keep rolled-back tokens: it only shapes q
+                new[row] = [_draft_token(self.samplers[row], logits[row], drafts[row])]
             for row in np.flatnonzero(~live):
                 new[row] = []
         return drafts
+
+
+def _draft_token(sampler: Sampler, logits: np.ndarray, draft: Draft) -> int:
+    """Pick the next draft token (argmax, or a sample from q recorded in `draft.probs`)."""
+    penalized = sampler.penalized(logits)
+    if sampler.params.greedy:
+        token = int(np.argmax(penalized))
+    else:
+        q = sampler.dense(penalized)
+        token = sampler.draw_dense(q)
+        draft.probs.append(q)
+    draft.tokens.append(token)
+    return token
+
+
+def _draft_samplers(params: SamplingParams, batch: int, vocab: int) -> list[Sampler]:
+    seeds = np.random.SeedSequence([params.seed or 0, 7919]).spawn(batch)
+    return [Sampler(params, vocab, np.random.default_rng(s)) for s in seeds]
+
+
+class SelfDrafter:
+    """LayerSkip-style self-speculation: the target's first layers plus its LM head draft.
+
+    Needs a package with a stage boundary at the exit layer and the head in a stage of its
+    own (`edge-run export --exit-layers K`). Drafting writes the KV of layers < K for the
+    pending token and every draft into the target's cache at their final positions; the
+    verifier then runs only layers >= K on the drafts' hidden states, so that KV is reused,
+    not recomputed, and no weights are duplicated.
+    """
+
+    def __init__(self, engine, layer: int):
+        stages = engine.manifest.stages
+        prefix = [k for k, st in enumerate(stages) if st.end_layer == layer and not st.has_head]
+        if not prefix or not stages[-1].first_layer == stages[-1].end_layer or not 0 < layer < engine.manifest.model.num_layers:
+            bounds = [st.end_layer for st in stages[:-1]]
+            raise ValueError(f"self:{layer} needs a stage boundary at layer {layer} and a separate head stage; "
+                             f"this package has boundaries {bounds}. Export with --exit-layers {layer}")
+        self.engine, self.backend = engine, engine.backend
+        self.prefix = range(0, prefix[0] + 1)
+        self.suffix = range(prefix[0] + 1, len(stages))
+        self.head = range(len(stages) - 1, len(stages))
+
+    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams, cache=None) -> None:
+        self.params, self.cache = params, cache
+        self.samplers = _draft_samplers(params, len(prompts), self.engine.manifest.model.vocab_size)
+        for sampler, prompt in zip(self.samplers, prompts):
+            sampler.observe(prompt)
+
+    def _prefix(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        ones = np.ones(len(tokens), dtype=np.int32)
+        return self.backend.forward(tokens[:, None], self.cache, ones, None, self.prefix, positions).numpy()
+
+    def propose(self, contexts: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[Draft]:
+        batch, k = len(contexts), max(lengths)
+        drafts = [Draft(probs=None if self.params.greedy else []) for _ in range(batch)]
+        pending = np.array([c[-1] for c in contexts], dtype=np.int64)
+        start = self.cache.lengths.copy()  # the pending token's slot (0 for finished rows)
+        tokens, hiddens = pending, []
+        zeros = np.zeros((batch, 1), dtype=np.int64)
+        for i in range(k + 1):
+            # rows that drafted less keep re-writing their last slot, which verification overwrites
+            positions = start + np.minimum(i, lengths)
+            hiddens.append(self._prefix(tokens, positions))  # [B, 1, H]
+            if i == k:
+                break  # the last draft only needs its hidden state, for the bonus position
+            logits = self.backend.forward(hiddens[-1], self.cache, np.ones(batch, np.int32), zeros,
+                                          self.head, positions)[:, 0]
+            tokens = tokens.copy()
+            for row in range(batch):
+                if i < lengths[row]:
+                    tokens[row] = _draft_token(self.samplers[row], logits[row], drafts[row])
+                    self.samplers[row].observe(tokens[row:row + 1])
+        self.hidden = np.concatenate(hiddens, axis=1)  # hidden of pending + drafts, per row
+        return drafts
+
+    def target_forward(self, tokens: np.ndarray, cache, counts: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Verify: only the layers after the exit run, on the drafts' hidden states."""
+        hidden = np.ascontiguousarray(self.hidden[:, :tokens.shape[1]])
+        return self.backend.forward(hidden, cache, counts, positions, self.suffix)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -237,13 +305,17 @@ class SpeculativeStats:
 
 
 def make_drafter(spec: str | Drafter | None, target, **load_kwargs) -> Drafter | None:
-    """Build a drafter from "lookup", "draft:PATH" (a package, checkpoint or model name) or
-    pass an object through. Refuses a draft whose vocabulary differs from the target's."""
+    """Build a drafter from "lookup", "draft:PATH" (a package, checkpoint or model name),
+    "self:K" (the target's first K layers) or pass an object through. Refuses a draft whose vocabulary differs from the target's."""
     if spec is None or not isinstance(spec, str):
         return spec
     kind, _, arg = spec.partition(":")
     if kind == "lookup":
         return LookupDrafter(*(int(n) for n in arg.split(",")) if arg else ())
+    if kind == "self":
+        if not arg.isdigit():
+            raise ValueError(f"--speculative self:K needs the number of draft layers K, got {arg!r}")
+        return SelfDrafter(target, int(arg))
     if kind == "draft":
         from .engine import load
 
@@ -256,4 +328,4 @@ def make_drafter(spec: str | Drafter | None, target, **load_kwargs) -> Drafter |
                              f"{len(ours)}); a draft must share the target's tokenizer")
         return ModelDrafter(draft)
     raise ValueError(f"unknown speculative mode {spec!r}; use lookup, lookup:MAX_NGRAM[,MIN_NGRAM], "
-                     f"draft:PATH")
+                     f"draft:PATH or self:K")

@@ -19,7 +19,7 @@ PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 61], [12, 200, 33], [8, 9, 10, 8, 9, 10, 8
 def tiny_pair(tmp_path_factory):
     """Target and a different draft (other random weights, same tokenizer)."""
     root = tmp_path_factory.mktemp("spec")
-    export(build_tiny_llama(root / "hf_target", seed=1), root / "target")
+    export(build_tiny_llama(root / "hf_target", seed=1), root / "target", stage_boundaries=[2], separate_head=True)
     export(build_tiny_llama(root / "hf_draft", seed=2, num_hidden_layers=2), root / "draft")
     target = edgerun.Engine(root / "target", max_context=96)
     target.eos_token_ids = frozenset()  # random weights: always compare full lengths
@@ -38,6 +38,21 @@ def test_greedy_draft_model_equals_plain(tiny_pair, draft_tokens):
     spec = _tokens(target, PROMPTS, speculative=f"draft:{draft}", draft_tokens=draft_tokens)
     assert spec == plain
     assert target.stats.proposed > 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_self_speculation_equals_plain(tiny_pair, batch):
+    target, _ = tiny_pair
+    prompts = PROMPTS[-batch:]
+    plain = _tokens(target, prompts)
+    assert _tokens(target, prompts, speculative="self:2", draft_tokens=3) == plain
+    assert target.stats.proposed > 0
+
+
+def test_self_speculation_needs_an_exit_boundary(tiny_pair):
+    target, _ = tiny_pair
+    with pytest.raises(ValueError, match="--exit-layers 3"):
+        make_drafter("self:3", target)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -103,9 +118,11 @@ def test_sampled_verification_preserves_target_distribution(deterministic_draft)
     assert _chi_square(counts, p0) < 24.3
 
 
-def test_sampled_speculative_generation_is_seeded(tiny_pair):
+@pytest.mark.parametrize("mode", ["draft", "self:2", "lookup"])
+def test_sampled_speculative_generation_is_seeded(tiny_pair, mode):
     target, draft = tiny_pair
-    kw = dict(temperature=0.9, top_p=0.95, seed=5, speculative=f"draft:{draft}", draft_tokens=3)
+    mode = f"draft:{draft}" if mode == "draft" else mode
+    kw = dict(temperature=0.9, top_p=0.95, seed=5, speculative=mode, draft_tokens=3)
     assert _tokens(target, PROMPTS[:2], **kw) == _tokens(target, PROMPTS[:2], **kw)
 
 
