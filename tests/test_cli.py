@@ -22,10 +22,11 @@ import pytest
 from conftest import build_tiny_llama
 
 import edgerun
+import edgerun.cli
 from edgerun.cli import build_parser, main
 from edgerun.export.package import export
 from edgerun.runtime.engine import DEFAULT_MAX_CONTEXT
-from edgerun.runtime.manifest import read_manifest
+from edgerun.runtime.manifest import Manifest, read_manifest
 
 SUMMARY = re.compile(r"^\[prompt (\d+) tok \| first token \d+ ms \| (\d+) tok in [\d.]+ s \| "
                      r"decode [\d.]+ tok/s \| finish: (stop|length)\]$")
@@ -140,6 +141,7 @@ def test_text_file_named_gguf(capsys, tmp_path, home, command):
 
 
 def test_truncated_gguf(capsys, tmp_path, home, smollm2_gguf):
+    assert home not in smollm2_gguf.parents  # the session fixture pulled into the real cache
     truncated = tmp_path / "truncated.gguf"
     with open(smollm2_gguf, "rb") as f:
         truncated.write_bytes(f.read(1 << 20))
@@ -235,8 +237,26 @@ def test_usage_errors_are_one_line(capsys):
     assert "invalid choice: 'frobnicate'" in line
 
 
+def test_unexpected_errors_are_one_line_unless_verbose(capsys, monkeypatch, tiny_pkg):
+    def broken(args):
+        raise RuntimeError("something odd\n  happened")
+
+    monkeypatch.setitem(edgerun.cli.COMMANDS, "info", broken)
+    line = fail(capsys, "info", tiny_pkg)
+    assert line == "edge-run: error: RuntimeError: something odd happened (rerun with -v for the traceback)"
+    assert _call(["-v", "info", tiny_pkg]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1] == line
+
+
 # -- export: existing output, stage boundaries, atomicity ----------------------------------------
-def test_export_refuses_existing_folder(capsys, tmp_path, tiny_hf, tiny_pkg):
+def test_export_refuses_existing_folder(capsys, monkeypatch, tmp_path, tiny_hf, tiny_pkg):
+    import edgerun.export.checkpoint as checkpoint
+
+    def no_read(path):  # a big checkpoint must not be read only to find -o taken
+        raise AssertionError("the checkpoint was read before -o was checked")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", no_read)
     folder = tmp_path / "precious"
     folder.mkdir()
     (folder / "notes.txt").write_text("do not touch")
@@ -353,7 +373,7 @@ def test_export_then_info_json_round_trip(capsys, tmp_path, tiny_hf):
     assert leftovers(tmp_path) == []
     out, _ = ok(capsys, "info", out_dir, "--json")
     data = json.loads(out)
-    assert data == read_manifest(out_dir).to_dict()
+    assert Manifest.from_dict(data) == read_manifest(out_dir)  # --json is the whole manifest
     assert [(s["first_layer"], s["end_layer"]) for s in data["stages"]] == [(0, 1), (1, 3), (3, 4)]
     assert data["source"]["format"] == "safetensors" and data["source"]["path"] == str(tiny_hf.resolve())
     # --force replaces a package with a new one
@@ -362,12 +382,14 @@ def test_export_then_info_json_round_trip(capsys, tmp_path, tiny_hf):
 
 
 @pytest.mark.parametrize("command, options", [
-    ("pull", ["name", "--list"]),
-    ("export", ["--output", "--stage-boundaries", "--force", ".gguf"]),
-    ("run", ["prompt", "'-' reads stdin", "--raw", "--device", "--threads", "--max-context", "--max-new-tokens",
-             "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed", "--stop", "--system"]),
-    ("chat", ["--device", "--max-context", "--temperature", "--top-p", "--system", "Ctrl-D"]),
-    ("info", ["--json", "package folder"]),
+    ("pull", ["Fetch a known model into the cache", "name", "omit it to list", "--list"]),
+    ("export", ["Export a checkpoint to an ONNX package", ".gguf file", "--output", "--stage-boundaries",
+                "--force"]),
+    ("run", ["Generate from one prompt", "prompt", "'-' reads stdin", "--raw", "--device", "--threads",
+             "--max-context", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty",
+             "--seed", "--stop", "--system"]),
+    ("chat", ["empty line or Ctrl-D ends", "--device", "--max-context", "--temperature", "--top-p", "--system"]),
+    ("info", ["Show what a package (or checkpoint) contains", "package folder", "--json"]),
 ])
 def test_subcommand_help(capsys, command, options):
     assert _call([command, "--help"]) == 0
@@ -399,26 +421,32 @@ def _subprocess(home: Path, *argv) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=120)
 
 
-@pytest.mark.parametrize("case", ["missing path", "truncated gguf", "usage error", "unsupported arch"])
-def test_subprocess_errors_are_one_line(tmp_path, home, case, request):
-    if case == "missing path":
-        argv, expected = ["run", tmp_path / "nope", "hi"], f"{tmp_path / 'nope'} is neither a file"
-    elif case == "truncated gguf":
-        gguf_file = request.getfixturevalue("smollm2_gguf")
-        truncated = tmp_path / "t.gguf"
-        with open(gguf_file, "rb") as f:
-            truncated.write_bytes(f.read(1 << 20))
-        argv, expected = ["export", truncated, "-o", tmp_path / "out"], "truncated or corrupt"
-    elif case == "usage error":
-        argv, expected = ["run", "model", "hi", "--top-p", "lots"], "invalid float value: 'lots'"
-    else:
-        argv = ["info", write_mamba_gguf(tmp_path / "m.gguf")]
-        expected = "unsupported architecture 'mamba'"
-    result = _subprocess(home, *argv)
+def assert_one_line_failure(result: subprocess.CompletedProcess, expected: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("edge-run: error: ") and expected in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("case", ["missing path", "usage error", "unsupported arch"])
+def test_subprocess_errors_are_one_line(tmp_path, home, case):
+    if case == "missing path":
+        argv, expected = ["run", tmp_path / "nope", "hi"], f"{tmp_path / 'nope'} is neither a file"
+    elif case == "usage error":
+        argv, expected = ["run", "model", "hi", "--top-p", "lots"], "invalid float value: 'lots'"
+    else:
+        argv = ["info", write_mamba_gguf(tmp_path / "m.gguf")]
+        expected = "unsupported architecture 'mamba'"
+    assert_one_line_failure(_subprocess(home, *argv), expected)
+    assert no_packages(home) and leftovers(tmp_path) == []
+
+
+def test_subprocess_truncated_gguf(tmp_path, home, smollm2_gguf):
+    assert home not in smollm2_gguf.parents
+    truncated = tmp_path / "t.gguf"
+    with open(smollm2_gguf, "rb") as f:
+        truncated.write_bytes(f.read(1 << 20))
+    result = _subprocess(home, "export", truncated, "-o", tmp_path / "out")
+    assert_one_line_failure(result, f"{truncated} is truncated or corrupt")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
-    assert no_packages(home)
