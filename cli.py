@@ -43,6 +43,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--system", default=None, help="system message for chat-templated prompts")
+    p.add_argument("--speculative", default=None, metavar="MODE",
+                   help="lossless speculative decoding: lookup (prompt lookup), draft:PATH (a draft "
+                        "package with the same tokenizer) or self:K (the model's first K layers; needs "
+                        "a package exported with --exit-layers K)")
+    p.add_argument("--draft-tokens", default="auto", metavar="N|auto",
+                   help="drafted tokens per verification (default: auto, adapted to acceptance)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", "export a checkpoint to an ONNX package")
     p.add_argument("model", help=".gguf file, Hugging Face folder or known model name")
     p.add_argument("-o", "--output", required=True, help="package folder to create")
+    p.add_argument("--exit-layers", default="",
+                   help="comma-separated layers after which the model can stop and score (self-speculative "
+                        "drafting with --speculative self:K, early exit): adds stage boundaries there and "
+                        "puts the LM head in a stage of its own")
     p.add_argument("--stage-boundaries", default="",
                    help="comma-separated first layer of each extra stage graph, e.g. 10,20 "
                         "(default: one graph for the whole model)")
@@ -94,8 +104,14 @@ def _sampling(args: argparse.Namespace) -> dict:
     if args.max_new_tokens < 1:
         raise ValueError(f"-n/--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    draft_tokens = args.draft_tokens
+    if draft_tokens != "auto":
+        if not draft_tokens.isdigit() or int(draft_tokens) < 1:
+            raise ValueError(f"--draft-tokens must be an integer >= 1 or auto, got {draft_tokens!r}")
+        draft_tokens = int(draft_tokens)
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                speculative=args.speculative, draft_tokens=draft_tokens)
 
 
 def _stream(responses: Iterator, start: float) -> tuple[int, float | None, str | None]:
@@ -112,11 +128,16 @@ def _stream(responses: Iterator, start: float) -> tuple[int, float | None, str |
     return count, first, finish
 
 
-def _summary(prompt_tokens: int, count: int, ttft: float | None, total: float, finish: str | None) -> None:
+def _summary(prompt_tokens: int, count: int, ttft: float | None, total: float, finish: str | None,
+             stats=None) -> None:
     decode = (count - 1) / (total - ttft) if count > 1 and ttft is not None and total > ttft else float("nan")
     ttft_ms = ttft * 1e3 if ttft is not None else float("nan")
+    spec = ""
+    if stats is not None and stats.rounds:
+        spec = (f" | drafts accepted {stats.acceptance_rate:.0%} ({stats.accepted}/{stats.proposed}), "
+                f"{stats.mean_accepted:.2f} per verification")
     print(f"[prompt {prompt_tokens} tok | first token {ttft_ms:.0f} ms | "
-          f"{count} tok in {total:.2f} s | decode {decode:.1f} tok/s | finish: {finish}]", file=sys.stderr)
+          f"{count} tok in {total:.2f} s | decode {decode:.1f} tok/s{spec} | finish: {finish}]", file=sys.stderr)
 
 
 def _load(args: argparse.Namespace):
@@ -142,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     responses = engine.generate(tokens, **sampling)  # validates before timing
     start = time.perf_counter()
     count, ttft, finish = _stream(responses, start)
-    _summary(len(tokens), count, ttft, time.perf_counter() - start, finish)
+    _summary(len(tokens), count, ttft, time.perf_counter() - start, finish, engine.stats)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -169,7 +190,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 yield r
 
         count, ttft, finish = _stream(tee(), start)
-        _summary(len(tokens), count, ttft, time.perf_counter() - start, finish)
+        _summary(len(tokens), count, ttft, time.perf_counter() - start, finish, engine.stats)
         history.append({"role": "assistant", "content": "".join(pieces)})
 
 
@@ -194,6 +215,12 @@ def cmd_export(args: argparse.Namespace) -> None:
         boundaries = [int(b) for b in args.stage_boundaries.split(",") if b.strip()]
     except ValueError:
         raise ValueError(f"--stage-boundaries must be comma-separated integers, got {args.stage_boundaries!r}") from None
+    try:
+        exits = [int(b) for b in args.exit_layers.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--exit-layers must be comma-separated integers, got {args.exit_layers!r}") from None
+    if exits:  # an exit is a stage boundary; both flags together just merge
+        boundaries = sorted(set(boundaries) | set(exits))
     out = Path(args.output)
     if out.exists() and not args.force:
         raise PackageError(f"{out} already exists; choose another -o folder or pass --force")
@@ -203,7 +230,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     source = pull(args.model, progress=True) if args.model in known_models() and not Path(args.model).exists() \
         else Path(args.model)
     ckpt = load_checkpoint(source)
-    manifest = write_package(ckpt, args.output, boundaries, force=args.force, progress=True)
+    manifest = write_package(ckpt, args.output, boundaries, force=args.force, progress=True,
+                             separate_head=bool(exits))
     print(f"wrote {args.output}: {manifest.model.architecture}, {manifest.model.num_layers} layers, "
           f"{len(manifest.stages)} stage graph(s)")
 
