@@ -258,7 +258,7 @@ class AdaptiveDraftLength:
         if self.fixed is not None:
             return self.fixed
         if self.t_step is None:
-            return min(4, self.max_tokens)
+            return 0  # time one plain step first: every later choice is relative to it
         a = min(self.rate, 0.999)
         ks = np.arange(self.max_tokens + 1)
         gain = (1 - a ** (ks + 1)) / (1 - a) * self.t_step / (self.t_step + ks * (self.t_extra + self.t_draft))
