@@ -89,3 +89,26 @@ def test_stop_string_ends_generation(smollm2_engine):
     text = "".join(r.text for r in cut)
     assert text == full[:full.index(" 7")]
     assert cut[-1].finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def exit_engine(smollm2_gguf, tmp_path_factory):
+    """The same model exported with an exit after layer 10 and a separate head stage."""
+    import edgerun
+    from edgerun.export.package import export
+
+    out = tmp_path_factory.mktemp("pkg") / "smollm2-exit10"
+    export(smollm2_gguf, out, stage_boundaries=[10], separate_head=True)
+    return edgerun.Engine(out, max_context=512)
+
+
+@pytest.mark.parametrize("mode", ["lookup", "self:10"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_speculative_greedy_matches_transformers(smollm2_engine, exit_engine, chat_prompts, hf_greedy, mode, batch):
+    engine = exit_engine if mode.startswith("self") else smollm2_engine
+    for start in range(0, 8, batch):
+        group = chat_prompts[start:start + batch]
+        responses = list(engine.generate(group if batch > 1 else group[0], max_new_tokens=NEW_TOKENS,
+                                         speculative=mode))
+        for row in range(batch):
+            assert [r.token for r in responses if r.index == row] == hf_greedy[start + row]
