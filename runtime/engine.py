@@ -90,10 +90,13 @@ class Engine:
         self.package_dir = Path(package_dir)
         self.manifest = read_manifest(self.package_dir)
         spec = self.manifest.model
+        if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
+            raise ValueError(f"max_context must be an integer >= 2, got {max_context!r}")
         self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, spec.context_length)
-        if self.max_context < 2:
-            raise ValueError(f"max_context must be >= 2, got {max_context}")
-        self.tokenizer = Tokenizer.from_file(str(self.package_dir / self.manifest.tokenizer))
+        tokenizer_path = self.package_dir / self.manifest.tokenizer
+        if not tokenizer_path.is_file():
+            raise PackageError(f"package {self.package_dir} lacks {self.manifest.tokenizer}; re-export it")
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.backend = open_backend(backend, self.package_dir, self.manifest, device, threads)
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self._caches: dict[int, object] = {}
