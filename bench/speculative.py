@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -31,11 +32,23 @@ def _paragraphs(n: int, min_words: int = 90, max_words: int = 160) -> list[str]:
     out = []
     for line in lines:
         words = line.split()
-        if min_words <= len(words) and not line.strip().startswith("="):
-            out.append(" ".join(words[:max_words]).replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", "."))
+        # whole, natural paragraphs: no headings, no <unk> placeholders of the WikiText vocabulary
+        if min_words <= len(words) and not line.strip().startswith("=") and "<unk>" not in line:
+            out.append(_detokenize(" ".join(words[:max_words])))
         if len(out) == n:
             break
     return out
+
+
+_WIKITEXT_JOINS = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "), (" ; ", "; "),
+                   (" : ", ": "), (" 's ", "'s "), (" n't ", "n't "), ("( ", "("), (" )", ")")]
+
+
+def _detokenize(text: str) -> str:
+    """Undo WikiText's spaced-out punctuation so the paragraphs read as ordinary prose."""
+    for old, new in _WIKITEXT_JOINS:
+        text = text.replace(old, new)
+    return re.sub(r'" ([^"]*?) "', r'"\1"', text).rstrip(" .") + "."
 
 
 def _typos(text: str) -> str:
