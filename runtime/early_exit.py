@@ -1,0 +1,108 @@
+"""Early-exit decoding: stop a token at the first exit whose confidence passes its threshold.
+
+Layers a token skipped still owe key/value entries to later tokens. They are deferred, not
+approximated: the exiting token's hidden state is kept as the input of the next stage, and the
+next token that goes deeper runs that stage on all deferred positions plus itself in one
+chunk (FREE / LayerSkip-style). On a memory-bound CPU a chunk of a few tokens costs about one
+token, so the skipped layers' weights are read once for the whole run of exited tokens, and
+every cached K/V equals what the full model computes for the same tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import Manifest, PackageError
+
+
+def threshold_for(curve: dict[str, list], quality: float) -> float:
+    """Lowest calibrated threshold whose exited tokens still agree with the full model at
+    >= quality (inf: this exit never reaches it)."""
+    best = float("inf")
+    for threshold, agreement in zip(curve["threshold"], curve["agreement"]):
+        if agreement < quality:
+            break
+        best = threshold
+    return best
+
+
+def apply_adapter(hidden: np.ndarray, adapter: np.ndarray) -> np.ndarray:
+    """hidden [..., H] -> hidden @ W + b with adapter [H + 1, H]."""
+    return (hidden @ adapter[:-1] + adapter[-1]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ExitPoint:
+    stage: int  # index of the first stage after the exit
+    layer: int  # exit after this many layers
+    adapter: np.ndarray  # [H + 1, H], last row the bias
+    threshold: float
+    probe: np.ndarray | None = None  # [H + 1]: cheap confidence estimate, gates the LM head
+    probe_floor: float = -np.inf
+
+
+def exit_points(package_dir: Path, manifest: Manifest, quality: float | None = None,
+                threshold: float | None = None) -> list[ExitPoint]:
+    """The package's exits with thresholds for a quality level (or one raw threshold)."""
+    if (quality is None) == (threshold is None):
+        raise ValueError("give exactly one of early_exit (a quality level) or exit_threshold")
+    if quality is not None and not 0 < quality <= 1:
+        raise ValueError(f"early_exit is a top-1 agreement level in (0, 1], got {quality!r}")
+    if not manifest.exits:
+        raise PackageError(f"package {package_dir} has no early exits; export it with "
+                           f"--exit-layers K1,K2 --exit-adapters")
+    starts = {s.first_layer: k for k, s in enumerate(manifest.stages)}
+    points = []
+    for entry in manifest.exits:
+        curve = entry["curve"]
+        tau = threshold if threshold is not None else threshold_for(curve, quality)
+        floors = [f for t, f in zip(curve["threshold"], curve["probe_floor"]) if t >= tau]
+        arrays = np.load(Path(package_dir) / entry["file"])
+        points.append(ExitPoint(starts[entry["layer"]], entry["layer"], arrays["adapter"], tau,
+                                arrays["probe"], min(floors) if floors else -np.inf))
+    return sorted(points, key=lambda p: p.stage)
+
+
+class EarlyExitRunner:
+    """Runs one sequence token by token through stages, exiting early, deferring skipped layers."""
+
+    def __init__(self, backend, cache, points: list[ExitPoint]):
+        self.backend, self.cache = backend, cache
+        self.points = {p.stage: p for p in points}
+        self.num_stages = len(backend.manifest.stages)
+        self.head = range(self.num_stages - 1, self.num_stages)
+        self.pending: dict[int, list[np.ndarray]] = {k: [] for k in range(1, self.num_stages)}
+
+    def _run(self, stage: int, hidden: np.ndarray, end: int) -> np.ndarray:
+        """Stage `stage` on hidden [1, m, H] for positions end - m + 1 .. end."""
+        m = hidden.shape[1]
+        return self.backend.forward(hidden, self.cache, np.array([m], np.int32), None, range(stage, stage + 1),
+                                    np.array([end - m + 1], np.int32)).numpy()
+
+    def _head(self, hidden: np.ndarray, position: int) -> np.ndarray:
+        return self.backend.forward(hidden, self.cache, np.array([1], np.int32), np.zeros((1, 1), np.int64),
+                                    self.head, np.array([position], np.int32))[0, 0]
+
+    @staticmethod
+    def _plausible(hidden: np.ndarray, point: ExitPoint) -> bool:
+        """The probe's estimate of the exit confidence clears its calibrated floor."""
+        return point.probe is None or float(hidden @ point.probe[:-1] + point.probe[-1]) >= point.probe_floor
+
+    def step(self, token: int, position: int) -> tuple[np.ndarray, int | None]:
+        """Feed `token` at `position`; returns (logits of the next token, exit layer or None)."""
+        hidden = self.backend.forward(np.array([[token]]), self.cache, np.ones(1, np.int32), None, range(0, 1),
+                                      np.array([position], np.int32)).numpy()
+        for stage in range(1, self.num_stages - 1):
+            point = self.points.get(stage)
+            if point is not None and self._plausible(hidden[0, -1], point):
+                logits = self._head(apply_adapter(hidden[:, -1:], point.adapter), position)
+                z = np.exp(logits - logits.max())
+                if z.max() / z.sum() >= point.threshold:
+                    self.pending[stage].append(hidden)
+                    return logits, point.layer
+            chunk = np.concatenate(self.pending[stage] + [hidden], axis=1)
+            self.pending[stage] = []
+            hidden = self._run(stage, chunk, position)
+        return self._head(hidden[:, -1:], position), None

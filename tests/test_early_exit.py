@@ -1,0 +1,93 @@
+"""Early exit: never-exit equals plain decoding; deferred layers fill the KV the full model would."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import build_tiny_llama
+
+import edgerun
+from edgerun.export.checkpoint import load_checkpoint
+from edgerun.export.exits import fit_exits
+from edgerun.export.package import write_package
+from edgerun.runtime.early_exit import EarlyExitRunner, exit_points, threshold_for
+
+PROMPT = [5, 17, 42, 99, 3, 250, 7, 61]
+
+
+@pytest.fixture(scope="module")
+def exit_engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exit")
+    ckpt = load_checkpoint(build_tiny_llama(root / "hf", seed=6, num_hidden_layers=6))
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(3, ckpt.spec.vocab_size, 48).tolist() for _ in range(8)]
+    exits = fit_exits(ckpt, [2, 4], windows)
+    write_package(ckpt, root / "pkg", stage_boundaries=[2, 4], separate_head=True, exits=exits)
+    engine = edgerun.Engine(root / "pkg", max_context=128)
+    engine.eos_token_ids = frozenset()
+    return engine
+
+
+def test_never_exit_equals_plain_decoding(exit_engine):
+    plain = [r.token for r in exit_engine.generate(PROMPT, max_new_tokens=24)]
+    never = list(exit_engine.generate(PROMPT, max_new_tokens=24, exit_threshold=1.01))
+    assert [r.token for r in never] == plain
+    assert all(r.exit_layer is None for r in never)
+    assert exit_engine.exit_layers == [6] * 24
+
+
+def test_always_exit_reports_the_first_exit(exit_engine):
+    responses = list(exit_engine.generate(PROMPT, max_new_tokens=12, exit_threshold=0.0))
+    layers = [r.exit_layer for r in responses]
+    assert layers[0] is None  # the first token comes from the prefill
+    # every exit passes threshold 0; the probe gate (95% recall) may send a few tokens deeper
+    assert layers[1:].count(2) >= 8 and set(layers[1:]) <= {2, 4, None}
+    assert np.mean(exit_engine.exit_layers) < 6
+
+
+def test_deferred_layers_fill_the_kv_of_the_full_model(exit_engine):
+    """Tokens that exit at layer 2 get layers 2..5 later, batched with the next deep token."""
+    engine = exit_engine
+    tokens = PROMPT + [11, 12, 13, 14, 15]
+    shallow = [dataclasses.replace(p, probe=None)  # no probe gate: every token exits at layer 2
+               for p in exit_points(engine.package_dir, engine.manifest, threshold=0.0)]
+    deep = exit_points(engine.package_dir, engine.manifest, threshold=2.0)
+    cache = engine.backend.new_cache(1, 64)
+    engine.prefill([PROMPT], cache)
+    runner = EarlyExitRunner(engine.backend, cache, shallow)
+    for pos, tok in enumerate(tokens[len(PROMPT):-1], start=len(PROMPT)):
+        assert runner.step(tok, pos)[1] == 2
+    runner.points = {p.stage: p for p in deep}  # the last token goes deep and flushes the deferral
+    logits, layer = runner.step(tokens[-1], len(tokens) - 1)
+    assert layer is None
+    full = engine.backend.new_cache(1, 64)
+    ref = engine.prefill([tokens], full)[0]
+    np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
+    n = len(tokens)
+    for layer_index in range(6):
+        for ours, theirs in ((cache.arrays[0][layer_index], full.arrays[0][layer_index]),
+                             (cache.arrays[1][layer_index], full.arrays[1][layer_index])):
+            np.testing.assert_allclose(ours[:, :, :n], theirs[:, :, :n], atol=1e-5, rtol=0)
+
+
+def test_quality_levels_map_to_thresholds(exit_engine):
+    curve = {"threshold": [0.9, 0.7, 0.5, 0.2], "agreement": [1.0, 0.97, 0.9, 0.6]}
+    assert threshold_for(curve, 0.95) == 0.7
+    assert threshold_for(curve, 1.0) == 0.9
+    assert threshold_for({"threshold": [0.9], "agreement": [0.5]}, 0.95) == float("inf")
+    points = exit_points(exit_engine.package_dir, exit_engine.manifest, quality=0.95)
+    assert [p.layer for p in points] == [2, 4]
+    assert all(p.adapter.shape == (65, 64) and p.probe.shape == (65,) for p in points)
+
+
+def test_bad_early_exit_requests(exit_engine, tmp_path):
+    with pytest.raises(ValueError, match="agreement level"):
+        exit_engine.generate(PROMPT, early_exit=1.5)
+    with pytest.raises(ValueError, match="one prompt"):
+        exit_engine.generate([PROMPT, PROMPT], early_exit=0.9)
+    write_package(load_checkpoint(build_tiny_llama(tmp_path / "hf")), tmp_path / "plain")
+    plain = edgerun.Engine(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no early exits"):
+        plain.generate(PROMPT, early_exit=0.9)
