@@ -32,6 +32,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--max-context", type=int, default=None,
                    help="KV cache length per sequence (default: min(model context, 2048))")
+    p.add_argument("--backend", choices=("auto", "onnx", "llamacpp"), default="auto",
+                   help="auto (default): llama.cpp for a .gguf file or known model, onnxruntime for a "
+                        "Hugging Face folder, the package's first for a package; onnx exports a GGUF "
+                        "to an fp32 ONNX package once")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +53,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "a package exported with --exit-layers K)")
     p.add_argument("--draft-tokens", default="auto", metavar="N|auto",
                    help="drafted tokens per verification (default: auto, adapted to acceptance)")
+    p.add_argument("--early-exit", type=float, default=None, metavar="QUALITY",
+                   help="stop tokens at the package's exits when their calibrated top-1 agreement with the "
+                        "full model is at least QUALITY (e.g. 0.95); needs --exit-layers at export")
+    p.add_argument("--exit-threshold", type=float, default=None, metavar="P",
+                   help="raw exit confidence threshold (top-1 probability) instead of --early-exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,16 +74,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="known model name, e.g. smollm2-135m (omit it to list them)")
     p.add_argument("--list", action="store_true", help="list known models")
 
-    p = command("export", "export a checkpoint to an ONNX package")
+    p = command("export", "export a checkpoint to an ONNX and/or GGUF package")
     p.add_argument("model", help=".gguf file, Hugging Face folder or known model name")
-    p.add_argument("-o", "--output", required=True, help="package folder to create")
+    p.add_argument("-o", "--output", help="package folder to create (required unless --analyze-layers)")
     p.add_argument("--exit-layers", default="",
-                   help="comma-separated layers after which the model can stop and score (self-speculative "
-                        "drafting with --speculative self:K, early exit): adds stage boundaries there and "
-                        "puts the LM head in a stage of its own")
+                   help="comma-separated layers after which the model can stop and score (early exit with "
+                        "--early-exit, self-speculative drafting with --speculative self:K): adds stage "
+                        "boundaries there, puts the LM head in a stage of its own, and fits + calibrates an "
+                        "exit adapter per layer on WikiText-2 validation (a few minutes on a CPU)")
+    p.add_argument("--analyze-layers", action="store_true",
+                   help="score every block (angular distance, perplexity without it) on WikiText-2 "
+                        "validation, print the table and exit (with -o: export afterwards)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="with --analyze-layers: save a bar chart")
+    p.add_argument("--prune-layers", type=int, default=0, metavar="N",
+                   help="remove the N contiguous blocks whose input and output differ least")
+    p.add_argument("--keep-layers", default="", metavar="LIST", help="keep exactly these blocks (e.g. 0-19,29)")
+    p.add_argument("--heal", action="store_true",
+                   help="after pruning, fit a linear correction at each cut by least squares")
     p.add_argument("--stage-boundaries", default="",
                    help="comma-separated first layer of each extra stage graph, e.g. 10,20 "
                         "(default: one graph for the whole model)")
+    p.add_argument("--format", default="onnx",
+                   help="onnx (default: fp32 graphs for onnxruntime), gguf (model.gguf for llama.cpp) "
+                        "or onnx,gguf (both in one package)")
+    p.add_argument("--dtype", choices=("f32", "f16"), default="f32",
+                   help="GGUF tensor type for --format gguf (default: f32; ONNX graphs are f32)")
     p.add_argument("--force", action="store_true", help="replace an existing package folder")
 
     p = command("run", "generate from one prompt, streaming tokens")
@@ -111,7 +135,8 @@ def _sampling(args: argparse.Namespace) -> dict:
         draft_tokens = int(draft_tokens)
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                speculative=args.speculative, draft_tokens=draft_tokens)
+                speculative=args.speculative, draft_tokens=draft_tokens, early_exit=args.early_exit,
+                exit_threshold=args.exit_threshold)
 
 
 def _stream(responses: Iterator, start: float) -> tuple[int, float | None, str | None]:
@@ -129,10 +154,12 @@ def _stream(responses: Iterator, start: float) -> tuple[int, float | None, str |
 
 
 def _summary(prompt_tokens: int, count: int, ttft: float | None, total: float, finish: str | None,
-             stats=None) -> None:
+             stats=None, exit_layers=()) -> None:
     decode = (count - 1) / (total - ttft) if count > 1 and ttft is not None and total > ttft else float("nan")
     ttft_ms = ttft * 1e3 if ttft is not None else float("nan")
     spec = ""
+    if exit_layers:
+        spec = f" | layers per token {sum(exit_layers) / len(exit_layers):.1f}"
     if stats is not None and stats.rounds:
         spec = (f" | drafts accepted {stats.acceptance_rate:.0%} ({stats.accepted}/{stats.proposed}), "
                 f"{stats.mean_accepted:.2f} per verification")
@@ -144,7 +171,7 @@ def _load(args: argparse.Namespace):
     from .runtime.engine import load
 
     return load(args.model, device=args.device, threads=args.threads, max_context=args.max_context,
-                progress=True)
+                backend=args.backend, progress=True)
 
 
 def _messages(args: argparse.Namespace, history: list[dict]) -> list[dict]:
@@ -163,7 +190,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     responses = engine.generate(tokens, **sampling)  # validates before timing
     start = time.perf_counter()
     count, ttft, finish = _stream(responses, start)
-    _summary(len(tokens), count, ttft, time.perf_counter() - start, finish, engine.stats)
+    _summary(len(tokens), count, ttft, time.perf_counter() - start, finish, engine.stats,
+             engine.exit_layers if args.early_exit is not None or args.exit_threshold is not None else ())
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -190,7 +218,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 yield r
 
         count, ttft, finish = _stream(tee(), start)
-        _summary(len(tokens), count, ttft, time.perf_counter() - start, finish, engine.stats)
+        _summary(len(tokens), count, ttft, time.perf_counter() - start, finish, engine.stats,
+             engine.exit_layers if args.early_exit is not None or args.exit_threshold is not None else ())
         history.append({"role": "assistant", "content": "".join(pieces)})
 
 
@@ -203,6 +232,18 @@ def cmd_pull(args: argparse.Namespace) -> None:
             print(f"{m.name:16} {m.license:12} {state:11} {m.description}")
         return
     print(pull(args.name, progress=True))
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    """Parse "0-3,7" into [0, 1, 2, 3, 7]."""
+    out: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers or ranges like 0-19, got {text!r}") from None
+    return out
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -221,19 +262,54 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise ValueError(f"--exit-layers must be comma-separated integers, got {args.exit_layers!r}") from None
     if exits:  # an exit is a stage boundary; both flags together just merge
         boundaries = sorted(set(boundaries) | set(exits))
-    out = Path(args.output)
-    if out.exists() and not args.force:
+    keep = _int_list(args.keep_layers, "--keep-layers")
+    if args.prune_layers < 0:
+        raise ValueError(f"--prune-layers must be >= 0, got {args.prune_layers}")
+    if not args.output and not args.analyze_layers:
+        raise ValueError("export needs -o/--output DIR (or --analyze-layers to only score the blocks)")
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    if not formats or set(formats) - {"onnx", "gguf"}:
+        raise ValueError(f"--format must be onnx, gguf or onnx,gguf, got {args.format!r}")
+    if "onnx" in formats and args.dtype != "f32":
+        raise ValueError(f"--dtype {args.dtype} applies to GGUF only (ONNX graphs are f32); "
+                         f"use --format gguf --dtype {args.dtype}")
+    if (exits or boundaries) and "onnx" not in formats:
+        raise ValueError("--stage-boundaries / --exit-layers split ONNX graphs; add onnx to --format")
+    out = Path(args.output or ".")
+    if args.output and out.exists() and not args.force:
         raise PackageError(f"{out} already exists; choose another -o folder or pass --force")
-    if out.exists() and not (out / MANIFEST_NAME).is_file() and not (out.is_dir() and not any(out.iterdir())):
+    if args.output and out.exists() and not (out / MANIFEST_NAME).is_file() \
+            and not (out.is_dir() and not any(out.iterdir())):
         raise PackageError(f"{out} is not an edge-run package (no {MANIFEST_NAME}); --force only "
                            f"replaces a package folder, so choose another -o folder")
     source = pull(args.model, progress=True) if args.model in known_models() and not Path(args.model).exists() \
         else Path(args.model)
     ckpt = load_checkpoint(source)
+    if args.analyze_layers:
+        from .export.prune import analyze
+
+        print(analyze(ckpt, plot=args.plot, progress=True).table())
+        if not args.output:
+            return
+    if args.prune_layers or keep or args.heal:
+        from .export.prune import prune_for_export
+
+        ckpt = prune_for_export(ckpt, args.prune_layers, keep, args.heal, progress=True)
+        print(f"kept blocks {list(ckpt.kept_layers)}", file=sys.stderr)
+    fitted = None
+    if exits:
+        from .export.exits import fit_exits
+
+        fitted = fit_exits(ckpt, exits, progress=True)
+        for entry in fitted[1]:
+            print(f"exit after layer {entry['layer']}: top-1 agreement with the full model "
+                  f"{entry['top1_agreement']:.1%} on {entry['calibration_tokens']} held-out tokens", file=sys.stderr)
     manifest = write_package(ckpt, args.output, boundaries, force=args.force, progress=True,
-                             separate_head=bool(exits))
+                             separate_head=bool(exits), formats=formats, gguf_dtype=args.dtype, exits=fitted)
+    parts = [f"{len(manifest.stages)} stage graph(s)"] if manifest.stages else []
+    parts += [f"{manifest.gguf} ({args.dtype})"] if manifest.gguf else []
     print(f"wrote {args.output}: {manifest.model.architecture}, {manifest.model.num_layers} layers, "
-          f"{len(manifest.stages)} stage graph(s)")
+          f"{', '.join(parts)}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -253,7 +329,9 @@ def cmd_info(args: argparse.Namespace) -> None:
                          f"{m.num_heads}/{m.num_kv_heads} heads x {m.head_dim}, ffn {m.intermediate_size}"),
         ("vocabulary", f"{m.vocab_size} tokens, tied embeddings: {m.tie_embeddings}"),
         ("context", f"{m.context_length} tokens, rope theta {m.rope_theta:g}"),
-        ("stages", ", ".join(f"{s.file} [{s.first_layer},{s.end_layer})" for s in manifest.stages)),
+        ("stages", ", ".join(f"{s.file} [{s.first_layer},{s.end_layer})" for s in manifest.stages) or "none"),
+        ("gguf", manifest.gguf or "none"),
+        ("backends", ", ".join(manifest.backends)),
         ("weights", ", ".join(f"{k}={v}" for k, v in manifest.weights.items())),
         ("size on disk", f"{size / 1e6:.1f} MB"),
         ("chat template", "yes" if manifest.chat_template else "no"),

@@ -1,6 +1,7 @@
 """Time to first token and decode speed of one or more packages, side by side in one run.
 
     python -m edgerun.bench.decode_speed PACKAGE [PACKAGE ...] --prompt-tokens 128 --new-tokens 128
+    python -m edgerun.bench.decode_speed smollm2-135m smollm2-135m --backend llamacpp --backend onnx
 
 Each round runs every package once (interleaved, so machine noise hits all alike) after one
 warm-up run per package; prints min/median/max and the ratio of each package's median decode
@@ -49,10 +50,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--backend", action="append", default=None,
+                   help="auto, onnx or llamacpp: once for every package, or once per package in order")
     p.add_argument("--json", type=Path, default=None, help="also write results here")
     args = p.parse_args(argv)
 
-    engines = [edgerun.load(pkg, threads=args.threads) for pkg in args.packages]
+    backends = args.backend or ["auto"]
+    if len(backends) == 1:
+        backends = backends * len(args.packages)
+    if len(backends) != len(args.packages):
+        p.error(f"give --backend once or once per package ({len(args.packages)}), not {len(backends)} times")
+    engines = [edgerun.load(pkg, threads=args.threads, backend=b) for pkg, b in zip(args.packages, backends)]
     text = (find_data_dir() / "wikitext-2" / "test.txt").read_text()
     prompt = engines[0].encode(text)[:args.prompt_tokens]
     runs: list[list[dict]] = [[] for _ in engines]
@@ -64,13 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     base = statistics.median(r["decode_tok_s"] for r in runs[0])
     results = []
     print(f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, {args.rounds} rounds (min/median/max)")
-    for pkg, rows in zip(args.packages, runs):
+    for pkg, backend, rows in zip(args.packages, backends, runs):
         ttft = sorted(r["ttft_s"] * 1e3 for r in rows)
         tps = sorted(r["decode_tok_s"] for r in rows)
         med = statistics.median(tps)
-        print(f"{pkg}: ttft {ttft[0]:.0f}/{statistics.median(ttft):.0f}/{ttft[-1]:.0f} ms | decode "
+        print(f"{pkg} [{backend}]: ttft {ttft[0]:.0f}/{statistics.median(ttft):.0f}/{ttft[-1]:.0f} ms | decode "
               f"{tps[0]:.1f}/{med:.1f}/{tps[-1]:.1f} tok/s | x{med / base:.3f} vs first")
-        results.append({"package": str(pkg), "ttft_ms": ttft, "decode_tok_s": tps})
+        results.append({"package": str(pkg), "backend": backend, "ttft_ms": ttft, "decode_tok_s": tps})
     if args.json:
         args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                          "edge_run": __version__, "args": vars(args) | {"json": str(args.json)},

@@ -91,3 +91,31 @@ def providers_for(device: Device) -> list[tuple[str, dict[str, Any]]]:
     if device.provider != "CPUExecutionProvider":
         chain.append(("CPUExecutionProvider", {}))
     return chain
+
+
+# llama.cpp offloads to whatever GPU backend it was built with (CUDA, Metal, Vulkan, ...);
+# these device names ask for that offload, "cpu" keeps every layer on the CPU.
+LLAMACPP_GPU_DEVICES = ("cuda", "metal", "vulkan")
+
+
+def llamacpp_offload(name: str, gpu_available: bool) -> bool:
+    """Whether llama.cpp should offload layers to a GPU for device `name`.
+
+    Args:
+        name: edge-run device name ("cpu", "cuda", "auto", ...).
+        gpu_available: whether this llama.cpp build can offload (llama_supports_gpu_offload()).
+    Raises:
+        ValueError: the device is unknown to llama.cpp, or asks for a GPU this build lacks.
+    """
+    if name == "cpu":
+        return False
+    if name == "auto":
+        return gpu_available
+    if name not in LLAMACPP_GPU_DEVICES:
+        raise ValueError(f"device {name!r} is not one llama.cpp runs on; choose cpu, auto or "
+                         f"{', '.join(LLAMACPP_GPU_DEVICES)} (or use --backend onnx for {name})")
+    if not gpu_available:
+        raise ValueError(f"device {name!r}: this llama-cpp-python build has no GPU support; reinstall it "
+                         f"with GPU support (e.g. CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install llama-cpp-python) "
+                         f"or use --device cpu")
+    return True

@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..runtime.manifest import ModelSpec, PackageError
-from .families import Family, find_family, get_family, layer_names
+from .families import Family, find_family, get_family, layer_names, supported_architectures
 
 log = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
@@ -34,6 +34,8 @@ class Checkpoint:
     eos_token_ids: tuple[int, ...]
     add_bos_token: bool
     source: dict[str, Any]  # path, format, sha256, source dtypes
+    kept_layers: tuple[int, ...] | None = None  # original index of each block (None: all, in order)
+    transforms: list[dict[str, Any]] = field(default_factory=list)  # what export changed, for the manifest
     # GGUF keys a GGUF export carries over verbatim (tokenizer.ggml.*, descriptive general.*):
     # key -> (value, GGUF value types as the reader gives them, e.g. (ARRAY, STRING))
     gguf_metadata: dict[str, tuple[Any, tuple[Any, ...]]] = field(default_factory=dict)
@@ -116,7 +118,8 @@ def _generic_spec(arch: str, meta: dict[str, Any]) -> ModelSpec:
             if k in meta:
                 value = meta[k]
                 return max(value) if isinstance(value, list) else value  # per-layer arrays
-        raise PackageError(f"GGUF metadata lacks {arch}.{key}; the file is incomplete")
+        raise PackageError(f"unsupported architecture {arch!r}: edge-run exports {', '.join(supported_architectures())} "
+                           f"and runs other decoder transformers on llama.cpp, but this file lacks {arch}.{key}")
 
     heads, hidden = int(g("attention.head_count")), int(g("embedding_length"))
     head_dim = int(meta.get("attention.key_length") or hidden // heads)

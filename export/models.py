@@ -120,19 +120,38 @@ def _download(model: KnownModel, dest: Path, progress: bool) -> None:
         os.replace(staged, dest)
 
 
-def _auto_package_dir(checkpoint: Path) -> Path:
-    """Cache folder of the fp32 package auto-exported from `checkpoint` (keyed by path, size, mtime)."""
+def _auto_package_dir(checkpoint: Path, kind: str) -> Path:
+    """Cache folder of the package made from `checkpoint` (keyed by path, size, mtime, version).
+
+    `kind` names what the package holds: "fp32" (ONNX export), "gguf" (a reference to the GGUF
+    file itself) or "gguf-f32" (a GGUF export of a Hugging Face folder).
+    """
     st = checkpoint.stat()
     key = hashlib.sha256(f"{checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}|{__version__}".encode())
-    return cache_home() / "packages" / f"{checkpoint.stem[:40]}-{key.hexdigest()[:12]}-fp32"
+    return cache_home() / "packages" / f"{checkpoint.stem[:40]}-{key.hexdigest()[:12]}-{kind}"
 
 
-def resolve_package(model: str | Path, progress: bool = False) -> Path:
+def resolve_package(model: str | Path, progress: bool = False, backend: str = "auto") -> Path:
     """Turn a package folder, checkpoint path or known model name into a package folder.
 
-    Checkpoints (and known models, pulled first) are exported once to an fp32 ONNX package
-    in the cache and reused afterwards.
+    A GGUF file (and a known model, pulled first) becomes a light package that points at the file
+    and runs on llama.cpp; with backend="onnx" it is exported once to an fp32 ONNX package instead.
+    A Hugging Face folder is exported to an fp32 ONNX package (an F32 GGUF with backend="llamacpp").
+    Packages made here live in the cache and are reused.
+
+    Args:
+        model: package folder, .gguf file, Hugging Face folder or known model name.
+        progress: show progress bars on stderr.
+        backend: "auto", "onnx" or "llamacpp": which backend the package is for.
+    Raises:
+        PackageError: the path does not exist, is not a checkpoint, or cannot be exported.
+        ValueError: unknown backend name.
     """
+    from ..runtime.backend import BACKEND_NAMES
+    from .checkpoint import checkpoint_kind
+
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKEND_NAMES)}")
     path = Path(model)
     if (path / MANIFEST_NAME).is_file():
         return path
@@ -141,10 +160,20 @@ def resolve_package(model: str | Path, progress: bool = False) -> Path:
     elif not path.exists():
         raise PackageError(f"{model} is neither a file, a folder nor a known model "
                            f"({', '.join(sorted(known_models()))}); check the path")
-    target = _auto_package_dir(path)
+    kind = checkpoint_kind(path)
+    if kind == "gguf" and backend != "onnx":
+        target = _auto_package_dir(path, "gguf")
+        if not (target / MANIFEST_NAME).is_file():
+            from .package import write_gguf_reference
+
+            log.info("describing %s in %s (first use only)", path, target)
+            write_gguf_reference(path, target, force=True)
+        return target
+    llamacpp = backend == "llamacpp"
+    target = _auto_package_dir(path, "gguf-f32" if llamacpp else "fp32")
     if not (target / MANIFEST_NAME).is_file():
         from .package import export
 
         log.info("exporting %s to %s (first use only)", path, target)
-        export(path, target, force=True, progress=progress)
+        export(path, target, force=True, progress=progress, formats=("gguf",) if llamacpp else ("onnx",))
     return target

@@ -6,6 +6,10 @@ KV written in place into a shared past/present buffer of length `max_len`),
 residual add). The runtime binds `past_*` and `present_*` to the same buffer, so a step
 writes only the new K/V rows and a rollback is just a smaller `seqlens_k` next step.
 
+Linear weights given in `packed` (ORT MatMulNBits layout, see `edgerun.quant.pack_ort`) become
+`MatMulNBits` nodes; a packed embedding becomes `GatherBlockQuantized` over the same bytes, so a
+tied LM head in the same format costs no second copy.
+
 Stage I/O (B batch, S new tokens, N scored positions):
   in:  input_ids int64 [B,S] | hidden_in float [B,S,H]; seqlens_k int32 [B] (index of the
        last new token per row); total_sequence_length int32 []; past_key_<i>/past_value_<i>
@@ -15,11 +19,13 @@ Stage I/O (B batch, S new tokens, N scored positions):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..quant.pack_ort import MatMulNBitsWeight, can_concat, concat_rows
 from ..runtime.manifest import ModelSpec
 
 OPSET = 21
@@ -48,14 +54,77 @@ class _Graph:
                                            domain=domain, **attrs))
         return outs
 
+    names: set = field(default_factory=set)
+    packed: Mapping[str, MatMulNBitsWeight] = field(default_factory=dict)
+    accuracy_level: int = 0
+
     def const(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if name not in self.names:  # shared initializers (tied embedding / head) are added once
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+            self.names.add(name)
         return name
+
+    def nbits(self, x: str, name: str, w: MatMulNBitsWeight) -> str:
+        """MatMulNBits of activations `x` [..., K] with packed weight `w` stored under `name.*`."""
+        inputs = [x, self.const(f"{name}.qweight", w.qweight), self.const(f"{name}.scales", w.scales)]
+        if w.zero_points is not None:
+            inputs.append(self.const(f"{name}.zero_points", w.zero_points))
+        return self.op("MatMulNBits", inputs, domain=MS_DOMAIN, **w.attributes(self.accuracy_level))[0]
 
 
 def _linear(g: _Graph, x: str, weights: dict[str, np.ndarray], name: str) -> str:
+    if name in g.packed:
+        return g.nbits(x, name, g.packed[name])
     # weights are [out, in]; MatMul wants [in, out]
     return g.op("MatMul", [x, g.const(name, weights[name].T)])[0]
+
+
+def _qkv_inputs(g: _Graph, h: str, w: dict[str, np.ndarray], p: str) -> list[str]:
+    """GroupQueryAttention's query/key/value inputs: one packed projection where the three share
+    a layout, else three separate ones (mixed formats)."""
+    names = [p + "q", p + "k", p + "v"]
+    quantized = [n in g.packed for n in names]
+    if all(quantized) and can_concat([g.packed[n] for n in names]):
+        return [g.nbits(h, p + "qkv", concat_rows([g.packed[n] for n in names])), "", ""]
+    if not any(quantized):
+        qkv_w = np.concatenate([w[n] for n in names], axis=0)
+        return [g.op("MatMul", [h, g.const(p + "qkv", qkv_w.T)])[0], "", ""]
+    return [_linear(g, h, w, n) for n in names]
+
+
+def _embed(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray]) -> str:
+    """Token embeddings [B, S, H]: Gather over the float table, or GatherBlockQuantized over the
+    MatMulNBits bytes [V, k_blocks, blob] of a packed table (quantize_axis 2)."""
+    if "embed" not in g.packed:
+        return g.op("Gather", [g.const("embed", weights["embed"]), "input_ids"])[0]
+    w = g.packed["embed"]
+    nb = w.qweight.shape[1]
+    scales = g.op("Reshape", [g.const("embed.scales", w.scales),
+                              g.const("embed.gather_scale_shape", np.array([w.N, nb, 1]))])[0]
+    inputs = [g.const("embed.qweight", w.qweight), "input_ids", scales]
+    if w.zero_points is not None:
+        inputs.append(g.const("embed.gather_zero_points", w.gather_zero_points()))
+    blocks = g.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
+                  block_size=w.block_size, bits=w.bits)[0]
+    flat = g.op("Reshape", [blocks, g.const("embed.flat_shape", np.array([0, 0, -1]))])[0]
+    if nb * w.block_size == spec.hidden_size:
+        return flat
+    return g.op("Slice", [flat, g.const("embed.slice_start", np.array([0])),
+                          g.const("embed.slice_end", np.array([spec.hidden_size])),
+                          g.const("embed.slice_axes", np.array([2]))])[0]
+
+
+def _head(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray], flat: str) -> str:
+    """Logits [N, V] of normed hidden states `flat` [N, H]."""
+    if "lm_head" in g.packed:
+        w = g.packed["lm_head"]
+        shared = spec.tie_embeddings and g.packed.get("embed") is w
+        return g.nbits(flat, "embed" if shared else "lm_head", w)
+    if spec.tie_embeddings:
+        # the float table: shared with a float Gather, else its own copy
+        table = "embed" if "embed" not in g.packed else "lm_head"
+        return g.op("Gemm", [flat, g.const(table, weights["embed"])], transB=1)[0]
+    return g.op("Gemm", [flat, g.const("lm_head", weights["lm_head"])], transB=1)[0]
 
 
 def _rms(g: _Graph, spec: ModelSpec, residual: str, pending: str | None, gamma: str) -> tuple[str, str]:
@@ -68,15 +137,25 @@ def _rms(g: _Graph, spec: ModelSpec, residual: str, pending: str | None, gamma: 
     return out[0], out[3]
 
 
+def _cut(g: _Graph, w: dict[str, np.ndarray], i: int, residual: str, pending: str | None) -> tuple[str, str | None]:
+    """Healing correction of a depth-pruned model before layer i (i = num_layers: before the
+    final norm): residual <- residual @ W^T + b. No-op without `cut.<i>.*` weights."""
+    if f"cut.{i}.weight" not in w:
+        return residual, pending
+    if pending is not None:
+        residual = g.op("Add", [residual, pending])[0]
+    mapped = g.op("MatMul", [residual, g.const(f"cut.{i}.weight", w[f"cut.{i}.weight"].T)])[0]
+    return g.op("Add", [mapped, g.const(f"cut.{i}.bias", w[f"cut.{i}.bias"])])[0], None
+
+
 def _layer(g: _Graph, spec: ModelSpec, w: dict[str, np.ndarray], i: int, local: int,
            residual: str, pending: str | None, outputs: list[str]) -> tuple[str, str]:
     p = f"layers.{i}."
+    residual, pending = _cut(g, w, i, residual, pending)
     h, residual = _rms(g, spec, residual, pending, g.const(p + "attn_norm", w[p + "attn_norm"]))
-    qkv_w = np.concatenate([w[p + "q"], w[p + "k"], w[p + "v"]], axis=0)
-    qkv = g.op("MatMul", [h, g.const(p + "qkv", qkv_w.T)])[0]
     attn = g.op(
         "GroupQueryAttention",
-        [qkv, "", "", f"past_key_{local}", f"past_value_{local}", "seqlens_k",
+        [*_qkv_inputs(g, h, w, p), f"past_key_{local}", f"past_value_{local}", "seqlens_k",
          "total_sequence_length", "cos_cache", "sin_cache"],
         n_out=3, domain=MS_DOMAIN, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
         do_rotary=1, rotary_interleaved=0)
@@ -92,7 +171,8 @@ def _layer(g: _Graph, spec: ModelSpec, w: dict[str, np.ndarray], i: int, local: 
 
 
 def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: int, end_layer: int,
-                embeds: bool, has_head: bool) -> onnx.ModelProto:
+                embeds: bool, has_head: bool, packed: Mapping[str, MatMulNBitsWeight] | None = None,
+                accuracy_level: int = 0) -> onnx.ModelProto:
     """Build the graph for layers [first_layer, end_layer), optionally with embedding / head.
 
     Args:
@@ -101,10 +181,13 @@ def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: in
         first_layer, end_layer: the layers this stage runs (end exclusive).
         embeds: take `input_ids` and embed them (else take `hidden_in`).
         has_head: end with final norm + LM head and return logits (else `hidden_out`).
+        packed: canonical weight name -> MatMulNBits layout for the quantized ones (the same
+            object under "embed" and "lm_head" shares one copy).
+        accuracy_level: MatMulNBits compute precision (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).
     Returns:
         The ONNX model (initializers inline; the writer moves them to external data).
     """
-    g = _Graph()
+    g = _Graph(packed=packed or {}, accuracy_level=accuracy_level)
     f32, kv_shape = TensorProto.FLOAT, ["batch", spec.num_kv_heads, "max_len", spec.head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]) if embeds
@@ -112,12 +195,12 @@ def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: in
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
     ]
-    cos, sin = rotary_cache(spec)
-    g.const("cos_cache", cos)
-    g.const("sin_cache", sin)
-    head_name = "embed" if spec.tie_embeddings else "lm_head"
+    if end_layer > first_layer:  # a head-only stage has no attention
+        cos, sin = rotary_cache(spec)
+        g.const("cos_cache", cos)
+        g.const("sin_cache", sin)
     if embeds:
-        residual = g.op("Gather", [g.const("embed", weights["embed"]), "input_ids"])[0]
+        residual = _embed(g, spec, weights)
     else:
         residual = "hidden_in"
     pending, present = None, []
@@ -128,12 +211,11 @@ def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: in
     if has_head:
         inputs.append(helper.make_tensor_value_info("logits_positions", TensorProto.INT64,
                                                     ["batch", "num_logits", 1]))
+        residual, pending = _cut(g, weights, spec.num_layers, residual, pending)
         normed, _ = _rms(g, spec, residual, pending, g.const("final_norm", weights["final_norm"]))
         picked = g.op("GatherND", [normed, "logits_positions"], batch_dims=1)[0]
         flat = g.op("Reshape", [picked, g.const("flat_shape", np.array([-1, spec.hidden_size]))])[0]
-        if head_name == "lm_head" or not embeds:
-            g.const(head_name, weights[head_name])
-        scores = g.op("Gemm", [flat, head_name], transB=1)[0]
+        scores = _head(g, spec, weights, flat)
         lead = g.op("Shape", [picked], end=2)[0]
         shape = g.op("Concat", [lead, g.const("vocab_dim", np.array([spec.vocab_size]))], axis=0)[0]
         g.nodes.append(helper.make_node("Reshape", [scores, shape], ["logits"]))

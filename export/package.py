@@ -1,4 +1,5 @@
-"""Write an edge-run package: manifest.json, stage graphs with external data, tokenizer.json.
+"""Write an edge-run package: manifest.json, stage graphs with external data and/or a GGUF file,
+tokenizer.json.
 
 Writing is atomic: everything goes into a temporary sibling folder that is renamed into place
 only when complete, so a failed export never leaves a half-written package.
@@ -10,13 +11,16 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import onnx
 from tqdm import tqdm
 
 from .. import __version__
+from ..quant.pack_ort import MatMulNBitsWeight
 from ..runtime.manifest import Manifest, PackageError, Stage
 from .checkpoint import Checkpoint, load_checkpoint
 from .onnx_graph import build_stage
@@ -54,6 +58,24 @@ def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+@dataclass(frozen=True)
+class OnnxQuantization:
+    """Quantized weights for an ONNX package (made by `export.quantize.quantize_for_onnx`).
+
+    Attributes:
+        packed: canonical weight name -> MatMulNBits layout (one object under both "embed" and
+            "lm_head" when a tied head shares the embedding's bytes).
+        accuracy_level: MatMulNBits compute precision written into every node.
+        weights: the manifest's weight-group summary (group -> format description).
+        info: the manifest's `quantization` field.
+    """
+
+    packed: Mapping[str, MatMulNBitsWeight]
+    accuracy_level: int
+    weights: dict[str, str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 def split_layers(num_layers: int, boundaries: Sequence[int] = ()) -> list[tuple[int, int]]:
     """Turn stage boundaries (first layer of each later stage) into [start, end) ranges."""
     cuts = [0, *boundaries, num_layers]
@@ -63,39 +85,93 @@ def split_layers(num_layers: int, boundaries: Sequence[int] = ()) -> list[tuple[
     return list(zip(cuts, cuts[1:]))
 
 
+FORMATS = ("onnx", "gguf")
+_GGML_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # GGML -> manifest names
+
+
+def _weight_dtypes(spec_tied: bool, matrices: str) -> dict[str, str]:
+    return {"embedding": matrices, "attention": matrices, "mlp": matrices, "norms": "float32",
+            "lm_head": "tied" if spec_tied else matrices}
+
+
+def gguf_weight_dtypes(tensor_types: Mapping[str, str]) -> dict[str, str]:
+    """Manifest `weights` (group -> dtype) of a GGUF, from its tensors' GGML type names."""
+    groups: dict[str, set[str]] = {}
+    for name, ggml_type in tensor_types.items():
+        part = name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0]
+        group = ("norms" if "norm" in part else "embedding" if part == "token_embd" else
+                 "lm_head" if part == "output" else "attention" if part.startswith("attn") else
+                 "mlp" if part.startswith("ffn") else "other")
+        groups.setdefault(group, set()).add(_GGML_DTYPES.get(ggml_type, ggml_type))
+    out = {group: "+".join(sorted(types)) for group, types in sorted(groups.items())}
+    return out if "lm_head" in out else out | {"lm_head": "tied"}
+
+
 def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Sequence[int] = (),
-                  force: bool = False, progress: bool = False, separate_head: bool = False) -> Manifest:
-    """Write `ckpt` as an fp32 ONNX package.
+                  force: bool = False, progress: bool = False, separate_head: bool = False,
+                  quantization: OnnxQuantization | None = None, *, formats: Sequence[str] = ("onnx",),
+                  gguf_dtype: str = "f32", exits: tuple[dict, list] | None = None) -> Manifest:
+    """Write `ckpt` as a package: ONNX stage graphs, a GGUF file (model.gguf), or both.
 
     Args:
         ckpt: the checkpoint to export.
         out_dir: package folder to create.
-        stage_boundaries: first layer of every stage after the first (empty: one graph).
+        stage_boundaries: first layer of every ONNX stage after the first (empty: one graph).
         force: replace an existing folder.
         progress: show a progress bar on stderr.
-        separate_head: put final norm + LM head in a stage of its own, so the runtime can
-            score the hidden states of any stage boundary (early exit, self-speculation).
+        separate_head: put the final norm + LM head in a stage of its own (no layers), so the
+            hidden states of any stage boundary can be scored (early exit, self-speculation).
+        quantization: packed ONNX weights (see `export.quantize`); None writes fp32 graphs.
+        formats: "onnx" and/or "gguf".
+        exits: (adapters {layer: array}, manifest entries) from `export.exits.fit_exits`; the
+            exit layers must be stage boundaries and the head a stage of its own.
+        gguf_dtype: "f32" or "f16" for the GGUF's matrices (a package holding ONNX graphs too
+            must be f32 and unquantized: one `weights` entry describes both).
     Returns:
         The manifest written.
     """
-    ranges = split_layers(ckpt.spec.num_layers, stage_boundaries)
-    if separate_head:
+    from .gguf_writer import GGUF_DTYPES, write_gguf
+
+    formats = tuple(dict.fromkeys(formats))
+    if not formats or set(formats) - set(FORMATS):
+        raise ValueError(f"formats must be some of {', '.join(FORMATS)}, got {', '.join(formats) or 'none'}")
+    if gguf_dtype not in GGUF_DTYPES:
+        raise ValueError(f"unknown GGUF dtype {gguf_dtype!r}; choose one of: {', '.join(GGUF_DTYPES)}")
+    if "gguf" in formats and quantization is not None:
+        raise ValueError("ONNX quantization (MatMulNBits) does not apply to a GGUF; export the GGUF "
+                         "with --format gguf to a folder of its own")
+    if "gguf" in formats and "onnx" in formats and gguf_dtype != "f32":
+        raise ValueError(f"the ONNX graphs are fp32, so a package with both formats must be --dtype f32 "
+                         f"(one `weights` entry describes both); export --format gguf --dtype {gguf_dtype} "
+                         f"to a folder of its own")
+    ranges = split_layers(ckpt.spec.num_layers, stage_boundaries) if "onnx" in formats else []
+    if ranges and separate_head:
         ranges.append((ckpt.spec.num_layers, ckpt.spec.num_layers))
+    packed = quantization.packed if quantization else None
     stages = []
     with atomic_dir(Path(out_dir), force=force) as tmp:
         for k, (start, end) in enumerate(tqdm(ranges, desc="export", unit="stage", disable=not progress)):
-            stage = Stage(file="head.onnx" if start == end else f"stage{k}.onnx", first_layer=start, end_layer=end,
+            stage = Stage(file=f"stage{k}.onnx", first_layer=start, end_layer=end,
                           embeds=k == 0, has_head=k == len(ranges) - 1)
-            model = build_stage(ckpt.spec, ckpt.weights, start, end, stage.embeds, stage.has_head)
+            model = build_stage(ckpt.spec, ckpt.weights, start, end, stage.embeds, stage.has_head, packed=packed,
+                                accuracy_level=quantization.accuracy_level if quantization else 0)
             onnx.save_model(model, tmp / stage.file, save_as_external_data=True,
                             all_tensors_to_one_file=True, location=f"{stage.file}.data", size_threshold=1024)
             stages.append(stage)
+        if "gguf" in formats:
+            write_gguf(ckpt, tmp / "model.gguf", dtype=gguf_dtype, progress=progress)
         ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
+        adapters, exit_entries = exits or ({}, [])
+        if adapters and not (separate_head and set(adapters) <= {s.end_layer for s in stages}):
+            raise ValueError(f"exits after layers {sorted(adapters)} need stage boundaries there and a "
+                             f"separate head stage (--exit-layers does both)")
+        for layer, arrays in adapters.items():
+            np.savez(tmp / f"exit{layer}.npz", **arrays)
         manifest = Manifest(
             model=ckpt.spec,
             stages=tuple(stages),
-            weights={"embedding": "float32", "attention": "float32", "mlp": "float32",
-                     "norms": "float32", "lm_head": "tied" if ckpt.spec.tie_embeddings else "float32"},
+            weights=quantization.weights if quantization else
+            _weight_dtypes(ckpt.spec.tie_embeddings, "float32" if gguf_dtype == "f32" else "float16"),
             tokenizer="tokenizer.json",
             bos_token_id=ckpt.bos_token_id,
             eos_token_ids=ckpt.eos_token_ids,
@@ -103,15 +179,51 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
             chat_template=ckpt.chat_template,
             source=ckpt.source,
             tool_version=__version__,
-            kept_layers=tuple(range(ckpt.spec.num_layers)),
+            kept_layers=ckpt.kept_layers or tuple(range(ckpt.spec.num_layers)),
+            extra={"transforms": ckpt.transforms} if ckpt.transforms else {},
+            exits=tuple(exit_entries),
+            gguf="model.gguf" if "gguf" in formats else None,
+            quantization=quantization.info if quantization else {},
         )
         manifest.validate()
         manifest.write(tmp)
-    log.info("wrote package %s (%d stage graphs)", out_dir, len(stages))
+    log.info("wrote package %s (%s)", out_dir, ", ".join(formats))
+    return manifest
+
+
+def write_gguf_reference(gguf_path: str | Path, out_dir: str | Path, force: bool = False) -> Manifest:
+    """Write a light llama.cpp package for a GGUF file: manifest + tokenizer, no weights copied.
+
+    The manifest's `gguf` is the file's absolute path; its spec, tokenizer and chat template come
+    from the file's metadata (its weights are never read, so any architecture llama.cpp runs works).
+    """
+    gguf_path = Path(gguf_path).resolve()
+    ckpt = load_checkpoint(gguf_path, weights=False)
+    with atomic_dir(Path(out_dir), force=force) as tmp:
+        ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
+        manifest = Manifest(
+            model=ckpt.spec,
+            stages=(),
+            weights=gguf_weight_dtypes(ckpt.source_types),
+            tokenizer="tokenizer.json",
+            bos_token_id=ckpt.bos_token_id,
+            eos_token_ids=ckpt.eos_token_ids,
+            add_bos_token=ckpt.add_bos_token,
+            chat_template=ckpt.chat_template,
+            source=ckpt.source,
+            tool_version=__version__,
+            kept_layers=ckpt.kept_layers or tuple(range(ckpt.spec.num_layers)),
+            extra={"transforms": ckpt.transforms} if ckpt.transforms else {},
+            gguf=str(gguf_path),
+        )
+        manifest.validate()
+        manifest.write(tmp)
     return manifest
 
 
 def export(model: str | Path, out_dir: str | Path, stage_boundaries: Sequence[int] = (),
-           force: bool = False, progress: bool = False, separate_head: bool = False) -> Manifest:
-    """Read checkpoint `model` (path) and write an ONNX package to `out_dir`."""
-    return write_package(load_checkpoint(model), out_dir, stage_boundaries, force, progress, separate_head)
+           force: bool = False, progress: bool = False, separate_head: bool = False, *,
+           formats: Sequence[str] = ("onnx",), gguf_dtype: str = "f32") -> Manifest:
+    """Read checkpoint `model` (path) and write a package to `out_dir` (see `write_package`)."""
+    return write_package(load_checkpoint(model), out_dir, stage_boundaries, force, progress, separate_head,
+                         formats=formats, gguf_dtype=gguf_dtype)

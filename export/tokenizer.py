@@ -10,6 +10,7 @@ Supported ``tokenizer.ggml.model``: ``"gpt2"`` (byte-level BPE), ``"llama"`` (Se
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -42,6 +43,7 @@ _QWEN2_SPLIT = (
 BYTE_LEVEL_PRE_SPLITS: dict[str, tuple[str, ...]] = {
     "default": (_GPT2_SPLIT,),
     "gpt2": (_GPT2_SPLIT,),
+    "gpt-2": (_GPT2_SPLIT,),
     "smollm": (r"\p{N}", _GPT2_SPLIT),  # single digits, then GPT-2
     "starcoder": (r"\p{N}", _GPT2_SPLIT),
     "llama-bpe": (_LLAMA3_SPLIT,),
@@ -255,3 +257,77 @@ def build_tokenizer(data: GGUFTokenizerData) -> Tokenizer:
         logger.warning("Tokenizer has %d tokens but the GGUF lists %d (duplicates?)", size, len(data.tokens))
     logger.info("Built %r tokenizer (pre=%r) with %d tokens", data.model, data.pre, len(data.tokens))
     return tokenizer
+
+
+# Text whose pre-tokenization tells the llama.cpp pre-tokenizers apart (digits, contractions,
+# case, newlines, runs of spaces, punctuation, non-Latin letters).
+_PRE_PROBE = ("Hello World! It's 2024: I've 12345 apples, they'LL cost $3.50...\n\n\n"
+              "   indented\ttabs  and   spaces ÜNÏCÖDÉ 你好世界 ok?!\r\n'S done 7")
+
+
+# `tokenizer.ggml.pre` values llama.cpp accepts, for the splits above (what the writer may emit)
+LLAMACPP_PRE_NAMES = ("gpt-2", "smollm", "llama-bpe", "qwen2")
+
+
+def _detect_pre(tokenizer: Tokenizer) -> str:
+    """The llama.cpp `tokenizer.ggml.pre` name whose split equals `tokenizer`'s pre-tokenizer."""
+    if tokenizer.normalizer is not None or tokenizer.pre_tokenizer is None:
+        raise ValueError("only byte-level BPE tokenizers without a normalizer can be written to GGUF")
+    ours = [piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(_PRE_PROBE)]
+    for name in LLAMACPP_PRE_NAMES:
+        regexes = BYTE_LEVEL_PRE_SPLITS[name]
+        candidate = pre_tokenizers.Sequence(
+            [*(pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in regexes),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if [piece for piece, _ in candidate.pre_tokenize_str(_PRE_PROBE)] == ours:
+            return name
+    raise ValueError(f"the tokenizer's pre-tokenizer matches none of the llama.cpp ones edge-run "
+                     f"can write ({', '.join(LLAMACPP_PRE_NAMES)})")
+
+
+def gguf_tokenizer_fields(tokenizer: Tokenizer, vocab_size: int, bos_token_id: int | None,
+                          eos_token_id: int | None, add_bos_token: bool) -> dict[str, tuple[Any, tuple]]:
+    """The ``tokenizer.ggml.*`` fields of a byte-level BPE ``tokenizers.Tokenizer`` (the inverse of
+    :func:`build_tokenizer` for Hugging Face sources).
+
+    Args:
+        tokenizer: a byte-level BPE tokenizer (GPT-2 style, as most Llama-family HF models use).
+        vocab_size: rows of the model's embedding; the vocabulary is padded with unused tokens to it.
+        bos_token_id, eos_token_id, add_bos_token: special tokens and the BOS flag.
+    Returns:
+        key -> (value, GGUF value types), as `Checkpoint.gguf_metadata` holds them.
+    Raises:
+        ValueError: a tokenizer GGUF cannot describe (not byte-level BPE, unknown pre-tokenizer,
+            more tokens than the embedding has rows).
+    """
+    from gguf import GGUFValueType as T, TokenType
+
+    data = json.loads(tokenizer.to_str())
+    if data["model"].get("type") != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"only byte-level BPE tokenizers can be written to GGUF (got a "
+                         f"{data['model'].get('type')} model with a {(data.get('decoder') or {}).get('type')} decoder)")
+    pre = _detect_pre(tokenizer)
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    if sorted(vocab.values()) != list(range(len(vocab))) or len(vocab) > vocab_size:
+        raise ValueError(f"token ids must be 0..n-1 with n <= the model's vocab_size {vocab_size} "
+                         f"(got {len(vocab)} ids up to {max(vocab.values())})")
+    tokens = sorted(vocab, key=vocab.__getitem__) + [f"[PAD{i}]" for i in range(len(vocab), vocab_size)]
+    types = [int(TokenType.NORMAL)] * len(vocab) + [int(TokenType.UNUSED)] * (vocab_size - len(vocab))
+    for added in data.get("added_tokens") or []:
+        types[added["id"]] = int(TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges") or []]
+    fields: dict[str, tuple[Any, tuple]] = {
+        "tokenizer.ggml.model": ("gpt2", (T.STRING,)),
+        "tokenizer.ggml.pre": (pre, (T.STRING,)),
+        "tokenizer.ggml.tokens": (tokens, (T.ARRAY, T.STRING)),
+        "tokenizer.ggml.token_type": (types, (T.ARRAY, T.INT32)),
+        "tokenizer.ggml.add_bos_token": (bool(add_bos_token), (T.BOOL,)),
+        "tokenizer.ggml.add_eos_token": (False, (T.BOOL,)),
+    }
+    if merges:
+        fields["tokenizer.ggml.merges"] = (merges, (T.ARRAY, T.STRING))
+    for key, token_id in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
+                          ("unknown_token_id", vocab.get(data["model"].get("unk_token") or ""))):
+        if token_id is not None:
+            fields[f"tokenizer.ggml.{key}"] = (int(token_id), (T.UINT32,))
+    return fields

@@ -6,6 +6,7 @@ token by token; they never see what is behind it (onnxruntime sessions, a llama.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -41,6 +42,9 @@ class Backend(Protocol):
 
 BackendFactory = Callable[[Path, Manifest, str, "int | None"], Backend]
 _BACKENDS: dict[str, BackendFactory] = {}
+# backends edge-run ships, imported on first use (so onnx users never load llama.cpp and back)
+_MODULES = {"onnx": "edgerun.runtime.onnx_backend", "llamacpp": "edgerun.runtime.llamacpp_backend"}
+BACKEND_NAMES = ("auto", *_MODULES)
 
 
 def register_backend(name: str, factory: BackendFactory) -> None:
@@ -56,8 +60,10 @@ def open_backend(name: str, package_dir: Path, manifest: Manifest, device: str,
     """
     if name == "auto":
         name = manifest.backends[0]
+    if name not in _BACKENDS and name in _MODULES:
+        importlib.import_module(_MODULES[name])  # registers itself
     if name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(_BACKENDS)}")
+        raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(dict.fromkeys([*_MODULES, *_BACKENDS]))}")
     if name not in manifest.backends:
         raise PackageError(f"package {package_dir} has nothing for the {name} backend (it has: "
                            f"{', '.join(manifest.backends)}); export it with the matching --format")

@@ -1,6 +1,7 @@
 """The app-facing engine: load a package, generate (streamed), chat, batch."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer
 from .manifest import PackageError, read_manifest
 from . import onnx_backend  # noqa: F401  (registers the onnx backend)
 from .backend import open_backend
+from .early_exit import EarlyExitRunner, ExitPoint, exit_points
 from .sampling import Sampler, SamplingParams
 from .speculative import AdaptiveDraftLength, Draft, Drafter, SpeculativeStats, make_drafter, verify
 from .textstream import StopMatcher, TextStream
@@ -103,6 +105,7 @@ class Engine:
         self._drafters: dict[str, Drafter] = {}
         self.threads = threads
         self.stats = SpeculativeStats()  # speculative decoding figures of the last generation
+        self.exit_layers: list[int] = []  # layers each token of the last early-exit generation used
 
     # -- text <-> tokens -------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -151,6 +154,7 @@ class Engine:
                  repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: Iterable[str] = (), add_special_tokens: bool = True,
                  speculative: str | Drafter | None = None, draft_tokens: int | str = "auto",
+                 early_exit: float | None = None, exit_threshold: float | None = None,
                  ) -> Iterator[GenerationResponse]:
         """Generate from one prompt or a batch of 1..8 prompts, streaming one response per token.
 
@@ -166,6 +170,9 @@ class Engine:
                 package with the same vocabulary) or a Drafter object. Lossless: greedy output
                 is token-identical, sampling keeps the target distribution.
             draft_tokens: drafts per round, or "auto" (adapted to measured acceptance and cost).
+            early_exit: stop tokens at the package's exits when their calibrated top-1 agreement
+                with the full model is at least this level (e.g. 0.95); batch 1 only.
+            exit_threshold: a raw confidence threshold for every exit instead of a quality level.
         Yields:
             GenerationResponse per token; the last one of each prompt carries finish_reason.
         """
@@ -185,6 +192,11 @@ class Engine:
         if draft_tokens != "auto" and not (isinstance(draft_tokens, int) and draft_tokens >= 1):
             raise ValueError(f"draft_tokens must be an integer >= 1 or 'auto', got {draft_tokens!r}")
         policy = AdaptiveDraftLength(fixed=None if draft_tokens == "auto" else draft_tokens)
+        if early_exit is not None or exit_threshold is not None:
+            if speculative is not None or len(prompts) != 1:
+                raise ValueError("early exit runs one prompt without speculative decoding")
+            points = exit_points(self.package_dir, self.manifest, early_exit, exit_threshold)
+            return self._generate_early_exit(prompts[0], params, max_new_tokens, list(stop), points)
         return self._generate(prompts, params, max_new_tokens, list(stop), self._drafter(speculative), policy)
 
     def _drafter(self, speculative: str | Drafter | None) -> Drafter | None:
@@ -242,6 +254,22 @@ class Engine:
                         break
             policy.update(proposed, accepted, t1 - t0, t2 - t1)
 
+    def _generate_early_exit(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
+                             stops: list[str], points: list[ExitPoint]) -> Iterator[GenerationResponse]:
+        row = _Row(0, prompt, Sampler(params, self.manifest.model.vocab_size), TextStream(self.tokenizer),
+                   StopMatcher(stops), self.eos_token_ids, max_new_tokens)
+        cache = self._cache(1)
+        logits = self.prefill([prompt], cache)[0]
+        runner = EarlyExitRunner(self.backend, cache, points)
+        self.exit_layers = []
+        exit_layer = None
+        while row.active:
+            response = row.emit(row.sampler(logits), False, cache.max_len)
+            self.exit_layers.append(exit_layer or self.manifest.model.num_layers)
+            yield dataclasses.replace(response, exit_layer=exit_layer)
+            if row.active:
+                logits, exit_layer = runner.step(row.tokens[-1], len(row.tokens) - 1)
+
     def chat(self, messages: list[dict], **kwargs) -> Iterator[GenerationResponse]:
         """Generate the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...])."""
         return self.generate(self.encode(self.apply_chat_template(messages), add_special_tokens=False), **kwargs)
@@ -262,8 +290,11 @@ def load(model: str | Path, device: str = "cpu", threads: int | None = None,
          max_context: int | None = None, backend: str = "auto", progress: bool = False) -> Engine:
     """Load a package folder, a checkpoint (.gguf / HF folder) or a known model name.
 
-    Checkpoints are exported once to an fp32 ONNX package in the cache (see `edge-run pull`).
+    A .gguf file (or known model) runs on llama.cpp through a light package pointing at the file;
+    with backend="onnx", and for Hugging Face folders, the checkpoint is exported once to an fp32
+    ONNX package in the cache (see `export.models.resolve_package`).
     """
     from ..export.models import resolve_package
 
-    return Engine(resolve_package(model, progress=progress), device, threads, max_context, backend)
+    package = resolve_package(model, progress=progress, backend=backend)
+    return Engine(package, device, threads, max_context, backend)

@@ -96,6 +96,11 @@ class Manifest:
     gguf: str | None = None  # GGUF file for the llama.cpp backend (relative to the package, or absolute)
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # how weights were quantized: recipe, method, ONNX layout and accuracy level, format per tensor
+    # (empty for a float package); `weights` above summarizes it per weight group
+    quantization: dict[str, Any] = field(default_factory=dict)
+    # early-exit points: {"layer", "adapter" (.npy in the package), "top1_agreement", "curve"}
+    exits: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
@@ -110,6 +115,7 @@ class Manifest:
         data["stages"] = tuple(Stage.from_dict(s) for s in data.get("stages") or [])
         data["eos_token_ids"] = tuple(data.get("eos_token_ids") or ())
         data["kept_layers"] = tuple(data.get("kept_layers") or ())
+        data["exits"] = tuple(data.get("exits") or ())
         manifest = _from_dict(cls, data, "manifest")
         manifest.validate()
         return manifest

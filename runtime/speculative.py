@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from .early_exit import apply_adapter
 from .sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,9 @@ class SelfDrafter:
             raise ValueError(f"self:{layer} needs a stage boundary at layer {layer} and a separate head stage; "
                              f"this package has boundaries {bounds}. Export with --exit-layers {layer}")
         self.engine, self.backend = engine, engine.backend
+        files = [e["file"] for e in engine.manifest.exits if e["layer"] == layer]
+        # an exit adapter fitted at export (see export.exits) makes the drafts agree far more often
+        self.adapter = np.load(engine.package_dir / files[0])["adapter"] if files else None
         self.prefix = range(0, prefix[0] + 1)
         self.suffix = range(prefix[0] + 1, len(stages))
         self.head = range(len(stages) - 1, len(stages))
@@ -215,7 +219,8 @@ class SelfDrafter:
             hiddens.append(self._prefix(tokens, positions))  # [B, 1, H]
             if i == k:
                 break  # the last draft only needs its hidden state, for the bonus position
-            logits = self.backend.forward(hiddens[-1], self.cache, np.ones(batch, np.int32), zeros,
+            exit_hidden = hiddens[-1] if self.adapter is None else apply_adapter(hiddens[-1], self.adapter)
+            logits = self.backend.forward(exit_hidden, self.cache, np.ones(batch, np.int32), zeros,
                                           self.head, positions)[:, 0]
             tokens = tokens.copy()
             for row in range(batch):

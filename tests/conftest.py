@@ -20,10 +20,11 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_package(smollm2_gguf, tmp_path_factory) -> Path:
+    """fp32 ONNX graphs plus the F32 GGUF of the same weights (backend "auto" picks onnx)."""
     from edgerun.export.package import export
 
     out = tmp_path_factory.mktemp("pkg") / "smollm2-fp32"
-    export(smollm2_gguf, out)
+    export(smollm2_gguf, out, formats=("onnx", "gguf"))
     return out
 
 

@@ -383,9 +383,9 @@ def test_export_then_info_json_round_trip(capsys, tmp_path, tiny_hf):
 
 @pytest.mark.parametrize("command, options", [
     ("pull", ["Fetch a known model into the cache", "name", "omit it to list", "--list"]),
-    ("export", ["Export a checkpoint to an ONNX package", ".gguf file", "--output", "--stage-boundaries",
-                "--force"]),
-    ("run", ["Generate from one prompt", "prompt", "'-' reads stdin", "--raw", "--device", "--threads",
+    ("export", ["Export a checkpoint to an ONNX and/or GGUF package", ".gguf file", "--output",
+                "--stage-boundaries", "--format", "--dtype", "--force"]),
+    ("run", ["Generate from one prompt", "prompt", "'-' reads stdin", "--raw", "--backend", "--device", "--threads",
              "--max-context", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty",
              "--seed", "--stop", "--system"]),
     ("chat", ["empty line or Ctrl-D ends", "--device", "--max-context", "--temperature", "--top-p", "--system"]),

@@ -25,6 +25,7 @@ class Family:
         gguf_names: canonical weight name -> GGUF tensor name (`{i}` = layer index).
         hf_names: canonical weight name -> HF safetensors name (`{i}` = layer index).
         from_gguf_tensor: fixes the layout of a dequantized GGUF tensor (name, array, spec).
+        to_gguf_tensor: the inverse: canonical array -> the layout llama.cpp expects.
     """
 
     name: str
@@ -34,6 +35,7 @@ class Family:
     gguf_names: dict[str, str]
     hf_names: dict[str, str]
     from_gguf_tensor: Callable[[str, np.ndarray, ModelSpec], np.ndarray]
+    to_gguf_tensor: Callable[[str, np.ndarray, ModelSpec], np.ndarray]
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -58,6 +60,16 @@ def get_family(architecture: str) -> Family:
             f"unsupported architecture {architecture!r}; edge-run supports: "
             f"{', '.join(sorted(_FAMILIES))}"
         ) from None
+
+
+def supported_architectures() -> list[str]:
+    """Architecture names edge-run can read weights of (and export)."""
+    return sorted(_FAMILIES)
+
+
+def find_family(architecture: str) -> Family | None:
+    """The family registered for `architecture`, or None when edge-run has none."""
+    return _FAMILIES.get(architecture)
 
 
 def layer_names(names: dict[str, str], num_layers: int) -> dict[str, str]:

@@ -92,6 +92,14 @@ def from_gguf_tensor(name: str, w: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return w.reshape(heads, spec.head_dim // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
+def to_gguf_tensor(name: str, w: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Re-apply llama.cpp's Q/K row permutation (rotate-half -> interleaved pairs) for a GGUF file."""
+    heads = {"q": spec.num_heads, "k": spec.num_kv_heads}.get(name.rsplit(".", 1)[-1])
+    if heads is None:
+        return w
+    return w.reshape(heads, 2, spec.head_dim // 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
 FAMILY = register(Family(
     name="llama",
     aliases=("mistral",),
@@ -100,4 +108,5 @@ FAMILY = register(Family(
     gguf_names=GGUF_NAMES,
     hf_names=HF_NAMES,
     from_gguf_tensor=from_gguf_tensor,
+    to_gguf_tensor=to_gguf_tensor,
 ))

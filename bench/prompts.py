@@ -1,0 +1,91 @@
+"""Benchmark inputs as token ids, made once by the harness and sent to every engine alike.
+
+Prompts of an exact length come from WikiText-2 test (consecutive text) or MT-Bench (first turns
+joined into one user message, wrapped in the model's chat template, the message cut to fit).
+Perplexity windows follow bench/eval.py's protocol: WikiText-2 test tokenized as one string
+without special tokens, its first `windows x window_tokens` tokens cut into independent windows.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from .decode_speed import find_data_dir
+
+PROMPT_SETS = ("wikitext", "mt_bench")
+_MARK = "\u2063EDGE-RUN-BENCH\u2063"  # stands in for the message while splitting the template
+
+
+def _wikitext_ids(tokenizer: Tokenizer, need: int, data_dir: Path, whole: bool = False) -> list[int]:
+    """WikiText-2 test as token ids, at least `need` of them: the whole text tokenized as one string
+    (eval.py's protocol) when `whole`, else just enough of its start (prompts; much faster)."""
+    text = (data_dir / "wikitext-2" / "test.txt").read_text()
+    chars = len(text) if whole else 16 * need + 4096
+    while True:
+        ids = tokenizer.encode(text[:chars], add_special_tokens=False).ids
+        if len(ids) > need or chars >= len(text):
+            break
+        chars *= 4
+    if len(ids) >= need:
+        return ids[:need] if not whole else ids
+    raise ValueError(f"WikiText-2 test holds {len(ids)} tokens, fewer than the {need} asked for; "
+                     f"ask for fewer or shorter prompts / windows")
+
+
+def _template_parts(chat_template: str | None, bos: str, eos: str) -> tuple[str, str]:
+    """The chat template's text before and after a user message (with the generation prompt)."""
+    if not chat_template:
+        return "", ""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string(chat_template).render(messages=[{"role": "user", "content": _MARK}],
+                                                 add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    before, _, after = text.partition(_MARK)
+    return before, after
+
+
+def make_prompts(tokenizer: Tokenizer, prompt_set: str, length: int, count: int,
+                 chat_template: str | None = None, bos: str = "", eos: str = "",
+                 data_dir: Path | None = None) -> list[list[int]]:
+    """`count` different prompts of exactly `length` tokens each.
+
+    Raises:
+        ValueError: unknown prompt set, a length too short for the chat template, or too little text.
+    """
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {prompt_set!r}; choose one of {', '.join(PROMPT_SETS)}")
+    if length < 1 or count < 1:
+        raise ValueError(f"prompt length and count must be >= 1, got {length}, {count}")
+    data_dir = data_dir or find_data_dir()
+    if prompt_set == "wikitext":
+        ids = _wikitext_ids(tokenizer, length * count, data_dir)
+        return [ids[k * length:(k + 1) * length] for k in range(count)]
+    rows = [json.loads(line) for line in (data_dir / "prompts" / "mt_bench.jsonl").read_text().splitlines()]
+    questions = [r["turns"][0] for r in rows]
+    before, after = _template_parts(chat_template, bos, eos)
+    head = tokenizer.encode(before, add_special_tokens=False).ids
+    tail = tokenizer.encode(after, add_special_tokens=False).ids
+    budget = length - len(head) - len(tail)
+    if budget < 1:
+        raise ValueError(f"a {length}-token prompt cannot hold the chat template ({len(head) + len(tail)} "
+                         f"tokens); ask for longer prompts")
+    prompts = []
+    for k in range(count):
+        body: list[int] = []
+        j = k
+        while len(body) < budget:  # this prompt's questions start at question k, in file order
+            body += tokenizer.encode(questions[j % len(questions)] + "\n\n", add_special_tokens=False).ids
+            j += 1
+        prompts.append(head + body[:budget] + tail)
+    return prompts
+
+
+def perplexity_windows(tokenizer: Tokenizer, windows: int, window_tokens: int,
+                       data_dir: Path | None = None) -> list[list[int]]:
+    """The first windows x window_tokens WikiText-2 test tokens, as independent windows."""
+    if windows < 1 or window_tokens < 2:
+        raise ValueError(f"need windows >= 1 and window_tokens >= 2, got {windows}, {window_tokens}")
+    ids = _wikitext_ids(tokenizer, windows * window_tokens, data_dir or find_data_dir(), whole=True)
+    return [ids[k * window_tokens:(k + 1) * window_tokens] for k in range(windows)]

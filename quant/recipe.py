@@ -1,0 +1,229 @@
+"""Quantization recipes: which format each weight gets, as data (JSON or TOML), plus presets.
+
+A recipe is an ordered list of rules; the first rule whose glob pattern matches a tensor's
+canonical name (`embed`, `lm_head`, `layers.{i}.{q,k,v,o,gate,up,down}`) decides its format,
+and tensors no rule matches take `default`. `{last}` in a pattern stands for the last layer's
+index, so `layers.{last}.*` works for any depth. Format "float32" keeps a tensor unquantized. For
+models with tied embeddings `lm_head` names the head's use of the embedding table: when it gets
+the same format as `embed` both share one quantized copy.
+
+    {"name": "int4-mixed", "method": "gptq",
+     "default": {"format": "int4_asym", "block_size": 32},
+     "rules": [{"pattern": "embed", "format": "int8_block"},
+               {"pattern": "lm_head", "format": "int8_block"},
+               {"pattern": "layers.*.down", "format": "int8_block"}],
+     "calibration": {"sequences": 32, "tokens": 256}}
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import formats  # noqa: F401  (registers the formats)
+from .base import QuantFormat, get_format
+
+FLOAT = "float32"
+METHODS = ("rtn", "gptq")
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build frozen dataclass `cls` from a dict, rejecting unknown keys with the allowed ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__} {data!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(names)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """Format settings for the tensors matching `pattern` (or for all others, as `default`).
+
+    Attributes:
+        format: a registered format name (see `edgerun.quant.format_names()`) or "float32".
+        block_size: block length along the input axis; None = the format's default, 0 = per channel.
+        scale_dtype: "float16" or "float32"; None = the format's default.
+        method: "rtn" or "gptq"; None = the recipe's method.
+        pattern: glob over canonical tensor names (unused in `default`).
+    """
+
+    format: str
+    block_size: int | None = None
+    scale_dtype: str | None = None
+    method: str | None = None
+    pattern: str = "*"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "rule") -> "TensorRule":
+        rule = _from_dict(cls, data, where)
+        rule.make_format(where)  # validates format, block size and scale dtype early
+        if rule.method is not None and rule.method not in METHODS:
+            raise ValueError(f"{where}: unknown method {rule.method!r}; use one of {METHODS}")
+        return rule
+
+    def make_format(self, where: str = "rule") -> QuantFormat | None:
+        """The format instance, or None for float32."""
+        if self.format == FLOAT:
+            if self.block_size is not None or self.scale_dtype is not None:
+                raise ValueError(f"{where}: float32 takes no block_size or scale_dtype")
+            return None
+        try:
+            return get_format(self.format, self.block_size, self.scale_dtype)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration data for GPTQ: `sequences` windows of `tokens` tokens from `data`.
+
+    Attributes:
+        data: text file (default: WikiText-2 validation from the shared data folder).
+        damp: GPTQ dampening, a fraction of the mean Hessian diagonal added to it.
+        act_order: process columns by decreasing Hessian diagonal (groups stay static).
+    """
+
+    sequences: int = 32
+    tokens: int = 256
+    data: str | None = None
+    damp: float = 0.01
+    act_order: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
+        cal = _from_dict(cls, data, "calibration")
+        if cal.sequences < 1 or cal.tokens < 2:
+            raise ValueError(f"calibration needs sequences >= 1 and tokens >= 2, got {cal.sequences} x {cal.tokens}")
+        if not 0 < cal.damp < 1:
+            raise ValueError(f"calibration damp must be in (0, 1), got {cal.damp}")
+        return cal
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Ordered rules mapping tensor names to formats; see the module docstring."""
+
+    name: str
+    default: TensorRule
+    rules: tuple[TensorRule, ...] = ()
+    method: str = "rtn"
+    calibration: Calibration = field(default_factory=Calibration)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        if not isinstance(data, dict):
+            raise ValueError(f"a recipe must be an object, got {type(data).__name__}")
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"recipe: unknown keys {unknown}; allowed: {sorted(allowed)}")
+        if "default" not in data:
+            raise ValueError('recipe needs a "default" rule, e.g. {"format": "int4_asym", "block_size": 32}')
+        if not isinstance(data.get("rules", []), list):
+            raise ValueError(f"recipe rules must be a list, got {type(data['rules']).__name__}")
+        rules = []
+        for k, raw in enumerate(data.get("rules", [])):
+            if not isinstance(raw, dict) or "pattern" not in raw:
+                raise ValueError(f"recipe rule {k} ({raw!r}) needs a 'pattern' glob such as 'layers.*.down'")
+            rules.append(TensorRule.from_dict(raw, f"rule {k} ({raw['pattern']!r})"))
+        if isinstance(data["default"], dict) and "pattern" in data["default"]:
+            raise ValueError("the default rule applies to every unmatched tensor; remove its 'pattern'")
+        method = data.get("method", "rtn")
+        if method not in METHODS:
+            raise ValueError(f"recipe method {method!r} is unknown; use one of {METHODS}")
+        return cls(name=str(data.get("name", "custom")), default=TensorRule.from_dict(data["default"], "default"),
+                   rules=tuple(rules), method=method,
+                   calibration=Calibration.from_dict(data.get("calibration", {})))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that `from_dict` reads back (unset fields left out)."""
+        def rule(r: TensorRule, keep_pattern: bool) -> dict[str, Any]:
+            return {k: v for k, v in dataclasses.asdict(r).items()
+                    if v is not None and (keep_pattern or k != "pattern")}
+
+        return {"name": self.name, "method": self.method, "default": rule(self.default, False),
+                "rules": [rule(r, True) for r in self.rules], "calibration": dataclasses.asdict(self.calibration)}
+
+    def resolve(self, names: Iterable[str]) -> dict[str, TensorRule]:
+        """The rule deciding each tensor (first matching rule, else the default).
+
+        Raises:
+            ValueError: a rule whose pattern matches none of `names`.
+        """
+        names = list(names)
+        layers = [int(n.split(".")[1]) for n in names if n.startswith("layers.")]
+        last = str(max(layers)) if layers else "-1"
+        chosen: dict[str, TensorRule] = {}
+        for k, rule in enumerate(self.rules):
+            hits = fnmatch.filter(names, rule.pattern.replace("{last}", last))
+            if not hits:
+                raise ValueError(f"recipe {self.name!r} rule {k}: pattern {rule.pattern!r} matches no tensor; "
+                                 f"quantizable tensors are {_summarize(names)}")
+            for name in hits:
+                chosen.setdefault(name, rule)
+        return {name: chosen.get(name, self.default) for name in names}
+
+    def method_of(self, rule: TensorRule) -> str:
+        return rule.method or self.method
+
+
+def _summarize(names: list[str]) -> str:
+    layer_parts = sorted({n.split(".", 2)[2] for n in names if n.startswith("layers.")})
+    layers = sorted({int(n.split(".")[1]) for n in names if n.startswith("layers.")})
+    rest = [n for n in names if not n.startswith("layers.")]
+    span = f"layers.{{{layers[0]}..{layers[-1]}}}.{{{','.join(layer_parts)}}}" if layers else ""
+    return ", ".join(rest + ([span] if span else []))
+
+
+_INT8 = {"format": "int8_block", "block_size": 32}
+# the embedding / tied LM head share one int8 copy (SmolLM2's source file stores it as Q8_0)
+_TABLES = [{"pattern": "embed", **_INT8, "method": "rtn"}, {"pattern": "lm_head", **_INT8, "method": "rtn"}]
+# the tensors most sensitive to 4-bit rounding in a per-tensor scan of SmolLM2-135M: v_proj in
+# every layer and the whole last layer (bench/QUANT.md); 8 bits there cost +0.25 bits per weight
+_SENSITIVE = [{"pattern": "layers.*.v", **_INT8}, {"pattern": "layers.{last}.*", **_INT8}]
+_INT4 = {"format": "int4_asym", "block_size": 32}
+PRESETS: dict[str, dict[str, Any]] = {
+    "int8": {"name": "int8", "default": _INT8, "rules": _TABLES},
+    "int4": {"name": "int4", "default": _INT4, "rules": _TABLES + _SENSITIVE},
+    "int4-gptq": {"name": "int4-gptq", "method": "gptq", "default": _INT4, "rules": _TABLES + _SENSITIVE},
+    "ternary": {"name": "ternary", "default": {"format": "ternary", "block_size": 64}, "rules": _TABLES},
+}
+
+
+def load_recipe(spec: "str | Path | dict[str, Any] | Recipe") -> Recipe:
+    """A preset name (int8, int4, int4-gptq, ternary), a .json / .toml recipe file, a dict, or a Recipe.
+
+    Raises:
+        ValueError: unknown preset, unreadable file, or an invalid recipe.
+    """
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, dict):
+        return Recipe.from_dict(spec)
+    if str(spec) in PRESETS:
+        return Recipe.from_dict(PRESETS[str(spec)])
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--quant {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a recipe file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(f"recipe {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+    data.setdefault("name", path.stem)
+    return Recipe.from_dict(data)
