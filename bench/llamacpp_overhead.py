@@ -48,7 +48,7 @@ def _timed_llama_decode() -> Iterator[list[float]]:
         llama_cpp.llama_decode = bindings.llama_decode = original
 
 
-def _with_host_time(run: Callable[[], dict[str, float]], new_tokens: int) -> dict[str, float]:
+def _with_host_time(run: Callable[[], dict[str, float]]) -> dict[str, float]:
     """Run one generation; add host_us_per_token: wall time outside llama_decode per decode step."""
     with _timed_llama_decode() as spent:
         start = time.perf_counter()
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
                           n_batch=min(context, 2048), flash_attn=False, verbose=False)
     prompt = engine.encode((find_data_dir() / "wikitext-2" / "test.txt").read_text())[:args.prompt_tokens]
     runners = {"edge-run llamacpp backend":
-               lambda: _with_host_time(lambda: measure(engine, prompt, args.new_tokens), args.new_tokens),
+               lambda: _with_host_time(lambda: measure(engine, prompt, args.new_tokens)),
                "llama-cpp-python Llama.generate":
-               lambda: _with_host_time(lambda: high_level_decode(llm, prompt, args.new_tokens), args.new_tokens)}
+               lambda: _with_host_time(lambda: high_level_decode(llm, prompt, args.new_tokens))}
     for run in runners.values():
         run()  # warm-up, excluded
     rows: dict[str, list[dict]] = {name: [] for name in runners}

@@ -149,11 +149,14 @@ class LlamaCppCache:
 
     def rollback(self, lengths: np.ndarray) -> None:
         """Forget every position at or past `lengths[b]` (e.g. rejected draft tokens)."""
-        assert np.all(lengths <= self.lengths), "rollback can only shorten a sequence"
-        for row in np.flatnonzero(lengths < self.lengths):
-            if not llc.llama_memory_seq_rm(self.memory, int(row), int(lengths[row]), -1):
-                raise RuntimeError(f"llama.cpp could not remove positions >= {lengths[row]} of sequence {row}")
-        self.lengths[:] = lengths
+        # plain Python over <= 8 rows: this runs every decode step, mostly as a no-op
+        for row, (new, old) in enumerate(zip(np.asarray(lengths).tolist(), self.lengths.tolist())):
+            if new > old:
+                raise ValueError(f"rollback can only shorten a sequence (row {row}: {old} -> {new})")
+            if new < old:
+                if not llc.llama_memory_seq_rm(self.memory, row, new, -1):
+                    raise RuntimeError(f"llama.cpp could not remove positions >= {new} of sequence {row}")
+                self.lengths[row] = new
 
     def close(self) -> None:
         """Free the llama context now (it is also freed when the cache is garbage collected)."""
