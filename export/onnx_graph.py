@@ -46,6 +46,9 @@ class _Graph:
     nodes: list = field(default_factory=list)
     inits: list = field(default_factory=list)
     count: int = 0
+    names: set = field(default_factory=set)
+    packed: Mapping[str, MatMulNBitsWeight] = field(default_factory=dict)  # quantized linear weights
+    accuracy_level: int = 0  # MatMulNBits compute precision
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
         self.count += 1
@@ -53,10 +56,6 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{op_type}_{self.count}",
                                            domain=domain, **attrs))
         return outs
-
-    names: set = field(default_factory=set)
-    packed: Mapping[str, MatMulNBitsWeight] = field(default_factory=dict)
-    accuracy_level: int = 0
 
     def const(self, name: str, array: np.ndarray) -> str:
         if name not in self.names:  # shared initializers (tied embedding / head) are added once

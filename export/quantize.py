@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from ..quant.base import QuantFormat, QuantizedTensor
@@ -135,6 +136,10 @@ def quantize_for_onnx(ckpt: Checkpoint, recipe: Recipe, device: str = "cpu", acc
     by_tensor: dict[int, MatMulNBitsWeight] = {}
     for name, qt in quantized.items():  # one packed object per tensor keeps tied sharing visible
         packed[name] = by_tensor.setdefault(id(qt), pack_matmulnbits(qt))
+    slow = sorted(n for n, w in packed.items() if w.zero_points is not None and w.zero_points.dtype != np.uint8)
+    if slow:
+        log.warning("%d tensors (e.g. %s) use float zero points, which onnxruntime's CPU MatMulNBits runs "
+                    "on a slow fallback (about 10x slower decoding); int4_asym is the fast layout", len(slow), slow[0])
     weights, info = manifest_entries(ckpt.spec, recipe, quantized, level, device)
     return OnnxQuantization(packed=packed, accuracy_level=level, weights=weights, info=info)
 
