@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-layers", type=int, default=0, metavar="N",
                    help="remove the N contiguous blocks whose input and output differ least")
     p.add_argument("--keep-layers", default="", metavar="LIST", help="keep exactly these blocks (e.g. 0-19,29)")
+    p.add_argument("--quant", default=None, metavar="PRESET|RECIPE",
+                   help="quantize the ONNX weights: int8, int4, int4-gptq, ternary, ... or a recipe JSON file "
+                        "(MatMulNBits; settings are recorded in the manifest)")
     p.add_argument("--heal", action="store_true",
                    help="after pruning, fit a linear correction at each cut by least squares")
     p.add_argument("--stage-boundaries", default="",
@@ -110,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("chat", "interactive chat with history (empty line or Ctrl-D ends)")
     _add_model_args(p)
     _add_sampling_args(p)
+
+    p = command("eval", "perplexity on WikiText-2 test, KL and top-1 agreement against a reference package")
+    from .bench.eval import add_arguments as eval_arguments
+
+    eval_arguments(p)
+
+    p = command("bench", "speed, memory and bandwidth of edge-run against its peers, side by side")
+    from .bench.harness import add_arguments as bench_arguments
+
+    bench_arguments(p)
 
     p = command("info", "show what a package (or checkpoint) contains")
     p.add_argument("model", help="package folder, .gguf file, Hugging Face folder or known model name")
@@ -304,8 +317,17 @@ def cmd_export(args: argparse.Namespace) -> None:
         for entry in fitted[1]:
             print(f"exit after layer {entry['layer']}: top-1 agreement with the full model "
                   f"{entry['top1_agreement']:.1%} on {entry['calibration_tokens']} held-out tokens", file=sys.stderr)
+    quantization = None
+    if args.quant:
+        if formats != ("onnx",):
+            raise ValueError("--quant packs ONNX MatMulNBits weights; use --format onnx")
+        from .export.quantize import quantize_for_onnx
+        from .quant.recipe import load_recipe
+
+        quantization = quantize_for_onnx(ckpt, load_recipe(args.quant), progress=True)
     manifest = write_package(ckpt, args.output, boundaries, force=args.force, progress=True,
-                             separate_head=bool(exits), formats=formats, gguf_dtype=args.dtype, exits=fitted)
+                             separate_head=bool(exits), formats=formats, gguf_dtype=args.dtype, exits=fitted,
+                             quantization=quantization)
     parts = [f"{len(manifest.stages)} stage graph(s)"] if manifest.stages else []
     parts += [f"{manifest.gguf} ({args.dtype})"] if manifest.gguf else []
     print(f"wrote {args.output}: {manifest.model.architecture}, {manifest.model.num_layers} layers, "
@@ -343,7 +365,19 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{key:14} {value}")
 
 
-COMMANDS = {"pull": cmd_pull, "export": cmd_export, "run": cmd_run, "chat": cmd_chat, "info": cmd_info}
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .bench.eval import run
+
+    run(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench.harness import run
+
+    run(args)
+
+
+COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "pull": cmd_pull, "export": cmd_export, "run": cmd_run, "chat": cmd_chat, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
