@@ -103,7 +103,8 @@ def header_lines(report: dict) -> list[str]:
         f"noise: engines got {_num(_overall_share(report), '.0%')} of their threads' CPU time (median; "
         f"100% on an idle machine)",
         f"model {Path(s['model']).name}; {s['prompts']} prompts of {s['prompt_tokens']} tokens, {s['new_tokens']} new "
-        f"tokens, batch {s['batch']} at {s['batch_prompt_tokens']}-token prompts; {s['threads']} threads; greedy; "
+        f"tokens, " + (f"batch {s['batch']} at {s['batch_prompt_tokens']}-token prompts" if s['batch'] else "no batch cases")
+        + f"; {s['threads']} threads; greedy; "
         f"median (min–max) of {s['repeats']} repeats after a warm-up; {s['seconds']:.0f} s; commit {report['commit']}",
     ]
 

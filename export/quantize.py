@@ -96,8 +96,9 @@ def quantize_checkpoint(ckpt: Checkpoint, recipe: Recipe, progress: bool = False
 
 
 def _group(name: str) -> str:
+    """The manifest weight group of a canonical tensor name."""
     if name in ("embed", "lm_head"):
-        return {"embed": "embedding", "lm_head": "lm_head"}[name]
+        return "embedding" if name == "embed" else "lm_head"
     return "attention" if name.rsplit(".", 1)[-1] in ("q", "k", "v", "o") else "mlp"
 
 

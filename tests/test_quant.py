@@ -199,6 +199,13 @@ def test_tensor_on_the_grid_requantizes_to_itself(name):
     np.testing.assert_array_equal(again.scales, first.scales)
 
 
+def test_bits_per_weight_counts_codes_scales_and_zero_points():
+    w = _weights(8, 128)
+    assert get_format("int4_asym", 32).quantize(w).bits_per_weight() == 4 + 16 / 32 + 4 / 32
+    assert get_format("int8_channel").quantize(w).bits_per_weight() == 8 + 32 / 128
+    assert get_format("ternary", 64).quantize(w).bits_per_weight() == 2 + 16 / 64
+
+
 def test_ternary_scale_is_least_squares_and_recovers_ternary_blocks():
     rng = np.random.default_rng(6)
     scale = np.float32(0.123456789)  # not a float16 value: needs float32 scales to come back exactly
@@ -350,10 +357,11 @@ def test_int8_package_runs_close_to_float(tiny):
     engine = edgerun.Engine(folder / "int8")
     logits = engine.logits(TOKENS)
     assert _kl(ref, logits) < 1e-3 and np.abs(logits - ref).max() < 0.05 * np.abs(ref).max()
-    assert manifest.weights["attention"] == "int8_block(b32)" and manifest.weights["lm_head"] == "tied"
+    assert manifest.weights["attention"] == "int8_block(b16)" and manifest.weights["lm_head"] == "tied"
+    assert manifest.weights["embedding"] == "int8_block(b32)"
     info = read_manifest(folder / "int8").quantization
     assert info["accuracy_level"] == 4 and info["layout"] == "MatMulNBits" and info["shared_embedding_head"]
-    assert info["tensors"]["layers.3.down"] == "int8_block(b32)[rtn]" and info["recipe"]["name"] == "int8"
+    assert info["tensors"]["layers.3.down"] == "int8_block(b16)[rtn]" and info["recipe"]["name"] == "int8"
     text = "".join(r.text for r in engine.generate(TOKENS[:4], max_new_tokens=4))
     assert isinstance(text, str)
 
@@ -422,7 +430,7 @@ def test_eval_reports_perplexity_kl_and_bits(tiny, tmp_path):
     ref, int8, same = report["reference"], *report["results"]
     assert ref["bits_per_weight"] == pytest.approx(32) and same["kl"] == pytest.approx(0, abs=1e-6)
     assert same["top1"] == 1.0 and same["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
-    assert 8 < int8["linear_bits_per_weight"] < 9.5 and int8["size_mb"] < ref["size_mb"] / 2
+    assert int8["linear_bits_per_weight"] == pytest.approx(10) and int8["size_mb"] < ref["size_mb"] / 2
     assert int8["kl"] < 0.01 and np.isfinite(int8["perplexity"])
 
 
