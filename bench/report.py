@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 COLORS = {"edgerun": "tab:blue", "llamacpp": "tab:orange", "ortgenai": "tab:green", "transformers": "tab:red"}
