@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import formats  # noqa: F401  (registers the formats)
+from ..runtime.manifest import strict_from_dict
 from .base import QuantFormat, get_format
 
 FLOAT = "float32"
@@ -31,17 +32,8 @@ METHODS = ("rtn", "gptq")
 
 
 def _from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build frozen dataclass `cls` from a dict, rejecting unknown keys with the allowed ones."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected an object, got {type(data).__name__} {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(names)}")
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
+    """Recipe parts: the manifest's strict from_dict, raising ValueError."""
+    return strict_from_dict(cls, data, where, error=ValueError)
 
 
 @dataclass(frozen=True)

@@ -18,18 +18,18 @@ class PackageError(ValueError):
     """A package (or checkpoint) is missing, malformed or unsupported."""
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Build dataclass `cls` from `data`, rejecting unknown keys with a clear error."""
+def strict_from_dict(cls: type, data: Any, where: str, error: type[Exception] = PackageError) -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys with the allowed ones."""
     if not isinstance(data, dict):
-        raise PackageError(f"{where}: expected an object, got {type(data).__name__}")
+        raise error(f"{where}: expected an object, got {type(data).__name__} {data!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise PackageError(f"{where}: unknown keys {unknown}; allowed: {sorted(names)}")
+        raise error(f"{where}: unknown keys {unknown}; allowed: {sorted(names)}")
     try:
         return cls(**data)
     except TypeError as e:  # missing required keys
-        raise PackageError(f"{where}: {e}") from None
+        raise error(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
-        return _from_dict(cls, data, "model spec")
+        return strict_from_dict(cls, data, "model spec")
 
     def kv_bytes_per_token(self, itemsize: int = 4) -> int:
         """Bytes of K+V cache one token occupies across all layers."""
@@ -75,7 +75,7 @@ class Stage:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Stage":
-        return _from_dict(cls, data, "stage")
+        return strict_from_dict(cls, data, "stage")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class Manifest:
         data["eos_token_ids"] = tuple(data.get("eos_token_ids") or ())
         data["kept_layers"] = tuple(data.get("kept_layers") or ())
         data["exits"] = tuple(data.get("exits") or ())
-        manifest = _from_dict(cls, data, "manifest")
+        manifest = strict_from_dict(cls, data, "manifest")
         manifest.validate()
         return manifest
 
