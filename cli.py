@@ -90,8 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove the N contiguous blocks whose input and output differ least")
     p.add_argument("--keep-layers", default="", metavar="LIST", help="keep exactly these blocks (e.g. 0-19,29)")
     p.add_argument("--quant", default=None, metavar="PRESET|RECIPE",
-                   help="quantize the ONNX weights: int8, int4, int4-gptq, ternary, ... or a recipe JSON file "
-                        "(MatMulNBits; settings are recorded in the manifest)")
+                   help="quantize the weights: int8, int4, int4-gptq, ternary or a recipe JSON/TOML file "
+                        "(ONNX: MatMulNBits; GGUF: Q8_0 / Q4_0 / Q4_1 / TQ2_0 / TQ1_0 blocks); with --format "
+                        "gguf also llama.cpp's types (q4_k_m, q5_k_m, q6_k, ...); recorded in the manifest")
+    p.add_argument("--device", default="cpu",
+                   help="target device of a quantized ONNX package: sets the MatMulNBits accuracy level "
+                        "(cpu: 4 = int8 compute; others: 0 = the provider's choice)")
+    p.add_argument("--accuracy-level", type=int, default=None, choices=range(5), metavar="0-4",
+                   help="MatMulNBits compute precision, overriding --device: 0 unset, 1 fp32, 2 fp16, 3 bf16, "
+                        "4 int8")
     p.add_argument("--heal", action="store_true",
                    help="after pruning, fit a linear correction at each cut by least squares")
     p.add_argument("--stage-boundaries", default="",
@@ -288,6 +295,16 @@ def cmd_export(args: argparse.Namespace) -> None:
                          f"use --format gguf --dtype {args.dtype}")
     if (exits or boundaries) and "onnx" not in formats:
         raise ValueError("--stage-boundaries / --exit-layers split ONNX graphs; add onnx to --format")
+    if args.quant and len(formats) > 1:
+        raise ValueError("--quant writes one format per package (ONNX MatMulNBits or GGUF blocks); "
+                         "export --format onnx and --format gguf to separate folders")
+    if (args.accuracy_level is not None or args.device != "cpu") and not (args.quant and formats == ("onnx",)):
+        raise ValueError("--device / --accuracy-level set the MatMulNBits compute of a quantized ONNX package; "
+                         "use them with --quant and --format onnx")
+    if args.quant:
+        from .export.quantize import resolve_quant
+
+        resolve_quant(args.quant, formats[0])  # a bad recipe fails before the checkpoint is read
     out = Path(args.output or ".")
     if args.output and out.exists() and not args.force:
         raise PackageError(f"{out} already exists; choose another -o folder or pass --force")
@@ -318,18 +335,21 @@ def cmd_export(args: argparse.Namespace) -> None:
             print(f"exit after layer {entry['layer']}: top-1 agreement with the full model "
                   f"{entry['top1_agreement']:.1%} on {entry['calibration_tokens']} held-out tokens", file=sys.stderr)
     quantization = None
-    if args.quant:
-        if formats != ("onnx",):
-            raise ValueError("--quant packs ONNX MatMulNBits weights; use --format onnx")
+    if args.quant and formats == ("gguf",):
+        from .export.quantize import quantize_for_gguf
+
+        quantization = quantize_for_gguf(ckpt, args.quant, progress=True)
+    elif args.quant:
         from .export.quantize import quantize_for_onnx
         from .quant.recipe import load_recipe
 
-        quantization = quantize_for_onnx(ckpt, load_recipe(args.quant), progress=True)
+        quantization = quantize_for_onnx(ckpt, load_recipe(args.quant), args.device, args.accuracy_level,
+                                         progress=True)
     manifest = write_package(ckpt, args.output, boundaries, force=args.force, progress=True,
                              separate_head=bool(exits), formats=formats, gguf_dtype=args.dtype, exits=fitted,
                              quantization=quantization)
     parts = [f"{len(manifest.stages)} stage graph(s)"] if manifest.stages else []
-    parts += [f"{manifest.gguf} ({args.dtype})"] if manifest.gguf else []
+    parts += [f"{manifest.gguf} ({args.quant or args.dtype})"] if manifest.gguf else []
     print(f"wrote {args.output}: {manifest.model.architecture}, {manifest.model.num_layers} layers, "
           f"{', '.join(parts)}")
 

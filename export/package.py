@@ -76,6 +76,43 @@ class OnnxQuantization:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GgufQuantization:
+    """Quantized weights for a GGUF (made by `export.quantize.quantize_for_gguf`).
+
+    Either `packed` holds GGML blocks made by `quant/` (numpy), or `llama_ftype` names a llama.cpp
+    type (K-quants, ...) that `llama_model_quantize` makes from an F32 GGUF written first.
+
+    Attributes:
+        packed: canonical weight name -> tensor packed in llama.cpp's layout.
+        file_type: `general.file_type` of the file (the type of most weights).
+        llama_ftype: a `llama_ftype` value for llama.cpp's quantizer, or None.
+        info: the manifest's `quantization` field.
+    """
+
+    packed: Mapping[str, Any] = field(default_factory=dict)
+    file_type: Any = None
+    llama_ftype: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def llama_quantize(source: Path, target: Path, ftype: int) -> None:
+    """Quantize GGUF `source` into `target` with llama.cpp's own quantizer (all cores).
+
+    Raises:
+        PackageError: llama.cpp refused (it logs the reason to stderr; some types need an
+            importance matrix, which edge-run does not compute).
+    """
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+        raise PackageError(f"llama.cpp could not quantize to type {ftype} (see its log above; IQ1/IQ2 types "
+                           f"need an importance matrix); choose another type such as q4_k_m")
+
+
 def split_layers(num_layers: int, boundaries: Sequence[int] = ()) -> list[tuple[int, int]]:
     """Turn stage boundaries (first layer of each later stage) into [start, end) ranges."""
     cuts = [0, *boundaries, num_layers]
@@ -109,7 +146,8 @@ def gguf_weight_dtypes(tensor_types: Mapping[str, str]) -> dict[str, str]:
 
 def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Sequence[int] = (),
                   force: bool = False, progress: bool = False, separate_head: bool = False,
-                  quantization: OnnxQuantization | None = None, *, formats: Sequence[str] = ("onnx",),
+                  quantization: OnnxQuantization | GgufQuantization | None = None, *,
+                  formats: Sequence[str] = ("onnx",),
                   gguf_dtype: str = "f32", exits: tuple[dict, list] | None = None) -> Manifest:
     """Write `ckpt` as a package: ONNX stage graphs, a GGUF file (model.gguf), or both.
 
@@ -121,7 +159,8 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
         progress: show a progress bar on stderr.
         separate_head: put the final norm + LM head in a stage of its own (no layers), so the
             hidden states of any stage boundary can be scored (early exit, self-speculation).
-        quantization: packed ONNX weights (see `export.quantize`); None writes fp32 graphs.
+        quantization: packed ONNX weights or GGUF quantization (see `export.quantize`); None
+            writes float weights.
         formats: "onnx" and/or "gguf".
         exits: (adapters {layer: array}, manifest entries) from `export.exits.fit_exits`; the
             exit layers must be stage boundaries and the head a stage of its own.
@@ -130,16 +169,20 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
     Returns:
         The manifest written.
     """
-    from .gguf_writer import GGUF_DTYPES, write_gguf
+    from .gguf_writer import GGUF_DTYPES
 
     formats = tuple(dict.fromkeys(formats))
     if not formats or set(formats) - set(FORMATS):
         raise ValueError(f"formats must be some of {', '.join(FORMATS)}, got {', '.join(formats) or 'none'}")
     if gguf_dtype not in GGUF_DTYPES:
         raise ValueError(f"unknown GGUF dtype {gguf_dtype!r}; choose one of: {', '.join(GGUF_DTYPES)}")
+    gguf_quant = quantization if isinstance(quantization, GgufQuantization) else None
+    quantization = quantization if isinstance(quantization, OnnxQuantization) else None
     if "gguf" in formats and quantization is not None:
         raise ValueError("ONNX quantization (MatMulNBits) does not apply to a GGUF; export the GGUF "
                          "with --format gguf to a folder of its own")
+    if gguf_quant is not None and formats != ("gguf",):
+        raise ValueError("a quantized GGUF goes in a package of its own: use --format gguf")
     if "gguf" in formats and "onnx" in formats and gguf_dtype != "f32":
         raise ValueError(f"the ONNX graphs are fp32, so a package with both formats must be --dtype f32 "
                          f"(one `weights` entry describes both); export --format gguf --dtype {gguf_dtype} "
@@ -150,7 +193,7 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
     packed = quantization.packed if quantization else None
     stages = []
     with atomic_dir(Path(out_dir), force=force) as tmp:
-        for k, (start, end) in enumerate(tqdm(ranges, desc="export", unit="stage", disable=not progress)):
+        for k, (start, end) in enumerate(tqdm(ranges, desc="export", unit="stage", disable=not progress or not ranges)):
             stage = Stage(file=f"stage{k}.onnx", first_layer=start, end_layer=end,
                           embeds=k == 0, has_head=k == len(ranges) - 1)
             model = build_stage(ckpt.spec, ckpt.weights, start, end, stage.embeds, stage.has_head, packed=packed,
@@ -158,8 +201,9 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
             onnx.save_model(model, tmp / stage.file, save_as_external_data=True,
                             all_tensors_to_one_file=True, location=f"{stage.file}.data", size_threshold=1024)
             stages.append(stage)
+        weights = None
         if "gguf" in formats:
-            write_gguf(ckpt, tmp / "model.gguf", dtype=gguf_dtype, progress=progress)
+            weights = _write_gguf(ckpt, tmp / "model.gguf", gguf_dtype, gguf_quant, progress)
         ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
         adapters, exit_entries = exits or ({}, [])
         if adapters and not (separate_head and set(adapters) <= {s.end_layer for s in stages}):
@@ -170,7 +214,7 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
         manifest = Manifest(
             model=ckpt.spec,
             stages=tuple(stages),
-            weights=quantization.weights if quantization else
+            weights=quantization.weights if quantization else weights or
             _weight_dtypes(ckpt.spec.tie_embeddings, "float32" if gguf_dtype == "f32" else "float16"),
             tokenizer="tokenizer.json",
             bos_token_id=ckpt.bos_token_id,
@@ -183,12 +227,35 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
             extra={"transforms": ckpt.transforms} if ckpt.transforms else {},
             exits=tuple(exit_entries),
             gguf="model.gguf" if "gguf" in formats else None,
-            quantization=quantization.info if quantization else {},
+            quantization=(quantization or gguf_quant).info if quantization or gguf_quant else {},
         )
         manifest.validate()
         manifest.write(tmp)
     log.info("wrote package %s (%s)", out_dir, ", ".join(formats))
     return manifest
+
+
+def _write_gguf(ckpt: Checkpoint, path: Path, dtype: str, quant: GgufQuantization | None,
+                progress: bool) -> dict[str, str] | None:
+    """Write the package's GGUF; returns its weight groups when quantized (read back from the file)."""
+    from .gguf_writer import write_gguf
+
+    if quant is None:
+        write_gguf(ckpt, path, dtype=dtype, progress=progress)
+        return None
+    if quant.llama_ftype is not None:
+        source = path.with_name("source.f32.gguf")
+        write_gguf(ckpt, source, dtype="f32", progress=progress)
+        try:
+            llama_quantize(source, path, quant.llama_ftype)
+        finally:
+            source.unlink()
+    else:
+        write_gguf(ckpt, path, dtype=dtype, packed=quant.packed, file_type=quant.file_type, progress=progress)
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return gguf_weight_dtypes({t.name: t.tensor_type.name for t in reader.tensors})
 
 
 def write_gguf_reference(gguf_path: str | Path, out_dir: str | Path, force: bool = False) -> Manifest:

@@ -1,11 +1,14 @@
-"""Quantize a checkpoint by recipe and write it as an ONNX package with MatMulNBits weights.
+"""Quantize a checkpoint by recipe and write it as an ONNX package (MatMulNBits weights) or a GGUF.
 
     export_quantized("model.gguf", "out/", quant="int4-gptq", device="cpu")
+    export_quantized("model.gguf", "out/", quant="int4-gptq", target="gguf")   # Q4_1 / Q8_0 blocks
+    export_quantized("model.gguf", "out/", quant="q4_k_m", target="gguf")      # llama.cpp's quantizer
 
 The recipe (preset or file, see `edgerun.quant.recipe`) picks a format and method per tensor;
 everything is checked before the checkpoint is read or calibration starts. The manifest records
-the recipe, the format of every tensor, the ONNX layout and the MatMulNBits accuracy level; the
-weight groups in `manifest.weights` summarize it.
+the recipe, the format of every tensor, the layout (MatMulNBits and its accuracy level, or the GGML
+type of every tensor); the weight groups in `manifest.weights` summarize it. llama.cpp's own types
+(K-quants, IQ4_NL, ...) are made by `llama_model_quantize` from an F32 GGUF we write.
 """
 from __future__ import annotations
 
@@ -14,16 +17,20 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+import gguf
 import numpy as np
 from tqdm import tqdm
 
 from ..quant.base import QuantFormat, QuantizedTensor
+from ..quant.pack_gguf import gguf_type_for, pack_gguf
 from ..quant.pack_ort import MatMulNBitsWeight, pack_matmulnbits
-from ..quant.recipe import Recipe, load_recipe
+from ..quant.recipe import Recipe, TensorRule, load_recipe
 from ..runtime.manifest import Manifest, ModelSpec
 from .calibrate import LAYER_LINEARS, calibration_tokens, quantize_calibrated
 from .checkpoint import Checkpoint, load_checkpoint
-from .package import OnnxQuantization, write_package
+from .families import get_family
+from .gguf_writer import PackedTensor
+from .package import GgufQuantization, OnnxQuantization, write_package
 
 log = logging.getLogger(__name__)
 
@@ -48,33 +55,54 @@ def _shape(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
     return ckpt.weights[key].shape
 
 
-def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[dict[str, QuantFormat | None], dict[str, str]]:
-    """Format and method per tensor, with every shape checked against its format.
+def _fit(rule: TensorRule, shape: tuple[int, ...], name: str, target: str) -> TensorRule:
+    """`rule`, or its fallback (recursively) when the tensor's shape does not fit its format."""
+    fmt = rule.make_format(f"tensor {name}")
+    try:
+        if fmt is not None:
+            fmt.check_shape(shape, name)
+            if target == "gguf":
+                gguf_type_for(fmt, shape, name, rule.gguf_type)
+        return rule
+    except ValueError as e:
+        if rule.fallback is None:
+            raise
+        log.debug("%s; falling back to %s", e, rule.fallback.format)
+        return _fit(rule.fallback, shape, name, target)
 
+
+def plan(ckpt: Checkpoint, recipe: Recipe, target: str = "onnx") -> tuple[dict[str, QuantFormat | None],
+                                                                       dict[str, str], dict[str, str | None]]:
+    """Format, method and (for a GGUF target) GGML type per tensor, every shape checked.
+
+    Returns:
+        (formats, methods, gguf_types): canonical name -> format (None: float), method, GGML type.
     Raises:
-        ValueError: a rule matching nothing, an invalid format, or a block size a tensor cannot take.
+        ValueError: a rule matching nothing, an invalid format, a block size a tensor cannot take,
+            or (target "gguf") a format no GGUF block type holds.
     """
-    rules = recipe.resolve(quantizable_names(ckpt.spec))
+    rules = {name: _fit(rule, _shape(ckpt, name), name, target)
+             for name, rule in recipe.resolve(quantizable_names(ckpt.spec)).items()}
     formats = {name: rule.make_format(f"tensor {name}") for name, rule in rules.items()}
     methods = {name: recipe.method_of(rule) for name, rule in rules.items()}
-    for name, fmt in formats.items():
-        if fmt is not None:
-            fmt.check_shape(_shape(ckpt, name), name)
+    gguf_types = {name: gguf_type_for(fmt, _shape(ckpt, name), name, rules[name].gguf_type)
+                  if target == "gguf" and fmt is not None else None for name, fmt in formats.items()}
     if methods["embed"] == "gptq" and formats["embed"] is not None:
         log.info("embed is a lookup table with no layer input to calibrate on; it is rounded to nearest")
         methods["embed"] = "rtn"
-    return formats, methods
+    return formats, methods, gguf_types
 
 
-def quantize_checkpoint(ckpt: Checkpoint, recipe: Recipe, progress: bool = False) -> dict[str, QuantizedTensor]:
-    """Quantize the checkpoint's weights as `recipe` says.
+def quantize_checkpoint(ckpt: Checkpoint, recipe: Recipe, progress: bool = False,
+                        target: str = "onnx") -> dict[str, QuantizedTensor]:
+    """Quantize the checkpoint's weights as `recipe` says (for `target` "onnx" or "gguf").
 
     Returns:
         canonical name -> QuantizedTensor for the quantized tensors. For a tied model whose
         `embed` and `lm_head` get the same format, both names map to one tensor (GPTQ'd on the
         head's inputs when the lm_head rule says gptq).
     """
-    formats, methods = plan(ckpt, recipe)
+    formats, methods, _ = plan(ckpt, recipe, target)
     shared = ckpt.spec.tie_embeddings and formats["embed"] is not None and formats["embed"] == formats["lm_head"]
     if shared and methods["lm_head"] != "gptq":
         formats = {**formats, "lm_head": None}  # quantized once, as the embedding
@@ -103,8 +131,8 @@ def _group(name: str) -> str:
 
 
 def manifest_entries(spec: ModelSpec, recipe: Recipe, quantized: dict[str, QuantizedTensor],
-                     accuracy_level: int, device: str) -> tuple[dict[str, str], dict[str, Any]]:
-    """The manifest's weight-group summary and its `quantization` field."""
+                     **layout: Any) -> tuple[dict[str, str], dict[str, Any]]:
+    """The manifest's weight-group summary and its `quantization` field (`layout` describes the packing)."""
     groups: dict[str, set[str]] = defaultdict(set)
     tensors = {}
     for name in quantizable_names(spec):
@@ -117,8 +145,8 @@ def manifest_entries(spec: ModelSpec, recipe: Recipe, quantized: dict[str, Quant
     if spec.tie_embeddings and (shared or ("lm_head" not in quantized and "embed" not in quantized)):
         weights["lm_head"] = "tied"
     formats = {qt.fmt.describe(): qt.fmt.spec() for qt in quantized.values()}
-    info = {"recipe": recipe.to_dict(), "layout": "MatMulNBits", "accuracy_level": accuracy_level,
-            "target_device": device, "formats": formats, "tensors": tensors, "shared_embedding_head": shared}
+    info = {"recipe": recipe.to_dict(), **layout, "formats": formats, "tensors": tensors,
+            "shared_embedding_head": shared}
     return weights, info
 
 
@@ -141,30 +169,108 @@ def quantize_for_onnx(ckpt: Checkpoint, recipe: Recipe, device: str = "cpu", acc
     if slow:
         log.warning("%d tensors (e.g. %s) use float zero points, which onnxruntime's CPU MatMulNBits runs "
                     "on a slow fallback (about 10x slower decoding); int4_asym is the fast layout", len(slow), slow[0])
-    weights, info = manifest_entries(ckpt.spec, recipe, quantized, level, device)
+    weights, info = manifest_entries(ckpt.spec, recipe, quantized, layout="MatMulNBits", accuracy_level=level,
+                                     target_device=device)
     return OnnxQuantization(packed=packed, accuracy_level=level, weights=weights, info=info)
+
+
+def llama_quant_types() -> dict[str, int]:
+    """llama.cpp's quantization types by lower-case name (q4_k_m, q6_k, iq4_nl, ...) -> llama_ftype."""
+    import llama_cpp
+
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    return {n[len(prefix):].lower(): getattr(llama_cpp, n) for n in dir(llama_cpp)
+            if n.startswith(prefix) and n[len(prefix):] not in ("F16", "BF16")}  # floats: --dtype
+
+
+def resolve_quant(quant: str | Path | dict | Recipe, target: str) -> Recipe | str:
+    """The recipe `--quant` names for `target` ("onnx" / "gguf"), or a llama.cpp type name (GGUF only).
+
+    Raises:
+        ValueError: an unknown preset or type, or an invalid recipe file.
+    """
+    from ..quant.recipe import TARGETS
+
+    name = str(quant).lower() if isinstance(quant, (str, Path)) else None
+    if target == "gguf" and name not in TARGETS["gguf"] and name in llama_quant_types():
+        return name
+    try:
+        return load_recipe(quant, target=target)
+    except ValueError as e:
+        if target != "gguf":
+            raise
+        raise ValueError(f"{e}; for --format gguf, llama.cpp types work too: "
+                         f"{', '.join(sorted(llama_quant_types()))}") from None
+
+
+def quantize_for_gguf(ckpt: Checkpoint, quant: str | Path | dict | Recipe, progress: bool = False) -> GgufQuantization:
+    """Quantize `ckpt` for a GGUF: by recipe into GGML blocks packed here, or by llama.cpp's quantizer.
+
+    Args:
+        quant: a GGUF preset (int8 -> Q8_0, int4 / int4-gptq -> Q4_1 with Q8_0 tables and sensitive
+            tensors, ternary -> TQ2_0 with Q4_0 where rows are not multiples of 256), a recipe whose
+            formats GGUF holds, or a llama.cpp type name such as q4_k_m (see `llama_quant_types`).
+    Raises:
+        ValueError: a recipe format no GGUF block type holds, or an unknown name.
+    """
+    recipe = resolve_quant(quant, "gguf")
+    if isinstance(recipe, str):
+        import llama_cpp
+
+        return GgufQuantization(llama_ftype=llama_quant_types()[recipe], info={
+            "quantizer": "llama.cpp llama_model_quantize", "llama_ftype": recipe.upper(),
+            "source_dtype": "float32", "llama_cpp_python": llama_cpp.__version__})
+    gguf_types = plan(ckpt, recipe, "gguf")[2]  # checks every format before any work
+    quantized = quantize_checkpoint(ckpt, recipe, progress, target="gguf")
+    family = get_family(ckpt.spec.architecture)
+    shared = quantized.get("lm_head") is not None and quantized.get("lm_head") is quantized.get("embed")
+    packed, types = {}, {}
+    for name, qt in quantized.items():
+        if name == "lm_head" and shared:
+            continue  # a tied GGUF has no output tensor: llama.cpp reuses token_embd
+        types[name] = gguf_types[name]
+        qtype, data = pack_gguf(qt, types[name])
+        packed[name] = PackedTensor(np.ascontiguousarray(family.to_gguf_tensor(name, data, ckpt.spec)), qtype)
+    if ckpt.spec.tie_embeddings and "embed" in quantized and "lm_head" not in quantized:
+        # the recipe keeps the head float: it gets an output tensor of its own
+        packed["lm_head"] = PackedTensor(np.ascontiguousarray(ckpt.weights["embed"], np.float32).view(np.uint8),
+                                         gguf.GGMLQuantizationType.F32)
+    counts: dict[str, int] = defaultdict(int)
+    for name, qt in quantized.items():
+        counts[types.get(name, "")] += qt.shape[0] * qt.shape[1]
+    main_type = max((t for t in counts if t), key=counts.__getitem__, default=None)
+    weights, info = manifest_entries(ckpt.spec, recipe, quantized, layout="GGUF", gguf_types=types)
+    return GgufQuantization(packed=packed, file_type=main_type and gguf.LlamaFileType[f"MOSTLY_{main_type}"],
+                            info=info)
 
 
 def export_quantized(model: str | Path | Checkpoint, out_dir: str | Path, quant: str | Path | dict,
                      device: str = "cpu", accuracy_level: int | None = None,
                      stage_boundaries: Sequence[int] = (), force: bool = False,
-                     progress: bool = False) -> Manifest:
-    """Read a checkpoint, quantize it and write an ONNX package.
+                     progress: bool = False, target: str = "onnx") -> Manifest:
+    """Read a checkpoint, quantize it and write an ONNX package or (target "gguf") a GGUF package.
 
     Args:
         model: checkpoint path (.gguf or HF folder) or a loaded Checkpoint.
         out_dir: package folder to create.
-        quant: preset ("int8", "int4", "int4-gptq", "ternary"), recipe file (.json/.toml) or dict.
+        quant: preset ("int8", "int4", "int4-gptq", "ternary"), recipe file (.json/.toml) or dict;
+            for a GGUF also a llama.cpp type name (q4_k_m, ...).
         device: target device; sets the MatMulNBits accuracy level (cpu -> 4, int8 compute).
         accuracy_level: override the device's accuracy level (0 unset .. 4 int8).
         stage_boundaries, force, progress: as for `write_package`.
+        target: "onnx" or "gguf".
     Returns:
         The manifest written.
     Raises:
         ValueError: invalid recipe (checked before the checkpoint is read), shapes a format
             cannot take, or missing calibration data.
     """
-    recipe = load_recipe(quant)
+    if target not in ("onnx", "gguf"):
+        raise ValueError(f"target must be onnx or gguf, got {target!r}")
+    recipe = load_recipe(quant) if target == "onnx" else None
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+    if target == "gguf":
+        return write_package(ckpt, out_dir, force=force, progress=progress, formats=("gguf",),
+                             quantization=quantize_for_gguf(ckpt, quant, progress))
     quantization = quantize_for_onnx(ckpt, recipe, device, accuracy_level, progress)
     return write_package(ckpt, out_dir, stage_boundaries, force=force, progress=progress, quantization=quantization)

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .base import QuantizedTensor
+from .base import QuantFormat, QuantizedTensor
 
 _BLOCK = {"Q8_0": ("int8_block", 32), "Q4_0": ("int4_sym", 32), "Q4_1": ("int4_min", 32),
           "TQ2_0": ("ternary", 256), "TQ1_0": ("ternary", 256)}
@@ -76,12 +76,42 @@ _PACKERS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.nda
     "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "TQ2_0": _tq2_0, "TQ1_0": _tq1_0}
 
 
-def gguf_types_for(qt: QuantizedTensor) -> list[str]:
-    """GGML types that hold `qt` exactly (empty when none does)."""
-    fmt = qt.fmt
-    if fmt.scale_dtype != "float16" or qt.shape[1] % qt.block_size:
+def gguf_types_of(fmt: QuantFormat) -> list[str]:
+    """GGML types whose blocks hold format `fmt` exactly (empty when none does)."""
+    if fmt.scale_dtype != "float16":
         return []
     return [t for t, (name, block) in _BLOCK.items() if fmt.name == name and fmt.block_size == block]
+
+
+def gguf_formats() -> str:
+    """The formats a GGUF can hold, for error messages."""
+    return ", ".join(f"{name} block {block} float16 scales ({t})" for t, (name, block) in _BLOCK.items())
+
+
+def gguf_type_for(fmt: QuantFormat, shape: tuple[int, ...], name: str = "tensor", prefer: str | None = None) -> str:
+    """The GGML type that stores tensor `name` of `shape` in format `fmt` exactly.
+
+    Args:
+        prefer: the type to use when several hold the format (ternary: TQ2_0, the default, or TQ1_0).
+    Raises:
+        ValueError: no GGML type holds the format, rows are not a whole number of blocks, or
+            `prefer` is not one of the types that hold it.
+    """
+    types = gguf_types_of(fmt)
+    if not types:
+        raise ValueError(f"{name}: no GGUF type holds {fmt.describe()} (scales {fmt.scale_dtype}); "
+                         f"GGUF holds {gguf_formats()}")
+    if len(shape) != 2 or shape[1] % fmt.block_size:
+        raise ValueError(f"{name} {tuple(shape)}: GGUF {types[0]} needs rows that are a multiple of "
+                         f"{fmt.block_size} elements")
+    if prefer is not None and prefer not in types:
+        raise ValueError(f"{name}: gguf_type {prefer!r} does not hold {fmt.describe()}; use one of {types}")
+    return prefer or types[0]  # ternary: TQ2_0 (listed first), llama.cpp's faster kernel
+
+
+def gguf_types_for(qt: QuantizedTensor) -> list[str]:
+    """GGML types that hold `qt` exactly (empty when none does)."""
+    return gguf_types_of(qt.fmt) if qt.shape[1] % qt.block_size == 0 else []
 
 
 def pack_gguf(qt: QuantizedTensor, ggml_type: str) -> tuple[GGMLQuantizationType, np.ndarray]:

@@ -46,6 +46,9 @@ class TensorRule:
         scale_dtype: "float16" or "float32"; None = the format's default.
         method: "rtn" or "gptq"; None = the recipe's method.
         pattern: glob over canonical tensor names (unused in `default`).
+        fallback: the rule for matched tensors whose shape this format cannot take (for example
+            GGUF ternary blocks of 256 on rows of 576), as llama.cpp's quantizer falls back.
+        gguf_type: the GGML type to pack into when several hold the format (ternary: TQ2_0 or TQ1_0).
     """
 
     format: str
@@ -53,14 +56,36 @@ class TensorRule:
     scale_dtype: str | None = None
     method: str | None = None
     pattern: str = "*"
+    fallback: "TensorRule | None" = None
+    gguf_type: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "rule") -> "TensorRule":
+        if isinstance(data, dict) and data.get("fallback") is not None:
+            fallback = data["fallback"]
+            if isinstance(fallback, dict) and "pattern" in fallback:
+                raise ValueError(f"{where}: a fallback applies to its rule's tensors; remove its 'pattern'")
+            data = {**data, "fallback": cls.from_dict(fallback, f"{where} fallback")}
         rule = _from_dict(cls, data, where)
         rule.make_format(where)  # validates format, block size and scale dtype early
         if rule.method is not None and rule.method not in METHODS:
             raise ValueError(f"{where}: unknown method {rule.method!r}; use one of {METHODS}")
+        if rule.gguf_type is not None:
+            from .pack_gguf import gguf_types_of
+
+            fmt = rule.make_format(where)
+            if fmt is None or rule.gguf_type not in gguf_types_of(fmt):
+                raise ValueError(f"{where}: gguf_type {rule.gguf_type!r} does not hold format {rule.format!r} "
+                                 f"(block {rule.block_size}); for ternary block 256 use TQ2_0 or TQ1_0")
         return rule
+
+    def to_dict(self, keep_pattern: bool = True) -> dict[str, Any]:
+        """Plain data that `from_dict` reads back (unset fields left out)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if getattr(self, f.name) is not None and (keep_pattern or f.name != "pattern")}
+        if self.fallback is not None:
+            out["fallback"] = self.fallback.to_dict(keep_pattern=False)
+        return out
 
     def make_format(self, where: str = "rule") -> QuantFormat | None:
         """The format instance, or None for float32."""
@@ -139,12 +164,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data that `from_dict` reads back (unset fields left out)."""
-        def rule(r: TensorRule, keep_pattern: bool) -> dict[str, Any]:
-            return {k: v for k, v in dataclasses.asdict(r).items()
-                    if v is not None and (keep_pattern or k != "pattern")}
-
-        return {"name": self.name, "method": self.method, "default": rule(self.default, False),
-                "rules": [rule(r, True) for r in self.rules], "calibration": dataclasses.asdict(self.calibration)}
+        return {"name": self.name, "method": self.method, "default": self.default.to_dict(keep_pattern=False),
+                "rules": [r.to_dict() for r in self.rules], "calibration": dataclasses.asdict(self.calibration)}
 
     def resolve(self, names: Iterable[str]) -> dict[str, TensorRule]:
         """The rule deciding each tensor (first matching rule, else the default).
@@ -192,11 +213,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     "int4-gptq": {"name": "int4-gptq", "method": "gptq", "default": _INT4, "rules": _TABLES + _SENSITIVE},
     "ternary": {"name": "ternary", "default": {"format": "ternary", "block_size": 64}, "rules": _TABLES},
 }
+# The same presets for a GGUF, in the formats its block types hold (int8_block b32 = Q8_0,
+# int4_min b32 = Q4_1, ternary b256 = TQ2_0). Ternary rows must be multiples of 256: other
+# tensors fall back to Q4_0, as llama.cpp's own quantizer does.
+_Q4_1 = {"format": "int4_min", "block_size": 32}
+GGUF_PRESETS: dict[str, dict[str, Any]] = {
+    "int8": {"name": "int8", "default": _INT8},
+    "int4": {"name": "int4", "default": _Q4_1, "rules": _TABLES + _SENSITIVE},
+    "int4-gptq": {"name": "int4-gptq", "method": "gptq", "default": _Q4_1, "rules": _TABLES + _SENSITIVE},
+    "ternary": {"name": "ternary", "default": {"format": "ternary", "block_size": 256,
+                                               "fallback": {"format": "int4_sym", "block_size": 32}},
+                "rules": _TABLES},
+}
+TARGETS = {"onnx": PRESETS, "gguf": GGUF_PRESETS}
 
 
-def load_recipe(spec: "str | Path | dict[str, Any] | Recipe") -> Recipe:
+def load_recipe(spec: "str | Path | dict[str, Any] | Recipe", target: str = "onnx") -> Recipe:
     """A preset name (int8, int4, int4-gptq, ternary), a .json / .toml recipe file, a dict, or a Recipe.
 
+    Args:
+        target: "onnx" or "gguf": which variant of a preset (GGUF presets use GGML block formats).
     Raises:
         ValueError: unknown preset, unreadable file, or an invalid recipe.
     """
@@ -204,11 +240,12 @@ def load_recipe(spec: "str | Path | dict[str, Any] | Recipe") -> Recipe:
         return spec
     if isinstance(spec, dict):
         return Recipe.from_dict(spec)
-    if str(spec) in PRESETS:
-        return Recipe.from_dict(PRESETS[str(spec)])
+    presets = TARGETS[target]
+    if str(spec) in presets:
+        return Recipe.from_dict(presets[str(spec)])
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"--quant {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a recipe file")
+        raise ValueError(f"--quant {spec!r} is neither a preset ({', '.join(presets)}) nor a recipe file")
     text = path.read_text()
     try:
         if path.suffix == ".toml":
