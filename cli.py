@@ -295,6 +295,9 @@ def cmd_export(args: argparse.Namespace) -> None:
                          f"use --format gguf --dtype {args.dtype}")
     if (exits or boundaries) and "onnx" not in formats:
         raise ValueError("--stage-boundaries / --exit-layers split ONNX graphs; add onnx to --format")
+    if args.heal and "gguf" in formats:
+        raise ValueError("--heal adds a linear correction at each cut that llama.cpp's llama architecture has no "
+                         "place for; export healed models with --format onnx, or prune without --heal for GGUF")
     if args.quant and len(formats) > 1:
         raise ValueError("--quant writes one format per package (ONNX MatMulNBits or GGUF blocks); "
                          "export --format onnx and --format gguf to separate folders")

@@ -1,11 +1,14 @@
 """Reproduce the SmolLM2-135M quantization table (bench/QUANT.md) in one command.
 
     python -m edgerun.bench.quant_table --out /tmp/quant-table [--windows 40] [--no-speed]
+    python -m edgerun.bench.quant_table --format gguf --out /tmp/quant-gguf   # llama.cpp files
 
 Exports the fp32 reference and every variant below into --out (existing packages are kept),
 scores them in one `bench.eval` run against the reference (so its distributions are computed
 once), then times decoding side by side with `bench.decode_speed` (GPTQ packages have exactly
 the layout of their RTN twins, so only one of each pair is timed). About 45 minutes on 2 cores.
+With --format gguf the variants are GGUF files run by llama.cpp: our Q8_0 / Q4_1 / TQ2_0 packing
+(RTN and GPTQ) next to files made by llama.cpp's own quantizer, against an F32 GGUF reference.
 """
 from __future__ import annotations
 
@@ -29,6 +32,10 @@ VARIANTS = {
     "ternary-gptq": "ternary-gptq.json",
 }
 TIMED = ["fp32", "int8", "int8-b32", "int8-head-fp32", "int8-tables-fp32", "int4", "int4-pure", "ternary"]
+# GGUF presets (Q8_0, Q4_1 + Q8_0, TQ2_0 + Q4_0 fallback) and llama.cpp's own quantizer for comparison
+GGUF_VARIANTS = {"int8": "int8", "int4": "int4", "int4-gptq": "int4-gptq", "ternary": "ternary",
+                 "llama-q8_0": "q8_0", "llama-q4_1": "q4_1", "llama-q4_k_m": "q4_k_m"}
+GGUF_TIMED = ["fp32", "int8", "int4", "ternary", "llama-q8_0", "llama-q4_1", "llama-q4_k_m"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,23 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-speed", action="store_true", help="skip the decode-speed run")
+    p.add_argument("--format", choices=("onnx", "gguf"), default="onnx",
+                   help="ONNX packages (onnxruntime) or GGUF files (llama.cpp)")
     args = p.parse_args(argv)
 
+    variants, timed = (VARIANTS, TIMED) if args.format == "onnx" else (GGUF_VARIANTS, GGUF_TIMED)
     ckpt = load_checkpoint(pull("smollm2-135m", progress=True))
     if not (args.out / "fp32" / "manifest.json").is_file():
-        write_package(ckpt, args.out / "fp32", progress=True)
-    for name, quant in VARIANTS.items():
+        write_package(ckpt, args.out / "fp32", progress=True, formats=(args.format,))
+    for name, quant in variants.items():
         if not (args.out / name / "manifest.json").is_file():
             recipe = quant if "." not in quant else RECIPES / quant
             if isinstance(recipe, Path) and not recipe.is_file():
                 raise FileNotFoundError(f"{recipe} is missing; run this from a checkout of edge-run")
-            export_quantized(ckpt, args.out / name, recipe, progress=True)
-    report = evaluate([str(args.out / n) for n in VARIANTS], reference=str(args.out / "fp32"),
+            export_quantized(ckpt, args.out / name, recipe, progress=True, target=args.format)
+    report = evaluate([str(args.out / n) for n in variants], reference=str(args.out / "fp32"),
                       windows=args.windows, threads=args.threads, progress=True)
     print(format_table(report))
     (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     if not args.no_speed:
-        decode_speed.main([*(str(args.out / n) for n in TIMED), "--prompt-tokens", "512", "--new-tokens", "128",
+        decode_speed.main([*(str(args.out / n) for n in timed), "--prompt-tokens", "512", "--new-tokens", "128",
                            "--threads", str(args.threads), "--json", str(args.out / "speed.json")])
     return 0
 

@@ -99,6 +99,11 @@ def _tensors(ckpt: Checkpoint, dtype: type, packed: Mapping[str, PackedTensor]) 
     unknown = sorted(set(packed) - set(names))
     if unknown:
         raise ValueError(f"packed tensors {unknown[:4]} name no weight of this model")
+    dropped = sorted(set(ckpt.weights) - set(names))
+    if dropped:  # never write a file that silently runs a different model
+        raise PackageError(f"weights {dropped[:4]} have no place in a {family.name} GGUF, so llama.cpp would run "
+                           f"the model without them; healed cut corrections (--heal) run in ONNX packages only: "
+                           f"export --format onnx, or leave out --heal")
     out = {}
     for canonical, gguf_name in names.items():
         if canonical in packed:

@@ -214,3 +214,33 @@ def test_smollm2_q8_0_gguf_agrees_with_float(smollm2_gguf, smollm2_engine, tmp_p
     print(f"\nQ8_0 GGUF (ours) on llama.cpp: top-1 agreement with the fp32 reference over {len(tokens)} "
           f"WikiText-2 test tokens: {agreement:.4f}")
     assert agreement >= 0.9
+
+
+def test_pruned_and_quantized_gguf_runs_on_llamacpp(tiny_narrow, tmp_path):
+    """Depth pruning combines with GGUF quantization: renumbered blocks, quantized, run by llama.cpp."""
+    assert main(["export", str(tiny_narrow), "--keep-layers", "0,1,3", "--format", "gguf", "--quant", "int4",
+                 "-o", str(tmp_path / "p")]) == 0
+    manifest = read_manifest(tmp_path / "p")
+    assert manifest.kept_layers == (0, 1, 3) and manifest.model.num_layers == 3
+    assert set(manifest.quantization["gguf_types"]) >= {"layers.2.down"} and "layers.3.q" not in \
+        manifest.quantization["gguf_types"]
+    reader = gguf.GGUFReader(tmp_path / "p" / "model.gguf")
+    assert reader.fields["llama.block_count"].contents() == 3
+    back = load_checkpoint(tmp_path / "p" / "model.gguf")
+    write_package(back, tmp_path / "float")
+    ours = edgerun.Engine(tmp_path / "p", max_context=64).logits(TOKENS)
+    assert _corr(ours, edgerun.Engine(tmp_path / "float", max_context=64).logits(TOKENS)) > 0.995
+
+
+def test_healed_model_refuses_gguf_instead_of_dropping_the_correction(tiny_narrow, tmp_path, capsys):
+    from edgerun.export.gguf_writer import write_gguf
+    from edgerun.export.prune import prune_for_export
+    from edgerun.runtime.manifest import PackageError
+
+    assert main(["export", str(tiny_narrow), "--prune-layers", "1", "--heal", "--format", "gguf",
+                 "-o", str(tmp_path / "x")]) == 1
+    assert "export healed models with --format onnx" in capsys.readouterr().err
+    healed = prune_for_export(load_checkpoint(tiny_narrow), keep_layers=[0, 1, 3], heal=True)
+    with pytest.raises(PackageError, match=r"weights \['cut\.\d+\.(bias|weight)'.*have no place in a llama GGUF"):
+        write_gguf(healed, tmp_path / "h.gguf")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("*.gguf*"))
