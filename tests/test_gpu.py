@@ -1,0 +1,72 @@
+"""CUDA: the onnxruntime CUDA execution provider and llama.cpp GPU offload give the CPU's results.
+
+These run only where the hardware and the matching builds exist (onnxruntime-gpu; a CUDA build of
+llama-cpp-python) and are skipped elsewhere with the reason. Both paths are the same code the CPU
+runs: the device only changes the provider / `n_gpu_layers` and where the KV buffers live.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import build_tiny_llama
+
+import edgerun
+from edgerun.export.package import export
+
+TOKENS = [5, 17, 42, 99, 3, 250, 7, 61, 12, 200, 33]
+PROMPTS = [[5, 17, 42], [99, 3, 250, 7, 61, 12], [200, 33]]
+
+needs_ort_cuda = pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason=f"onnxruntime has no CUDAExecutionProvider here (providers: {', '.join(ort.get_available_providers())}); "
+           f"install onnxruntime-gpu on a machine with an NVIDIA GPU")
+
+
+def _llama_gpu() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+needs_llama_gpu = pytest.mark.skipif(
+    not _llama_gpu(), reason="this llama-cpp-python build cannot offload to a GPU (llama_supports_gpu_offload() "
+                             "is false); build it with CMAKE_ARGS=-DGGML_CUDA=on on a CUDA machine")
+
+
+@pytest.fixture(scope="module")
+def tiny_both(tmp_path_factory) -> Path:
+    hf = build_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny", seed=5)
+    out = tmp_path_factory.mktemp("pkg") / "tiny-both"
+    export(hf, out, formats=("onnx", "gguf"))
+    return out
+
+
+def _greedy(engine, prompts) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in prompts]
+    for r in engine.generate(prompts, max_new_tokens=12):
+        out[r.index].append(r.token)
+    return out
+
+
+@pytest.mark.gpu
+@needs_ort_cuda
+def test_onnx_cuda_matches_cpu(tiny_both):
+    cpu = edgerun.Engine(tiny_both, backend="onnx", max_context=64)
+    gpu = edgerun.Engine(tiny_both, backend="onnx", device="cuda", max_context=64)
+    np.testing.assert_allclose(gpu.logits(TOKENS), cpu.logits(TOKENS), atol=2e-3, rtol=0)
+    assert _greedy(gpu, PROMPTS) == _greedy(cpu, PROMPTS)  # batch 3, unequal lengths, KV on the GPU
+    assert [r.token for r in gpu.generate(PROMPTS[1], max_new_tokens=12, speculative="lookup")] == \
+        _greedy(cpu, PROMPTS[1:2])[0]
+
+
+@pytest.mark.gpu
+@needs_llama_gpu
+def test_llamacpp_offload_matches_cpu(tiny_both):
+    cpu = edgerun.Engine(tiny_both, backend="llamacpp", max_context=64)
+    gpu = edgerun.Engine(tiny_both, backend="llamacpp", device="cuda", max_context=64)
+    np.testing.assert_allclose(gpu.logits(TOKENS), cpu.logits(TOKENS), atol=2e-3, rtol=0)
+    assert _greedy(gpu, PROMPTS) == _greedy(cpu, PROMPTS)
