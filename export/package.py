@@ -211,26 +211,13 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
                              f"separate head stage (--exit-layers does both)")
         for layer, arrays in adapters.items():
             np.savez(tmp / f"exit{layer}.npz", **arrays)
-        manifest = Manifest(
-            model=ckpt.spec,
-            stages=tuple(stages),
+        manifest = _write_manifest(
+            tmp, ckpt, stages=tuple(stages),
             weights=quantization.weights if quantization else weights or
             _weight_dtypes(ckpt.spec.tie_embeddings, "float32" if gguf_dtype == "f32" else "float16"),
-            tokenizer="tokenizer.json",
-            bos_token_id=ckpt.bos_token_id,
-            eos_token_ids=ckpt.eos_token_ids,
-            add_bos_token=ckpt.add_bos_token,
-            chat_template=ckpt.chat_template,
-            source=ckpt.source,
-            tool_version=__version__,
-            kept_layers=ckpt.kept_layers or tuple(range(ckpt.spec.num_layers)),
-            extra={"transforms": ckpt.transforms} if ckpt.transforms else {},
             exits=tuple(exit_entries),
             gguf="model.gguf" if "gguf" in formats else None,
-            quantization=(quantization or gguf_quant).info if quantization or gguf_quant else {},
-        )
-        manifest.validate()
-        manifest.write(tmp)
+            quantization=(quantization or gguf_quant).info if quantization or gguf_quant else {})
     log.info("wrote package %s (%s)", out_dir, ", ".join(formats))
     return manifest
 
@@ -268,23 +255,27 @@ def write_gguf_reference(gguf_path: str | Path, out_dir: str | Path, force: bool
     ckpt = load_checkpoint(gguf_path, weights=False)
     with atomic_dir(Path(out_dir), force=force) as tmp:
         ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
-        manifest = Manifest(
-            model=ckpt.spec,
-            stages=(),
-            weights=gguf_weight_dtypes(ckpt.source_types),
-            tokenizer="tokenizer.json",
-            bos_token_id=ckpt.bos_token_id,
-            eos_token_ids=ckpt.eos_token_ids,
-            add_bos_token=ckpt.add_bos_token,
-            chat_template=ckpt.chat_template,
-            source=ckpt.source,
-            tool_version=__version__,
-            kept_layers=ckpt.kept_layers or tuple(range(ckpt.spec.num_layers)),
-            extra={"transforms": ckpt.transforms} if ckpt.transforms else {},
-            gguf=str(gguf_path),
-        )
-        manifest.validate()
-        manifest.write(tmp)
+        return _write_manifest(tmp, ckpt, stages=(), weights=gguf_weight_dtypes(ckpt.source_types),
+                               gguf=str(gguf_path))
+
+
+def _write_manifest(folder: Path, ckpt: Checkpoint, **fields: Any) -> Manifest:
+    """Describe `ckpt` (spec, tokenizer, provenance, kept layers) plus `fields`; validate and write it."""
+    manifest = Manifest(
+        model=ckpt.spec,
+        tokenizer="tokenizer.json",
+        bos_token_id=ckpt.bos_token_id,
+        eos_token_ids=ckpt.eos_token_ids,
+        add_bos_token=ckpt.add_bos_token,
+        chat_template=ckpt.chat_template,
+        source=ckpt.source,
+        tool_version=__version__,
+        kept_layers=ckpt.kept_layers or tuple(range(ckpt.spec.num_layers)),
+        extra={"transforms": ckpt.transforms} if ckpt.transforms else {},
+        **fields,
+    )
+    manifest.validate()
+    manifest.write(folder)
     return manifest
 
 
