@@ -6,7 +6,11 @@ PACKAGE needs exits (`edge-run export MODEL --exit-layers 10,15,20,25 -o PACKAGE
 prompt (one per category) runs plain and at every quality level back to back; reported: speedup
 (plain time / early-exit time, summed over prompts), mean layers per token, and top-1 agreement
 with the full model on the generated sequence (teacher-forced: the full model's argmax at each
-generated position given the same prefix).
+generated position given the same prefix). An oracle row bounds what any confidence rule could
+reach with these exits: each generated position exits at the first exit whose top-1 equals the
+full model's (at 100% agreement, and at --quality's lowest level by also letting that share of the
+remaining positions leave at the first exit), with exits costing nothing: speedup bound = layers /
+mean layers used.
 """
 from __future__ import annotations
 
@@ -18,6 +22,38 @@ from pathlib import Path
 import numpy as np
 
 from .speculative import prompt_sets
+
+
+def exit_top1(engine, tokens: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Teacher-forced top-1 of every exit (adapter + head) and of the full model, per position."""
+    from ..runtime.early_exit import apply_adapter, exit_points
+
+    backend, n = engine.backend, len(tokens)
+    points = {p.stage: p for p in exit_points(engine.package_dir, engine.manifest, threshold=1.0)}
+    stages = len(engine.manifest.stages)
+    cache = backend.new_cache(1, n + 1)
+    counts, start = np.array([n], np.int32), np.zeros(1, np.int32)
+    every = np.arange(n, dtype=np.int64)[None]
+    head = range(stages - 1, stages)
+    hidden = backend.forward(np.asarray([tokens], np.int64), cache, counts, None, range(0, 1), start)
+    exits = {}
+    for stage in range(1, stages - 1):
+        if stage in points:
+            adapted = apply_adapter(hidden.numpy(), points[stage].adapter)
+            exits[points[stage].layer] = backend.forward(adapted, cache, counts, every, head, start)[0].argmax(-1)
+        hidden = backend.forward(hidden, cache, counts, None, range(stage, stage + 1), start)
+    return exits, backend.forward(hidden, cache, counts, every, head, start)[0].argmax(-1)
+
+
+def oracle_layers(exits: dict[int, np.ndarray], full: np.ndarray, num_layers: int, quality: float = 1.0) -> np.ndarray:
+    """Layers each position would use if it left at the first exit that agrees with the full model;
+    below quality 1 the remaining positions leave at the first exit, as many as the level allows."""
+    layers = np.full(len(full), num_layers)
+    for layer in sorted(exits, reverse=True):
+        layers[exits[layer] == full] = layer
+    wrong = np.flatnonzero(layers == num_layers)[:int((1 - quality) * len(full) + 1e-9)]
+    layers[wrong] = min(exits)
+    return layers
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -45,20 +81,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for _, kw in settings:
         run(prompts[0], kw)  # warm-up
     totals = {name: {"s": 0.0, "layers": [], "agree": []} for name, _ in settings}
+    num_layers = engine.manifest.model.num_layers
+    oracle = {1.0: [], min(args.quality): []}
     for tokens in prompts:
         for name, kw in settings:
             out, seconds = run(tokens, kw)
             full = engine.logits(tokens + out)[len(tokens) - 1:-1].argmax(-1)
             row = totals[name]
             row["s"] += seconds
-            row["layers"].append(np.mean(engine.exit_layers) if kw else engine.manifest.model.num_layers)
+            row["layers"].append(np.mean(engine.exit_layers) if kw else num_layers)
             row["agree"].append(float((full == np.asarray(out)).mean()))
+            if not kw:
+                exits, top1 = exit_top1(engine, tokens + out)
+                generated = slice(len(tokens) - 1, -1)
+                for q in oracle:
+                    oracle[q].append(oracle_layers({k: v[generated] for k, v in exits.items()}, top1[generated],
+                                                   num_layers, q).mean())
     results = []
     for name, row in totals.items():
         results.append({"setting": name, "speedup": totals["plain"]["s"] / row["s"],
                         "layers_per_token": float(np.mean(row["layers"])), "top1_agreement": float(np.mean(row["agree"]))})
         print(f"{name:8} x{results[-1]['speedup']:.3f}  layers/token {results[-1]['layers_per_token']:.1f}  "
               f"top-1 agreement {results[-1]['top1_agreement']:.3f}")
+    for q, used in oracle.items():
+        layers = float(np.mean(used))
+        results.append({"setting": f"oracle q={q}", "speedup_bound": num_layers / layers, "layers_per_token": layers,
+                        "top1_agreement": q})
+        print(f"oracle at q={q}: layers/token {layers:.1f}, speedup bound x{num_layers / layers:.2f} "
+              f"(perfect confidence, exits free)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

@@ -91,3 +91,16 @@ def test_bad_early_exit_requests(exit_engine, tmp_path):
     plain = edgerun.Engine(tmp_path / "plain")
     with pytest.raises(ValueError, match="no early exits"):
         plain.generate(PROMPT, early_exit=0.9)
+
+
+def test_oracle_bound_uses_the_first_agreeing_exit(exit_engine):
+    from edgerun.bench.early_exit import exit_top1, oracle_layers
+
+    tokens = PROMPT + [11, 12, 13, 14, 15]
+    exits, full = exit_top1(exit_engine, tokens)
+    assert sorted(exits) == [2, 4]
+    np.testing.assert_array_equal(full, exit_engine.logits(tokens).argmax(-1))  # the staged run is the model
+    full = np.array([7, 7, 7, 7, 7])
+    exits = {2: np.array([7, 1, 1, 1, 1]), 4: np.array([0, 7, 7, 1, 1])}
+    np.testing.assert_array_equal(oracle_layers(exits, full, 6), [2, 4, 4, 6, 6])
+    np.testing.assert_array_equal(oracle_layers(exits, full, 6, quality=0.8), [2, 4, 4, 2, 6])
