@@ -251,6 +251,10 @@ class AdaptiveDraftLength:
     at a cost of t_step + k * (t_draft + t_verify_extra). The k with the best tokens per second
     is used; when that is k = 0 (plain decoding), a probe round of 2 drafts runs every 16 rounds
     so a change in the text can switch speculation back on.
+
+    a is estimated per draft position tried: a round that accepts m of k drafts tried m + 1
+    positions (m + 0 when all k passed), not k; accepted / proposed would count the drafts after
+    the first rejection as failures and underrate a (0.8 reads as 0.59 at k = 4).
     """
 
     def __init__(self, max_tokens: int = 8, fixed: int | None = None, smoothing: float = 0.3):
@@ -276,11 +280,16 @@ class AdaptiveDraftLength:
         self.idle_rounds = 0
         return best
 
-    def update(self, proposed: int, accepted: int, draft_s: float, verify_s: float) -> None:
+    def update(self, proposed: int, accepted: int, draft_s: float, verify_s: float,
+               rejections: int | None = None) -> None:
+        """Record one round: drafts proposed and accepted over the batch, seconds spent drafting and
+        verifying, and how many rows stopped at a rejected draft (None: one row)."""
         if proposed == 0:
             self.t_step = self._ema(self.t_step, verify_s)
             return
-        self.rate = self._ema(self.rate, accepted / proposed)
+        rejections = int(accepted < proposed) if rejections is None else rejections
+        tried = accepted + rejections  # drafts after a row's first rejection were never tested
+        self.rate = self._ema(self.rate, accepted / tried)
         self.t_draft = self._ema(self.t_draft, draft_s / proposed)
         if self.t_step is not None:
             self.t_extra = self._ema(self.t_extra, max(verify_s - self.t_step, 0.0) / proposed)
