@@ -216,10 +216,10 @@ class Engine:
         self.stats = stats = SpeculativeStats()
         cache = self._cache(len(rows))
         logits = self.prefill(prompts, cache)
+        if drafter is not None:
+            drafter.start(prompts, params, cache)  # a draft model's prefill is part of the prompt's cost
         for row in rows:
             yield row.emit(row.sampler(logits[row.index]), False, cache.max_len)
-        if drafter is not None:
-            drafter.start(prompts, params, cache)
         while any(row.active for row in rows):
             # each active row feeds its pending token (the last one, not yet cached) + its drafts
             start = np.array([len(row.tokens) - 1 if row.active else 0 for row in rows], dtype=np.int32)
