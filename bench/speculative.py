@@ -2,12 +2,15 @@
 
     python -m edgerun.bench.speculative TARGET --drafters lookup self:10 draft:PKG \
         --prompts mt_bench edit --n 8 --new-tokens 128 --json out.json
+    python -m edgerun.bench.speculative TARGET --drafters lookup --prompts edit --llamacpp smollm2-135m
 
 For every prompt, plain greedy decoding and each drafter run back to back (interleaved, after a
 warm-up), so machine noise hits all alike. Reported per drafter and prompt set: decode tokens/s
 (median over prompts of generated tokens / wall time after the first token), speedup = plain
 time / speculative time summed over prompts, acceptance rate, mean accepted tokens per
 verification, histogram of accepted lengths, and whether every output equalled plain greedy.
+With --llamacpp, llama-cpp-python's own loop runs in the same rounds on that GGUF, plain and with
+its prompt lookup decoding, and its speedup is over its own plain run (same prompt tokens).
 """
 from __future__ import annotations
 
@@ -87,8 +90,53 @@ def _run(engine, tokens: list[int], new_tokens: int, **kw) -> tuple[list[int], f
     return out, time.perf_counter() - (first or start)
 
 
+class LlamaCppPeer:
+    """llama-cpp-python's own loop (`Llama.generate`, greedy) on a GGUF, plain and with its prompt
+    lookup decoding (`LlamaPromptLookupDecoding` as `draft_model`): the peer a user would pick.
+
+    Args:
+        gguf: the GGUF file; threads: llama.cpp threads; n_ctx: context (prompt + new tokens);
+        max_ngram, num_pred_tokens: LlamaPromptLookupDecoding's settings (its defaults: 2, 10).
+    """
+
+    def __init__(self, gguf: Path, threads: int, n_ctx: int, max_ngram: int = 2, num_pred_tokens: int = 10):
+        import llama_cpp
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        # flash attention off as in bench.llamacpp_overhead (llama-cpp-python's default too)
+        kw = dict(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=n_ctx, flash_attn=False,
+                  verbose=False)
+        self.plain = llama_cpp.Llama(str(gguf), **kw)
+        self.lookup = llama_cpp.Llama(str(gguf), draft_model=LlamaPromptLookupDecoding(max_ngram, num_pred_tokens), **kw)
+        self.settings = f"max_ngram_size={max_ngram}, num_pred_tokens={num_pred_tokens}"
+
+    @staticmethod
+    def run(llm, tokens: list[int], new_tokens: int) -> tuple[list[int], float]:
+        """One greedy generation of exactly `new_tokens` (EOS does not stop it); seconds after the first."""
+        llm.reset()
+        out, first = [], None
+        for token in llm.generate(tokens, top_k=1, temp=0.0, reset=True):
+            first = first or time.perf_counter()
+            out.append(int(token))
+            if len(out) == new_tokens:
+                break
+        return out, time.perf_counter() - first
+
+
+def _runners(engine, args, draft_tokens, peer: LlamaCppPeer | None) -> dict:
+    """name -> (run(tokens, new_tokens) -> (tokens, seconds), name of the plain run it is compared with)."""
+    runners = {"plain": (lambda t, n: _run(engine, t, n), None)}
+    for d in args.drafters:
+        runners[d] = (lambda t, n, d=d: _run(engine, t, n, speculative=d, draft_tokens=draft_tokens), "plain")
+    if peer is not None:
+        runners["llama.cpp plain"] = (lambda t, n: peer.run(peer.plain, t, n), None)
+        runners["llama.cpp lookup"] = (lambda t, n: peer.run(peer.lookup, t, n), "llama.cpp plain")
+    return runners
+
+
 def main(argv: list[str] | None = None) -> dict:
     import edgerun
+    from ..devices.providers import physical_cores
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="target package or model")
@@ -98,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--draft-tokens", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--llamacpp", default=None, metavar="GGUF",
+                   help="also run llama-cpp-python plain and with its prompt lookup decoding on this GGUF "
+                        "(file, known model name or package with a GGUF), interleaved with ours")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     draft_tokens = args.draft_tokens if args.draft_tokens == "auto" else int(args.draft_tokens)
@@ -105,44 +156,55 @@ def main(argv: list[str] | None = None) -> dict:
     engine = edgerun.load(args.target, threads=args.threads, max_context=2048)
     engine.eos_token_ids = frozenset()  # equal lengths: every run generates new_tokens
     sets = prompt_sets(args.n)
+    prompts_by_set = {name: [engine.encode(engine.apply_chat_template([{"role": "user", "content": t}]),
+                                           add_special_tokens=False) for t in sets[name]] for name in args.prompts}
+    peer = None
+    if args.llamacpp:
+        gguf = edgerun.load(args.llamacpp, backend="llamacpp").backend.path
+        longest = max(len(t) for prompts in prompts_by_set.values() for t in prompts)
+        peer = LlamaCppPeer(gguf, args.threads or physical_cores(), longest + args.new_tokens + 16)
+    runners = _runners(engine, args, draft_tokens, peer)
     results = []
-    for set_name in args.prompts:
-        prompts = [engine.encode(engine.apply_chat_template([{"role": "user", "content": t}]), add_special_tokens=False)
-                   for t in sets[set_name]]
-        _run(engine, prompts[0], 8)  # warm-up
-        for d in args.drafters:
-            _run(engine, prompts[0], 8, speculative=d, draft_tokens=draft_tokens)
-        plain_s, spec = 0.0, {d: {"s": 0.0, "identical": True, "proposed": 0, "accepted": 0, "rounds": 0,
-                                  "histogram": {}, "tok_s": []} for d in args.drafters}
-        plain_rates = []
+    for set_name, prompts in prompts_by_set.items():
+        for run, _ in runners.values():
+            run(prompts[0], 8)  # warm-up
+        rows = {name: {"s": 0.0, "identical": True, "proposed": 0, "accepted": 0, "rounds": 0, "histogram": {},
+                       "tok_s": []} for name in runners}
         for tokens in prompts:
-            base, t = _run(engine, tokens, args.new_tokens)
-            plain_s += t
-            plain_rates.append((len(base) - 1) / t)
-            for d in args.drafters:
-                out, ts = _run(engine, tokens, args.new_tokens, speculative=d, draft_tokens=draft_tokens)
-                row, st = spec[d], engine.stats
-                row["s"] += ts
-                row["tok_s"].append((len(out) - 1) / ts)
-                row["identical"] &= out == base
-                row["proposed"] += st.proposed
-                row["accepted"] += st.accepted
-                row["rounds"] += st.rounds
-                for k, v in st.histogram.items():
-                    row["histogram"][k] = row["histogram"].get(k, 0) + v
-        print(f"\n[{set_name}] {len(prompts)} prompts x {args.new_tokens} tokens, target {args.target}")
-        print(f"  plain             {statistics.median(plain_rates):7.1f} tok/s")
-        for d, row in spec.items():
-            speedup = plain_s / row["s"]
-            rate = row["accepted"] / row["proposed"] if row["proposed"] else 0.0
-            mean = row["accepted"] / row["rounds"] if row["rounds"] else 0.0
-            print(f"  {d:16} {statistics.median(row['tok_s']):7.1f} tok/s  x{speedup:.2f}  accepted {rate:.0%}, "
-                  f"{mean:.2f}/verification, identical: {row['identical']}")
-            results.append({"prompts": set_name, "drafter": d, "speedup": speedup, "acceptance_rate": rate,
-                            "mean_accepted": mean, "identical": row["identical"],
-                            "histogram": dict(sorted(row["histogram"].items())),
-                            "tok_s_median": statistics.median(row["tok_s"]),
-                            "plain_tok_s_median": statistics.median(plain_rates)})
+            outputs = {}
+            for name, (run, base) in runners.items():  # interleaved: noise hits every runner alike
+                out, seconds = outputs[name] = run(tokens, args.new_tokens)
+                row = rows[name]
+                row["s"] += seconds
+                row["tok_s"].append((len(out) - 1) / seconds)
+                if base is not None:
+                    row["identical"] &= out == outputs[base][0]
+                if name in args.drafters:
+                    st = engine.stats
+                    row["proposed"] += st.proposed
+                    row["accepted"] += st.accepted
+                    row["rounds"] += st.rounds
+                    for k, v in st.histogram.items():
+                        row["histogram"][k] = row["histogram"].get(k, 0) + v
+        print(f"\n[{set_name}] {len(prompts)} prompts x {args.new_tokens} tokens, target {args.target}"
+              + (f"; llama-cpp-python on {peer.plain.model_path} ({peer.settings})" if peer else ""))
+        for name, (_, base) in runners.items():
+            row = rows[name]
+            line = f"  {name:18} {statistics.median(row['tok_s']):7.1f} tok/s"
+            result = {"prompts": set_name, "drafter": name, "tok_s_median": statistics.median(row["tok_s"])}
+            if base is not None:
+                speedup = rows[base]["s"] / row["s"]
+                line += f"  x{speedup:.2f} over {base}"
+                result |= {"baseline": base, "speedup": speedup, "identical": row["identical"],
+                           "plain_tok_s_median": statistics.median(rows[base]["tok_s"])}
+                if row["proposed"]:
+                    rate, mean = row["accepted"] / row["proposed"], row["accepted"] / row["rounds"]
+                    line += f", accepted {rate:.0%}, {mean:.2f}/verification"
+                    result |= {"acceptance_rate": rate, "mean_accepted": mean,
+                               "histogram": dict(sorted(row["histogram"].items()))}
+                line += f", identical: {row['identical']}"
+            print(line)
+            results.append(result)
     report = {"machine": platform.processor() or platform.machine(), "edge_run": __version__,
               "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
     if args.json:

@@ -82,6 +82,10 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
     if not spinning:
         # with several stage sessions, a finished session's spinning workers starve the next one
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    else:
+        # workers spin between the kernels of one run but stop when it returns: spinning past the
+        # run starves whatever runs next (a draft model's session, llama.cpp, the sampler)
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return opts
 
 

@@ -216,10 +216,10 @@ class Engine:
         self.stats = stats = SpeculativeStats()
         cache = self._cache(len(rows))
         logits = self.prefill(prompts, cache)
+        if drafter is not None:
+            drafter.start(prompts, params, cache)  # a draft model's prefill is part of the prompt's cost
         for row in rows:
             yield row.emit(row.sampler(logits[row.index]), False, cache.max_len)
-        if drafter is not None:
-            drafter.start(prompts, params, cache)
         while any(row.active for row in rows):
             # each active row feeds its pending token (the last one, not yet cached) + its drafts
             start = np.array([len(row.tokens) - 1 if row.active else 0 for row in rows], dtype=np.int32)
@@ -241,18 +241,19 @@ class Engine:
             forward = getattr(drafter, "target_forward", self.backend.forward) if width > 1 else self.backend.forward
             logits = forward(tokens, cache, counts, np.tile(np.arange(width), (len(rows), 1)))
             t2 = time.perf_counter()
-            proposed = accepted = 0
+            proposed = accepted = rejections = 0
             for row, draft in zip(rows, drafts):
                 if not row.active:
                     continue
                 out = verify(row.sampler, draft, logits[row.index, :counts[row.index]])
                 stats.record(len(draft.tokens), len(out) - 1)
                 proposed, accepted = proposed + len(draft.tokens), accepted + len(out) - 1
+                rejections += len(out) - 1 < len(draft.tokens)
                 for j, token in enumerate(out):
                     yield row.emit(token, j < len(out) - 1, cache.max_len)
                     if not row.active:
                         break
-            policy.update(proposed, accepted, t1 - t0, t2 - t1)
+            policy.update(proposed, accepted, t1 - t0, t2 - t1, rejections)
 
     def _generate_early_exit(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
                              stops: list[str], points: list[ExitPoint]) -> Iterator[GenerationResponse]:

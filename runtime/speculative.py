@@ -10,6 +10,7 @@ leaves the target distribution p unchanged for any draft distribution q.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -110,21 +111,31 @@ class ModelDrafter:
 
     Its KV cache follows the target's accepted tokens: each round it rolls back to the
     longest prefix it shares with the context and feeds only what is new.
+
+    Args:
+        engine: the draft model.
+        min_confidence: a row stops drafting after a token the draft itself gives less than this
+            probability (its top-1 probability when greedy): such drafts are mostly rejected, and
+            each costs a draft step plus a verified position. 0 drafts every asked position.
     """
 
-    def __init__(self, engine) -> None:
-        self.engine = engine
+    def __init__(self, engine, min_confidence: float = 0.0) -> None:
+        if not 0.0 <= min_confidence < 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence}")
+        self.engine, self.min_confidence = engine, min_confidence
         self.cache = None
         self.cached: list[list[int]] = []
 
     def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams, cache=None) -> None:
         self.params = params
         self.cache = self.engine.backend.new_cache(len(prompts), self.engine.max_context)
-        self.cached = [[] for _ in prompts]
+        # prompt processing belongs with the target's prefill, not in the first round's draft time
+        self.engine.prefill(prompts, self.cache)
+        self.cached = [list(p) for p in prompts]
         self.samplers = _draft_samplers(params, len(prompts), self.engine.manifest.model.vocab_size)
 
     def propose(self, contexts: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[Draft]:
-        batch = len(contexts)
+        batch, lengths = len(contexts), list(lengths)
         drafts = [Draft(probs=None if self.params.greedy else []) for _ in range(batch)]
         # feed each row's uncached suffix (right-padded), then draft one token at a time
         new = []
@@ -148,6 +159,8 @@ class ModelDrafter:
                 self.cached[row] += new[row]
                 self.samplers[row].observe(new[row])  # penalty history may keep rolled-back tokens: it only shapes q
                 new[row] = [_draft_token(self.samplers[row], logits[row], drafts[row])]
+                if self.min_confidence and _confidence(logits[row], drafts[row]) < self.min_confidence:
+                    lengths[row] = step + 1  # keep this draft, stop the row after it
             for row in np.flatnonzero(~live):
                 new[row] = []
         return drafts
@@ -164,6 +177,13 @@ def _draft_token(sampler: Sampler, logits: np.ndarray, draft: Draft) -> int:
         draft.probs.append(q)
     draft.tokens.append(token)
     return token
+
+
+def _confidence(logits: np.ndarray, draft: Draft) -> float:
+    """The draft's probability of its last token: q when sampled, else the softmax top-1."""
+    if draft.probs:
+        return float(draft.probs[-1][draft.tokens[-1]])
+    return float(1.0 / np.exp(logits - logits.max()).sum())
 
 
 def _draft_samplers(params: SamplingParams, batch: int, vocab: int) -> list[Sampler]:
@@ -251,24 +271,37 @@ class AdaptiveDraftLength:
     at a cost of t_step + k * (t_draft + t_verify_extra). The k with the best tokens per second
     is used; when that is k = 0 (plain decoding), a probe round of 2 drafts runs every 16 rounds
     so a change in the text can switch speculation back on.
+
+    a is estimated per draft position tried: a round that accepts m of k drafts tried m + 1
+    positions (m + 0 when all k passed), not k; accepted / proposed would count the drafts after
+    the first rejection as failures and underrate a (0.8 reads as 0.59 at k = 4). Times are
+    medians of the last `window` rounds: on a shared CPU one descheduled step is several times
+    the usual, and an average would switch speculation off on it. The first `warmup` rounds are
+    plain, so t_step, against which every later choice is weighed, is not a single sample.
     """
 
-    def __init__(self, max_tokens: int = 8, fixed: int | None = None, smoothing: float = 0.3):
-        self.max_tokens, self.fixed, self.smoothing = max_tokens, fixed, smoothing
-        self.rate, self.t_step, self.t_extra, self.t_draft = 0.6, None, 0.0, 0.0
+    def __init__(self, max_tokens: int = 8, fixed: int | None = None, window: int = 16, warmup: int = 3):
+        self.max_tokens, self.fixed, self.warmup = max_tokens, fixed, warmup
+        self.steps, self.drafts, self.verifies = deque(maxlen=window), deque(maxlen=window), deque(maxlen=window)
+        self.tried = deque([(3, 5)], maxlen=window)  # (accepted, tried) per round; prior a = 0.6
         self.idle_rounds = 0
 
-    def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+    @property
+    def rate(self) -> float:
+        accepted, tried = np.sum(self.tried, axis=0)
+        return accepted / tried
 
     def length(self) -> int:
         if self.fixed is not None:
             return self.fixed
-        if self.t_step is None:
-            return 0  # time one plain step first: every later choice is relative to it
+        if len(self.steps) < self.warmup:
+            return 0  # time plain steps first: every later choice is relative to them
+        t_step, t_draft = np.median(self.steps), np.median(self.drafts) if self.drafts else 0.0
+        # verifying k drafts costs a step plus k * t_extra
+        t_extra = max(float(np.median([(s - t_step) / k for s, k in self.verifies])), 0.0) if self.verifies else 0.0
         a = min(self.rate, 0.999)
         ks = np.arange(self.max_tokens + 1)
-        gain = (1 - a ** (ks + 1)) / (1 - a) * self.t_step / (self.t_step + ks * (self.t_extra + self.t_draft))
+        gain = (1 - a ** (ks + 1)) / (1 - a) * t_step / (t_step + ks * (t_extra + t_draft))
         best = int(np.argmax(gain))
         if best == 0:
             self.idle_rounds += 1
@@ -276,16 +309,17 @@ class AdaptiveDraftLength:
         self.idle_rounds = 0
         return best
 
-    def update(self, proposed: int, accepted: int, draft_s: float, verify_s: float) -> None:
+    def update(self, proposed: int, accepted: int, draft_s: float, verify_s: float,
+               rejections: int | None = None) -> None:
+        """Record one round: drafts proposed and accepted over the batch, seconds spent drafting and
+        verifying, and how many rows stopped at a rejected draft (None: one row)."""
         if proposed == 0:
-            self.t_step = self._ema(self.t_step, verify_s)
+            self.steps.append(verify_s)
             return
-        self.rate = self._ema(self.rate, accepted / proposed)
-        self.t_draft = self._ema(self.t_draft, draft_s / proposed)
-        if self.t_step is not None:
-            self.t_extra = self._ema(self.t_extra, max(verify_s - self.t_step, 0.0) / proposed)
-        else:
-            self.t_step = verify_s
+        rejections = int(accepted < proposed) if rejections is None else rejections
+        self.tried.append((accepted, accepted + rejections))  # drafts after a rejection were never tested
+        self.drafts.append(draft_s / proposed)
+        self.verifies.append((verify_s, proposed))
 
 
 @dataclass

@@ -41,6 +41,17 @@ def test_greedy_draft_model_equals_plain(tiny_pair, draft_tokens):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_confident_drafts_equal_plain(tiny_pair, batch):
+    """A drafter that stops at unsure drafts proposes fewer, and stays lossless."""
+    target, draft = tiny_pair
+    prompts = PROMPTS[-batch:]
+    drafter = ModelDrafter(edgerun.Engine(draft, max_context=96), min_confidence=0.5)
+    plain = _tokens(target, prompts)
+    assert _tokens(target, prompts, speculative=drafter, draft_tokens=6) == plain
+    assert 0 < target.stats.proposed < 6 * target.stats.rounds
+
+
+@pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_self_speculation_equals_plain(tiny_pair, batch):
     target, _ = tiny_pair
     prompts = PROMPTS[-batch:]
@@ -127,17 +138,31 @@ def test_sampled_speculative_generation_is_seeded(tiny_pair, mode):
 
 
 def test_adaptive_policy_stops_drafting_when_it_does_not_pay():
-    policy = AdaptiveDraftLength(max_tokens=8)
-    policy.update(0, 0, 0.0, 0.010)  # plain step: 10 ms
+    policy = AdaptiveDraftLength(max_tokens=8, warmup=3)
+    assert policy.length() == 0  # plain steps are timed first
+    for _ in range(3):
+        policy.update(0, 0, 0.0, 0.010)  # plain step: 10 ms
     for _ in range(20):  # drafts cost as much as a step and are never accepted
         policy.update(4, 0, 0.040, 0.012)
     lengths = [policy.length() for _ in range(32)]
     assert lengths.count(0) >= 30 and 2 in lengths  # off, with occasional probes
-    good = AdaptiveDraftLength(max_tokens=8)
-    good.update(0, 0, 0.0, 0.010)
+    good = AdaptiveDraftLength(max_tokens=8, warmup=3)
+    for step_s in (0.010, 0.011, 0.200):  # one step descheduled by another process
+        good.update(0, 0, 0.0, step_s)
     for _ in range(20):  # cheap drafts, almost always accepted
         good.update(6, 6, 0.0006, 0.011)
+    good.update(6, 6, 0.05, 0.3)  # a slow outlier round does not switch drafting off
     assert good.length() >= 6
+
+
+def test_adaptive_policy_counts_only_tried_positions():
+    """A round accepting 1 of 4 drafts tried 2 positions: the rate is 1/2, not 1/4."""
+    policy = AdaptiveDraftLength(window=4)
+    for _ in range(4):
+        policy.update(4, 1, 0.001, 0.01)
+    assert policy.rate == 0.5
+    policy.update(4, 4, 0.001, 0.01)  # every draft accepted: 4 of 4 tried
+    assert policy.rate == (3 * 1 + 4) / (3 * 2 + 4)
 
 
 def test_model_drafter_cache_follows_accepted_tokens(tiny_pair):
