@@ -218,13 +218,15 @@ class Engine:
         logits = self.prefill(prompts, cache)
         for row in rows:
             yield row.emit(row.sampler(logits[row.index]), False, cache.max_len)
-        if drafter is not None:
-            drafter.start(prompts, params, cache)
+        if drafter is None:
+            yield from self._decode_plain(rows, cache)
+            return
+        drafter.start(prompts, params, cache)
         while any(row.active for row in rows):
             # each active row feeds its pending token (the last one, not yet cached) + its drafts
             start = np.array([len(row.tokens) - 1 if row.active else 0 for row in rows], dtype=np.int32)
             cache.rollback(start)
-            k = policy.length() if drafter is not None else 0
+            k = policy.length()
             limits = [min(k, max_new_tokens - row.generated - 1, cache.max_len - int(start[row.index]) - 1)
                       if row.active else 0 for row in rows]
             t0 = time.perf_counter()
@@ -253,6 +255,29 @@ class Engine:
                     if not row.active:
                         break
             policy.update(proposed, accepted, t1 - t0, t2 - t1)
+
+    def _decode_plain(self, rows: list[_Row], cache) -> Iterator[GenerationResponse]:
+        """Plain decoding: each active row feeds its last token and samples the next one.
+
+        This runs once per generated token, so it reuses its input arrays and does no draft
+        bookkeeping; a finished row takes no more tokens and its cache is emptied (as the
+        speculative loop does), so its padding slot never runs past the cache.
+        """
+        tokens = np.zeros((len(rows), 1), dtype=np.int64)
+        counts = np.zeros(len(rows), dtype=np.int64)
+        positions = np.zeros((len(rows), 1), dtype=np.int64)  # the logits of the one new token
+        forward, max_len = self.backend.forward, cache.max_len
+        active = [row for row in rows if row.active]
+        while active:
+            for row in active:
+                tokens[row.index, 0], counts[row.index] = row.tokens[-1], 1
+            logits = forward(tokens, cache, counts, positions)
+            for row in active:
+                yield row.emit(row.sampler(logits[row.index, 0]), False, max_len)
+                if not row.active:
+                    counts[row.index] = 0
+                    cache.rollback(np.where(np.arange(len(rows)) == row.index, 0, cache.lengths))
+            active = [row for row in active if row.active]
 
     def _generate_early_exit(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
                              stops: list[str], points: list[ExitPoint]) -> Iterator[GenerationResponse]:
