@@ -8,10 +8,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnxruntime as ort
 import psutil
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+# onnxruntime is imported where it is used, so the llama.cpp path never loads it (~25 MB resident)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
 
 
 def available_devices() -> list[str]:
+    import onnxruntime as ort
+
     providers = set(ort.get_available_providers())
     return [name for name, d in DEVICES.items() if d.provider in providers]
 
@@ -56,6 +62,8 @@ def resolve_device(name: str = "cpu") -> Device:
     Raises:
         ValueError: unknown name, or its provider is not in this onnxruntime build.
     """
+    import onnxruntime as ort
+
     if name == "auto":
         name = available_devices()[0]
     if name not in DEVICES:
@@ -74,6 +82,8 @@ def physical_cores() -> int:
 
 def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
     """Session options for decoding: all graph optimisations, one thread per physical core."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or physical_cores()

@@ -55,6 +55,11 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 llc.llama_log_set(_log_callback, ctypes.c_void_p(0))
 llc.llama_backend_init()
 
+# llama_get_logits declared to return the plain address (llama-cpp-python's binding returns a ctypes
+# pointer, whose address takes a cast per call): the same C function, our own prototype
+_logits_address = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(
+    ctypes.cast(llc.llama_get_logits, ctypes.c_void_p).value)
+
 
 @contextmanager
 def _capture_errors() -> Iterator[list[str]]:
@@ -87,6 +92,12 @@ def _load_model(path: Path, gpu: bool) -> int:
                            f"(download or export it again) and that its architecture is one this "
                            f"llama-cpp-python {llc.__version__} supports (else upgrade it, or use --backend onnx)")
     return model
+
+
+def _check_room(cache: "LlamaCppCache", longest: int) -> None:
+    """Raise when a sequence of `longest` tokens would not fit the cache."""
+    if longest > cache.max_len:
+        raise ValueError(f"sequence of {longest} tokens exceeds the cache ({cache.max_len}); raise max_context")
 
 
 class _Batch:
@@ -137,6 +148,7 @@ class LlamaCppCache:
         self.memory = llc.llama_get_memory(ctx)
         self.n_batch = llc.llama_n_batch(ctx)
         self._batch = _Batch(self.n_batch)
+        self._logits_view: tuple = (None, 0, None)  # (address, rows, view) of the last logits read
         self._kv_bytes = llc.llama_n_ctx(ctx) * backend.kv_bytes_per_token
 
     @property
@@ -200,13 +212,11 @@ class LlamaCppBackend:
         Returns:
             float32 logits [B, N, vocab]; zeros where a position is not a real token of its row.
         """
+        if inputs.shape[1] == 1 and logits_positions.shape[1] == 1 and not logits_positions.any():
+            return self._step(inputs, cache, counts)
         counts = np.asarray(counts, dtype=np.int64)
         ends = cache.lengths + counts
-        if ends.max() > cache.max_len:
-            raise ValueError(f"sequence of {int(ends.max())} tokens exceeds the cache "
-                             f"({cache.max_len}); raise max_context")
-        if inputs.shape[1] == 1 and logits_positions.shape[1] == 1 and not logits_positions.any():
-            return self._step(inputs, cache, counts, ends)
+        _check_room(cache, int(ends.max()))
         starts = np.cumsum(counts) - counts  # first flat index of each row
         total = int(counts.sum())
         rows = np.repeat(np.arange(len(counts)), counts)
@@ -238,31 +248,39 @@ class LlamaCppBackend:
         cache.lengths[:] = ends
         return out
 
-    def _step(self, inputs: np.ndarray, cache: LlamaCppCache, counts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """The decode step (one token per active row, its logits): forward() with fewer numpy calls,
-        since this runs once per generated token."""
-        active = np.flatnonzero(counts)
-        n = len(active)
-        out = np.empty((len(counts), 1, self.vocab_size), dtype=np.float32)
-        if n:
-            batch = cache._batch
-            batch.token[:n], batch.pos[:n], batch.seq[:n] = inputs[active, 0], cache.lengths[active], active
-            batch.logits[:n] = 1
-            self._run(cache, n)
-            if n == len(counts):
-                np.copyto(out[:, 0], self._logits(cache, n))  # the one copy
-            else:
-                out[active, 0] = self._logits(cache, n)
-        if n < len(counts):
-            out[counts == 0] = 0.0
-        cache.lengths[:] = ends
+    def _step(self, inputs: np.ndarray, cache: LlamaCppCache, counts: np.ndarray) -> np.ndarray:
+        """The decode step (one token per active row, its logits): forward() for this one case.
+
+        It runs once per generated token, right after llama_decode has streamed the weights
+        through every CPU cache, when each distinct numpy code path costs tens of microseconds
+        (ufuncs with scalars most): so plain Python over the <= 8 rows, and one numpy copy.
+        """
+        rows, batch = len(counts), cache._batch
+        active = [row for row, count in enumerate(counts.tolist()) if count]
+        if not active:
+            return np.zeros((rows, 1, self.vocab_size), dtype=np.float32)
+        lengths, tokens = cache.lengths.tolist(), inputs[:, 0].tolist()
+        _check_room(cache, max(lengths[row] for row in active) + 1)
+        for i, row in enumerate(active):
+            batch.token[i], batch.pos[i], batch.seq[i], batch.logits[i] = tokens[row], lengths[row], row, 1
+        self._run(cache, len(active))
+        if len(active) == rows:
+            out = self._logits(cache, rows).copy()[:, None]  # the one copy
+        else:
+            out = np.zeros((rows, 1, self.vocab_size), dtype=np.float32)
+            out[active, 0] = self._logits(cache, len(active))
+        for row in active:
+            cache.lengths[row] = lengths[row] + 1
         return out
 
     def _logits(self, cache: LlamaCppCache, n_out: int) -> np.ndarray:
         """A view [n_out, vocab] of llama.cpp's logits buffer (valid until the next decode)."""
-        address = ctypes.cast(llc.llama_get_logits(cache.ctx), ctypes.c_void_p).value
-        return np.frombuffer((ctypes.c_float * (n_out * self.vocab_size)).from_address(address),
-                             dtype=np.float32).reshape(n_out, self.vocab_size)
+        address = _logits_address(cache.ctx)
+        if cache._logits_view[:2] != (address, n_out):  # the buffer moves only when it grows
+            view = np.frombuffer((ctypes.c_float * (n_out * self.vocab_size)).from_address(address),
+                                 dtype=np.float32).reshape(n_out, self.vocab_size)
+            cache._logits_view = (address, n_out, view)
+        return cache._logits_view[2]
 
     def _run(self, cache: LlamaCppCache, n: int) -> None:
         cache._batch.struct.n_tokens = n

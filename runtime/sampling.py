@@ -136,7 +136,7 @@ class Sampler:
         """Pick the next token (greedy or sampled) and remember it for the penalty."""
         logits = self.penalized(logits)
         if self.params.greedy:
-            token = int(np.argmax(logits))
+            token = int(logits.argmax())
         else:
             ids, probs = distribution(logits, self.params)
             token = int(ids[min(np.searchsorted(np.cumsum(probs), self.rng.random(), side="right"), ids.size - 1)])
