@@ -73,7 +73,8 @@ def distribution(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray
         logits: float [vocab] (after any repetition penalty).
         params: sampling settings with temperature > 0.
     Returns:
-        (token_ids, probs), probs summing to 1, sorted by descending probability.
+        (token_ids, probs), probs summing to 1: sorted by descending probability when top-k or
+        top-p cut the vocabulary, else every token in id order.
     """
     scaled = logits.astype(np.float64) / params.temperature
     k = params.top_k if 0 < params.top_k < scaled.size else scaled.size
@@ -95,9 +96,12 @@ def distribution(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray
         # is of the whole top-k distribution, not of the top-m tokens renormalised among themselves
         keep = int(np.searchsorted(np.cumsum(full[ids]), params.top_p) + 1)
         ids = ids[:keep]
-    else:
-        ids = np.argpartition(-scaled, k - 1)[:k] if k < scaled.size else np.arange(scaled.size)
+    elif k < scaled.size:
+        ids = np.argpartition(-scaled, k - 1)[:k]
         ids = ids[np.argsort(-scaled[ids], kind="stable")]
+    else:  # no cut: the whole vocabulary in id order (sorting 49k logits per token costs milliseconds)
+        probs = np.exp(scaled - scaled.max())
+        return np.arange(scaled.size), probs / probs.sum()
     probs = np.exp(scaled[ids] - scaled[ids[0]])
     probs /= probs.sum()
     return ids, probs
