@@ -51,9 +51,14 @@ def register_backend(name: str, factory: BackendFactory) -> None:
     _BACKENDS[name] = factory
 
 
+KV_CACHE_TYPES = ("f32", "f16")
+
+
 def open_backend(name: str, package_dir: Path, manifest: Manifest, device: str,
-                 threads: int | None) -> Backend:
+                 threads: int | None, kv_cache: str = "f32") -> Backend:
     """Create backend `name` ("auto": the package's first) for a package.
+
+    `kv_cache` is the KV cache's element type: "f32", or "f16" (llama.cpp only; half the memory).
 
     Raises:
         PackageError: the package has no artifact for that backend, or the name is unknown.
@@ -67,4 +72,6 @@ def open_backend(name: str, package_dir: Path, manifest: Manifest, device: str,
     if name not in manifest.backends:
         raise PackageError(f"package {package_dir} has nothing for the {name} backend (it has: "
                            f"{', '.join(manifest.backends)}); export it with the matching --format")
-    return _BACKENDS[name](package_dir, manifest, device, threads)
+    if kv_cache not in KV_CACHE_TYPES:
+        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache!r}")
+    return _BACKENDS[name](package_dir, manifest, device, threads, kv_cache=kv_cache)

@@ -84,10 +84,13 @@ class Engine:
         backend: "onnx", "llamacpp" or "auto" (the package's first).
         threads: intra-op threads (default: physical cores).
         max_context: KV cache length per sequence (default: min(model context, 2048)).
+        kv_cache: "f32" (default), or "f16" on llama.cpp for half the KV memory. With an F16
+            cache llama.cpp's kernels round differently for one new token than for several, so
+            greedy speculative output may then differ from plain greedy at near-ties.
     """
 
     def __init__(self, package_dir: str | Path, device: str = "cpu", threads: int | None = None,
-                 max_context: int | None = None, backend: str = "auto"):
+                 max_context: int | None = None, backend: str = "auto", kv_cache: str = "f32"):
         self.package_dir = Path(package_dir)
         self.manifest = read_manifest(self.package_dir)
         spec = self.manifest.model
@@ -98,7 +101,7 @@ class Engine:
         if not tokenizer_path.is_file():
             raise PackageError(f"package {self.package_dir} lacks {self.manifest.tokenizer}; re-export it")
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        self.backend = open_backend(backend, self.package_dir, self.manifest, device, threads)
+        self.backend = open_backend(backend, self.package_dir, self.manifest, device, threads, kv_cache)
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self._kv = None  # the KV cache of the last generation (see _cache)
         self._drafters: dict[str, Drafter] = {}
@@ -322,7 +325,8 @@ class Engine:
 
 
 def load(model: str | Path, device: str = "cpu", threads: int | None = None,
-         max_context: int | None = None, backend: str = "auto", progress: bool = False) -> Engine:
+         max_context: int | None = None, backend: str = "auto", progress: bool = False,
+         kv_cache: str = "f32") -> Engine:
     """Load a package folder, a checkpoint (.gguf / HF folder) or a known model name.
 
     A .gguf file (or known model) runs on llama.cpp through a light package pointing at the file;
@@ -332,4 +336,4 @@ def load(model: str | Path, device: str = "cpu", threads: int | None = None,
     from ..export.models import resolve_package
 
     package = resolve_package(model, progress=progress, backend=backend)
-    return Engine(package, device, threads, max_context, backend)
+    return Engine(package, device, threads, max_context, backend, kv_cache)

@@ -27,8 +27,11 @@ _ERROR, _CONT = 4, 5  # ggml_log_level values (NONE, DEBUG, INFO, WARN, ERROR, C
 _captured: list[str] | None = None  # collects llama.cpp errors while a model loads
 _last_level = 0
 
-# KV precision follows the weights: an F32 model gets an F32 KV cache (its logits then match the
-# fp32 ONNX path to ~1e-4), every other model llama.cpp's default F16.
+# The KV cache is F32 unless the caller asks for F16 (llama.cpp's default). With F16 the CPU
+# kernels round a chunk of several new tokens differently from one token (measured on the Q4_1
+# SmolLM2: greedy prompt-lookup output left plain greedy's on 2 of 4 edit prompts; 0 of 4 with
+# F32), so only F32 keeps speculative decoding token-exact. F32 costs ~5% decode speed at 600
+# positions and twice the KV memory.
 _KV_TYPES = {"f32": (llc.GGML_TYPE_F32, 4), "f16": (llc.GGML_TYPE_F16, 2)}
 # Flash attention stays off: llama.cpp's CPU kernel picks one of three paths by shape (query rows
 # >= 64: tiled F32; one row over >= 512 cells: split-KV; else F16 accumulation), so a sequence's
@@ -180,7 +183,8 @@ class LlamaCppBackend:
 
     name = "llamacpp"
 
-    def __init__(self, package_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None):
+    def __init__(self, package_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
+                 kv_cache: str = "f32"):
         self.manifest = manifest
         self.path = _gguf_path(package_dir, manifest)
         self.threads = threads or physical_cores()
@@ -191,11 +195,10 @@ class LlamaCppBackend:
         if self.vocab_size != manifest.model.vocab_size:
             raise PackageError(f"{self.path} has {self.vocab_size} tokens but the manifest says "
                                f"{manifest.model.vocab_size}; re-export the package")
-        float32 = all(v in ("float32", "tied") for v in manifest.weights.values())
-        self.kv_type, itemsize = _KV_TYPES["f32" if float32 else "f16"]
+        self.kv_type, itemsize = _KV_TYPES[kv_cache]
         self.kv_bytes_per_token = manifest.model.kv_bytes_per_token(itemsize)
         log.info("llama.cpp loaded %s (%d threads, %s KV cache, gpu offload: %s)",
-                 self.path, self.threads, "F32" if float32 else "F16", gpu)
+                 self.path, self.threads, kv_cache.upper(), gpu)
 
     def new_cache(self, batch: int, max_len: int) -> LlamaCppCache:
         return LlamaCppCache(self, batch, max_len)

@@ -20,7 +20,11 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, package_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None):
+    def __init__(self, package_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
+                 kv_cache: str = "f32"):
+        if kv_cache != "f32":
+            raise ValueError(f"the onnx backend keeps an f32 KV cache (the graphs' dtype), not {kv_cache}; "
+                             f"use --kv-cache f16 with --backend llamacpp")
         self.manifest, self.device = manifest, resolve_device(device)
         opts = session_options(threads, spinning=len(manifest.stages) == 1)
         self.sessions = []

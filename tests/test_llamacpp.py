@@ -348,3 +348,28 @@ def test_load_gguf_with_onnx_backend_exports_onnx(tiny_both, home):
     engine = edgerun.load(tiny_both / "model.gguf", backend="onnx", max_context=64)
     assert engine.backend.name == "onnx" and engine.manifest.stages
     assert engine.package_dir.name.endswith("-fp32")
+
+
+@pytest.mark.slow
+def test_lookup_speculation_on_the_q4_1_file_equals_plain(smollm2_gguf, chat_prompts):
+    """With the default F32 KV cache, llama.cpp's chunked verification reproduces plain greedy."""
+    engine = edgerun.load(smollm2_gguf, max_context=1024)
+    assert engine.backend.name == "llamacpp"
+    for tokens in chat_prompts:
+        plain = [r.token for r in engine.generate(tokens, max_new_tokens=64)]
+        assert [r.token for r in engine.generate(tokens, max_new_tokens=64, speculative="lookup")] == plain
+    group = chat_prompts[:4]
+    plain = [[r.token for r in engine.generate(group, max_new_tokens=64) if r.index == i] for i in range(4)]
+    spec = list(engine.generate(group, max_new_tokens=64, speculative="lookup"))
+    assert [[r.token for r in spec if r.index == i] for i in range(4)] == plain
+
+
+def test_kv_cache_type_choice(tiny_both):
+    half = edgerun.Engine(tiny_both, backend="llamacpp", max_context=64, kv_cache="f16")
+    assert half.backend.kv_bytes_per_token * 2 == edgerun.Engine(tiny_both, backend="llamacpp").backend.kv_bytes_per_token
+    np.testing.assert_allclose(half.logits(TOKENS), edgerun.Engine(tiny_both, backend="llamacpp").logits(TOKENS),
+                               atol=5e-2, rtol=0)
+    with pytest.raises(ValueError, match="onnx backend keeps an f32 KV cache"):
+        edgerun.Engine(tiny_both, backend="onnx", kv_cache="f16")
+    with pytest.raises(ValueError, match="kv_cache must be one of f32, f16"):
+        edgerun.Engine(tiny_both, backend="llamacpp", kv_cache="q8")
