@@ -105,6 +105,7 @@ class Engine:
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self._kv = None  # the KV cache of the last generation (see _cache)
         self._drafters: dict[str, Drafter] = {}
+        self._warned_inexact = False
         self.threads = threads
         self.stats = SpeculativeStats()  # speculative decoding figures of the last generation
         self.exit_layers: list[int] = []  # layers each token of the last early-exit generation used
@@ -211,6 +212,14 @@ class Engine:
         return self._generate(prompts, params, max_new_tokens, list(stop), self._drafter(speculative), policy)
 
     def _drafter(self, speculative: str | Drafter | None) -> Drafter | None:
+        if speculative is not None and not self._warned_inexact:
+            inexact = inexact_verification_types(self.backend.name, self.manifest.weights)
+            if inexact:
+                log.warning("llama.cpp computes %s weights with different kernels for one new token than "
+                            "for several (logits up to ~1 apart measured), so greedy speculative output can "
+                            "differ from plain greedy where two tokens nearly tie; use an F32 GGUF or the onnx "
+                            "backend for token-exact speculation", "/".join(inexact))
+            self._warned_inexact = True
         if not isinstance(speculative, str):
             return speculative
         if speculative not in self._drafters:  # draft models load once per engine
@@ -322,6 +331,21 @@ class Engine:
         tokens = np.asarray(tokens, dtype=np.int64)[None]
         positions = np.arange(tokens.shape[1], dtype=np.int64)[None]
         return self.backend.forward(tokens, cache, np.array([tokens.shape[1]]), positions)[0]
+
+
+# llama.cpp's CPU kernels are not invariant to the number of new tokens in a step: a chunk of k
+# tokens gets logits up to 3e-5 (F32), 0.42 (Q4_1) or 1.4 (Q4_K_M) away from k single steps
+# (measured on SmolLM2 exports), so only float weights keep greedy verification exact in practice
+_SHAPE_INVARIANT = {"float32", "float16", "tied"}
+
+
+def inexact_verification_types(backend: str, weights: dict[str, str]) -> list[str]:
+    """Weight types for which verifying k drafted tokens in one step is not bit-identical to k single
+    steps on this backend (empty: greedy speculative decoding reproduces plain greedy exactly)."""
+    if backend != "llamacpp":
+        return []
+    types = {t for value in weights.values() for t in value.split("+")}
+    return sorted(types - _SHAPE_INVARIANT)
 
 
 def load(model: str | Path, device: str = "cpu", threads: int | None = None,

@@ -351,10 +351,11 @@ def test_load_gguf_with_onnx_backend_exports_onnx(tiny_both, home):
 
 
 @pytest.mark.slow
-def test_lookup_speculation_on_the_q4_1_file_equals_plain(smollm2_gguf, chat_prompts):
-    """With the default F32 KV cache, llama.cpp's chunked verification reproduces plain greedy."""
-    engine = edgerun.load(smollm2_gguf, max_context=1024)
-    assert engine.backend.name == "llamacpp"
+def test_lookup_speculation_on_the_f32_gguf_equals_plain(smollm2_llama, chat_prompts):
+    """With F32 weights and the default F32 KV cache, llama.cpp's logits for a chunk of k tokens
+    match k single steps to ~3e-5, and verification reproduces plain greedy (quantized types do
+    not guarantee it: see `inexact_verification_types`)."""
+    engine = smollm2_llama
     for tokens in chat_prompts:
         plain = [r.token for r in engine.generate(tokens, max_new_tokens=64)]
         assert [r.token for r in engine.generate(tokens, max_new_tokens=64, speculative="lookup")] == plain

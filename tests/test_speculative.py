@@ -177,3 +177,11 @@ def test_model_drafter_cache_follows_accepted_tokens(tiny_pair):
     fresh = make_drafter(f"draft:{draft}", target)
     fresh.start([context], SamplingParams())
     assert resumed == fresh.propose([context], [3])[0].tokens
+
+
+def test_inexact_llamacpp_types_are_named():
+    from edgerun.runtime.engine import inexact_verification_types
+
+    assert inexact_verification_types("llamacpp", {"mlp": "Q4_1+Q8_0", "norms": "float32"}) == ["Q4_1", "Q8_0"]
+    assert inexact_verification_types("llamacpp", {"mlp": "float32", "embedding": "float32", "lm_head": "tied"}) == []
+    assert inexact_verification_types("onnx", {"mlp": "int4_asym(b32)"}) == []
