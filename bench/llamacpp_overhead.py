@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
 
     threads = args.threads or physical_cores()
     context = args.prompt_tokens + args.new_tokens + 8
-    engine = edgerun.load(args.model, threads=threads, max_context=context, backend="llamacpp")
+    # llama-cpp-python's default F16 KV cache on both sides: this bench isolates the Python loop
+    engine = edgerun.load(args.model, threads=threads, max_context=context, backend="llamacpp", kv_cache="f16")
     gguf_path = engine.backend.path
     llm = llama_cpp.Llama(str(gguf_path), n_ctx=context, n_threads=threads, n_threads_batch=threads,
                           n_batch=min(context, 2048), flash_attn=False, verbose=False)
