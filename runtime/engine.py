@@ -103,7 +103,7 @@ class Engine:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.backend = open_backend(backend, self.package_dir, self.manifest, device, threads, kv_cache)
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
-        self._kv = None  # the KV cache of the last generation (see _cache)
+        self._kv = None  # the KV cache of the last generation (see fresh_cache)
         self._drafters: dict[str, Drafter] = {}
         self._warned_inexact = False
         self.threads = threads
@@ -139,8 +139,8 @@ class Engine:
             eos_token=token(next(iter(self.manifest.eos_token_ids), None)))
 
     # -- generation ------------------------------------------------------------------------
-    def _cache(self, batch: int):
-        """An emptied KV cache for `batch` rows.
+    def fresh_cache(self, batch: int):
+        """An emptied KV cache for `batch` rows (generation, or a draft model's drafting).
 
         The engine keeps one: a generation at another batch size drops the previous cache before
         making its own, so caches of several sizes (each max_context positions per row, resident
@@ -234,7 +234,7 @@ class Engine:
                      TextStream(self.tokenizer), StopMatcher(stops), self.eos_token_ids, max_new_tokens)
                 for i, (p, seed) in enumerate(zip(prompts, seeds))]
         self.stats = stats = SpeculativeStats()
-        cache = self._cache(len(rows))
+        cache = self.fresh_cache(len(rows))
         logits = self.prefill(prompts, cache)
         if drafter is not None:
             drafter.start(prompts, params, cache)  # a draft model's prefill is part of the prompt's cost
@@ -305,7 +305,7 @@ class Engine:
                              stops: list[str], points: list[ExitPoint]) -> Iterator[GenerationResponse]:
         row = _Row(0, prompt, Sampler(params, self.manifest.model.vocab_size), TextStream(self.tokenizer),
                    StopMatcher(stops), self.eos_token_ids, max_new_tokens)
-        cache = self._cache(1)
+        cache = self.fresh_cache(1)
         logits = self.prefill([prompt], cache)[0]
         runner = EarlyExitRunner(self.backend, cache, points)
         self.exit_layers = []

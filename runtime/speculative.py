@@ -128,7 +128,11 @@ class ModelDrafter:
 
     def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams, cache=None) -> None:
         self.params = params
-        self.cache = self.engine.backend.new_cache(len(prompts), self.engine.max_context)
+        # the draft engine's own cache: kept between generations of the same batch size
+        self.cache = self.engine.fresh_cache(len(prompts))
+        if self.cache is cache:
+            raise ValueError("a model cannot draft for itself: its KV cache is the target's; "
+                             "use speculative='self:K' for self-speculation")
         # prompt processing belongs with the target's prefill, not in the first round's draft time
         self.engine.prefill(prompts, self.cache)
         self.cached = [list(p) for p in prompts]

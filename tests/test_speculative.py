@@ -185,3 +185,14 @@ def test_inexact_llamacpp_types_are_named():
     assert inexact_verification_types("llamacpp", {"mlp": "Q4_1+Q8_0", "norms": "float32"}) == ["Q4_1", "Q8_0"]
     assert inexact_verification_types("llamacpp", {"mlp": "float32", "embedding": "float32", "lm_head": "tied"}) == []
     assert inexact_verification_types("onnx", {"mlp": "int4_asym(b32)"}) == []
+
+
+def test_model_drafter_reuses_its_cache_and_refuses_the_target_itself(tiny_pair):
+    target, draft = tiny_pair
+    drafter = make_drafter(f"draft:{draft}", target)
+    _tokens(target, PROMPTS[:1], speculative=drafter, draft_tokens=2)
+    first = drafter.cache
+    _tokens(target, PROMPTS[1:2], speculative=drafter, draft_tokens=2)
+    assert drafter.cache is first  # same batch size: no new KV allocation per generation
+    with pytest.raises(ValueError, match="cannot draft for itself"):
+        list(target.generate(PROMPTS[0], max_new_tokens=4, speculative=ModelDrafter(target)))
