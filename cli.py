@@ -177,13 +177,17 @@ def _stream(responses: Iterator, start: float) -> tuple[int, float | None, str |
 
 
 def _summary(prompt_tokens: int, count: int, ttft: float | None, total: float, finish: str | None,
-             stats=None, exit_layers=()) -> None:
+             engine, args: argparse.Namespace) -> None:
+    """One stderr line: speed, plus drafts accepted or layers per token when those modes ran."""
+    stats = engine.stats
+    early_exit = args.early_exit is not None or args.exit_threshold is not None
+    exit_layers = engine.exit_layers if early_exit else ()
     decode = (count - 1) / (total - ttft) if count > 1 and ttft is not None and total > ttft else float("nan")
     ttft_ms = ttft * 1e3 if ttft is not None else float("nan")
     spec = ""
     if exit_layers:
         spec = f" | layers per token {sum(exit_layers) / len(exit_layers):.1f}"
-    if stats is not None and stats.rounds:
+    if stats.rounds:
         spec = (f" | drafts accepted {stats.acceptance_rate:.0%} ({stats.accepted}/{stats.proposed}), "
                 f"{stats.mean_accepted:.2f} per verification")
     print(f"[prompt {prompt_tokens} tok | first token {ttft_ms:.0f} ms | "
@@ -213,8 +217,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     responses = engine.generate(tokens, **sampling)  # validates before timing
     start = time.perf_counter()
     count, ttft, finish = _stream(responses, start)
-    _summary(len(tokens), count, ttft, time.perf_counter() - start, finish, engine.stats,
-             engine.exit_layers if args.early_exit is not None or args.exit_threshold is not None else ())
+    _summary(len(tokens), count, ttft, time.perf_counter() - start, finish, engine, args)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -241,8 +244,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 yield r
 
         count, ttft, finish = _stream(tee(), start)
-        _summary(len(tokens), count, ttft, time.perf_counter() - start, finish, engine.stats,
-             engine.exit_layers if args.early_exit is not None or args.exit_threshold is not None else ())
+        _summary(len(tokens), count, ttft, time.perf_counter() - start, finish, engine, args)
         history.append({"role": "assistant", "content": "".join(pieces)})
 
 
@@ -307,10 +309,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     if (args.accuracy_level is not None or args.device != "cpu") and not (args.quant and formats == ("onnx",)):
         raise ValueError("--device / --accuracy-level set the MatMulNBits compute of a quantized ONNX package; "
                          "use them with --quant and --format onnx")
+    quant = None
     if args.quant:
         from .export.quantize import resolve_quant
 
-        resolve_quant(args.quant, formats[0])  # a bad recipe fails before the checkpoint is read
+        quant = resolve_quant(args.quant, formats[0])  # a bad recipe fails before the checkpoint is read
     out = Path(args.output or ".")
     if args.output and out.exists() and not args.force:
         raise PackageError(f"{out} already exists; choose another -o folder or pass --force")
@@ -341,16 +344,14 @@ def cmd_export(args: argparse.Namespace) -> None:
             print(f"exit after layer {entry['layer']}: top-1 agreement with the full model "
                   f"{entry['top1_agreement']:.1%} on {entry['calibration_tokens']} held-out tokens", file=sys.stderr)
     quantization = None
-    if args.quant and formats == ("gguf",):
+    if quant is not None and formats == ("gguf",):
         from .export.quantize import quantize_for_gguf
 
-        quantization = quantize_for_gguf(ckpt, args.quant, progress=True)
-    elif args.quant:
+        quantization = quantize_for_gguf(ckpt, quant, progress=True)
+    elif quant is not None:
         from .export.quantize import quantize_for_onnx
-        from .quant.recipe import load_recipe
 
-        quantization = quantize_for_onnx(ckpt, load_recipe(args.quant), args.device, args.accuracy_level,
-                                         progress=True)
+        quantization = quantize_for_onnx(ckpt, quant, args.device, args.accuracy_level, progress=True)
     manifest = write_package(ckpt, args.output, boundaries, force=args.force, progress=True,
                              separate_head=bool(exits), formats=formats, gguf_dtype=args.dtype, exits=fitted,
                              quantization=quantization)
