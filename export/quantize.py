@@ -123,6 +123,11 @@ def quantize_checkpoint(ckpt: Checkpoint, recipe: Recipe, progress: bool = False
     return done
 
 
+def shares_embedding(quantized: dict[str, QuantizedTensor]) -> bool:
+    """Whether the LM head is the quantized embedding table itself (one copy, tied)."""
+    return quantized.get("lm_head") is not None and quantized.get("lm_head") is quantized.get("embed")
+
+
 def _group(name: str) -> str:
     """The manifest weight group of a canonical tensor name."""
     if name in ("embed", "lm_head"):
@@ -141,7 +146,7 @@ def manifest_entries(spec: ModelSpec, recipe: Recipe, quantized: dict[str, Quant
         if qt is not None:
             tensors[name] = qt.describe()
     weights = {g: "+".join(sorted(v)) for g, v in groups.items()} | {"norms": "float32"}
-    shared = quantized.get("lm_head") is not None and quantized.get("lm_head") is quantized.get("embed")
+    shared = shares_embedding(quantized)
     if spec.tie_embeddings and (shared or ("lm_head" not in quantized and "embed" not in quantized)):
         weights["lm_head"] = "tied"
     formats = {qt.fmt.describe(): qt.fmt.spec() for qt in quantized.values()}
@@ -223,7 +228,7 @@ def quantize_for_gguf(ckpt: Checkpoint, quant: str | Path | dict | Recipe, progr
     gguf_types = plan(ckpt, recipe, "gguf")[2]  # checks every format before any work
     quantized = quantize_checkpoint(ckpt, recipe, progress, target="gguf")
     family = get_family(ckpt.spec.architecture)
-    shared = quantized.get("lm_head") is not None and quantized.get("lm_head") is quantized.get("embed")
+    shared = shares_embedding(quantized)
     packed, types = {}, {}
     for name, qt in quantized.items():
         if name == "lm_head" and shared:
