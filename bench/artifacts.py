@@ -167,15 +167,18 @@ def llamacpp_gguf(gguf_path: Path, kind: str) -> Path:
 
 
 def _quantize(source: str, dest: str, kind: str) -> int:
-    """llama.cpp's own quantizer (llama_model_quantize), its default recipe for `kind`; 0 on success."""
-    import ctypes
-
+    """llama.cpp's own quantizer (`export.package.llama_quantize`), its default recipe for `kind`; 0 on success."""
     import llama_cpp as llc
 
-    params = llc.llama_model_quantize_default_params()
-    params.ftype = getattr(llc, f"LLAMA_FTYPE_MOSTLY_{kind}")
-    params.nthread = os.cpu_count() or 1
-    return llc.llama_model_quantize(source.encode(), dest.encode(), ctypes.byref(params))
+    from ..export.package import llama_quantize
+    from ..runtime.manifest import PackageError
+
+    try:
+        llama_quantize(Path(source), Path(dest), getattr(llc, f"LLAMA_FTYPE_MOSTLY_{kind}"))
+    except PackageError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "quantize":

@@ -86,17 +86,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for tokens in prompts:
         for name, kw in settings:
             out, seconds = run(tokens, kw)
-            full = engine.logits(tokens + out)[len(tokens) - 1:-1].argmax(-1)
+            generated = slice(len(tokens) - 1, -1)
+            if kw:
+                full = engine.logits(tokens + out)[generated].argmax(-1)
+            else:  # one staged pass gives the full model's top-1 and every exit's (the oracle)
+                exits, top1 = exit_top1(engine, tokens + out)
+                full = top1[generated]
+                for q in oracle:
+                    oracle[q].append(oracle_layers({k: v[generated] for k, v in exits.items()}, full,
+                                                   num_layers, q).mean())
             row = totals[name]
             row["s"] += seconds
             row["layers"].append(np.mean(engine.exit_layers) if kw else num_layers)
             row["agree"].append(float((full == np.asarray(out)).mean()))
-            if not kw:
-                exits, top1 = exit_top1(engine, tokens + out)
-                generated = slice(len(tokens) - 1, -1)
-                for q in oracle:
-                    oracle[q].append(oracle_layers({k: v[generated] for k, v in exits.items()}, top1[generated],
-                                                   num_layers, q).mean())
     results = []
     for name, row in totals.items():
         results.append({"setting": name, "speedup": totals["plain"]["s"] / row["s"],

@@ -97,8 +97,7 @@ def weight_bits(folder: Path, manifest) -> tuple[float, float]:
     if manifest.stages:
         total, linear = _onnx_weight_bytes(Path(folder), manifest)
     else:
-        gguf_path = Path(manifest.gguf) if Path(manifest.gguf).is_absolute() else Path(folder) / manifest.gguf
-        total, linear = _gguf_weight_bytes(gguf_path)
+        total, linear = _gguf_weight_bytes(manifest.gguf_path(folder))
     return 8 * total / params, 8 * linear / linear_params
 
 

@@ -236,7 +236,7 @@ def _package_precision(package: Path) -> str:
     if manifest.quantization:
         return str(manifest.quantization.get("recipe", {}).get("name", "quantized"))
     if not manifest.stages:
-        return _gguf_precision(Path(manifest.gguf) if Path(manifest.gguf).is_absolute() else package / manifest.gguf)
+        return _gguf_precision(manifest.gguf_path(package))
     dtype = manifest.weights.get("mlp", "float32")
     return {"float32": "fp32", "float16": "fp16"}.get(dtype, dtype)
 

@@ -160,7 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
                                            add_special_tokens=False) for t in sets[name]] for name in args.prompts}
     peer = None
     if args.llamacpp:
-        gguf = edgerun.load(args.llamacpp, backend="llamacpp").backend.path
+        from ..export.models import resolve_package
+        from ..runtime.manifest import read_manifest
+
+        package = resolve_package(args.llamacpp, backend="llamacpp")  # no model loaded just for its path
+        gguf = read_manifest(package).gguf_path(package)
         longest = max(len(t) for prompts in prompts_by_set.values() for t in prompts)
         peer = LlamaCppPeer(gguf, args.threads or physical_cores(), longest + args.new_tokens + 16)
     runners = _runners(engine, args, draft_tokens, peer)

@@ -78,7 +78,7 @@ def edgerun_files(package: Path) -> tuple[int, int]:
     manifest = read_manifest(package)
     if manifest.stages:
         return sum(onnx_bytes_per_token(package / s.file) for s in manifest.stages), disk_bytes(package)
-    gguf_file = Path(manifest.gguf) if Path(manifest.gguf).is_absolute() else package / manifest.gguf
+    gguf_file = manifest.gguf_path(package)
     outside = package.resolve() not in gguf_file.resolve().parents
     return gguf_bytes_per_token(gguf_file), disk_bytes(package) + (disk_bytes(gguf_file) if outside else 0)
 

@@ -75,8 +75,7 @@ def _capture_errors() -> Iterator[list[str]]:
 
 
 def _gguf_path(package_dir: Path, manifest: Manifest) -> Path:
-    path = Path(manifest.gguf)
-    path = path if path.is_absolute() else Path(package_dir) / path
+    path = manifest.gguf_path(package_dir)
     if not path.is_file():
         raise PackageError(f"package {package_dir} names GGUF file {path}, which does not exist; "
                            f"re-export the package (or put the file back)")

@@ -142,6 +142,13 @@ class Manifest:
         if not self.stages[0].embeds or not self.stages[-1].has_head:
             raise PackageError("first stage must embed tokens and the last must hold the LM head")
 
+    def gguf_path(self, package_dir: str | Path) -> Path | None:
+        """The package's GGUF file (`gguf` is absolute, or relative to the package); None without one."""
+        if self.gguf is None:
+            return None
+        path = Path(self.gguf)
+        return path if path.is_absolute() else Path(package_dir) / path
+
     @property
     def backends(self) -> tuple[str, ...]:
         """Backends that can run this package, in preference order."""
