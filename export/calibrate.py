@@ -125,9 +125,16 @@ def _llama_sequential(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: n
             outs.append((flat @ w.T).reshape(*x.shape[:-1], -1))
         return outs
 
+    def cut(x: np.ndarray, i: int) -> np.ndarray:
+        """A healed cut's correction before layer i (or the final norm), as the graphs apply it."""
+        if f"cut.{i}.weight" not in weights:
+            return x
+        return (x @ weights[f"cut.{i}.weight"].T + weights[f"cut.{i}.bias"]).astype(np.float32)
+
     x = embed_table[tokens]
     for i in tqdm(range(spec.num_layers), desc="calibrate", unit="layer", disable=not progress):
         p = f"layers.{i}."
+        x = cut(x, i)
         h = rms_norm(x, weights[p + "attn_norm"], spec.rms_norm_eps)
         q, k, v = project(h, [p + "q", p + "k", p + "v"])
         (attn,) = project(_attention(spec, q, k, v, cos, sin), [p + "o"])
@@ -138,6 +145,7 @@ def _llama_sequential(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: n
             act = (gate / (1 + np.exp(-gate)) * up).astype(np.float32)
         (down,) = project(act, [p + "down"])
         x = x + down
+    x = cut(x, spec.num_layers)
     if head:
         name = "lm_head" if "lm_head" in weights else "embed"
         normed = rms_norm(x, weights["final_norm"], spec.rms_norm_eps)

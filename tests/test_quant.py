@@ -405,9 +405,18 @@ def test_bad_recipe_fails_before_anything_is_written(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_calibration_forward_matches_the_package(tiny):
+@pytest.mark.parametrize("healed", [False, True], ids=["plain", "healed-cuts"])
+def test_calibration_forward_matches_the_package(tiny, tmp_path, healed):
     hf, _, ref = tiny
     ckpt = load_checkpoint(hf)
+    if healed:  # GPTQ after --heal must see the activations the graphs compute, cut corrections included
+        rng = np.random.default_rng(4)
+        h = ckpt.spec.hidden_size
+        for at in (2, ckpt.spec.num_layers):
+            ckpt.weights[f"cut.{at}.weight"] = (np.eye(h) + 0.05 * rng.standard_normal((h, h))).astype(np.float32)
+            ckpt.weights[f"cut.{at}.bias"] = (0.05 * rng.standard_normal(h)).astype(np.float32)
+        write_package(ckpt, tmp_path / "healed")
+        ref = edgerun.Engine(tmp_path / "healed").logits(TOKENS)
     hidden = _llama_sequential(ckpt.spec, ckpt.weights, np.array([TOKENS]), lambda *a: None,
                                ckpt.weights["embed"], False, False)
     logits = rms_norm(hidden[0], ckpt.weights["final_norm"], ckpt.spec.rms_norm_eps) @ ckpt.weights["embed"].T
