@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .calibrate import find_calibration_text
+from .calibrate import calibration_tokens
 from .checkpoint import Checkpoint
 from .layers import LayerRunner, nll
 from ..quant.recipe import Calibration
@@ -29,11 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def calibration_windows(ckpt: Checkpoint, windows: int = 8, length: int = 256, seed: int = 0) -> list[list[int]]:
-    """`windows` random non-overlapping token windows of WikiText-2 validation."""
-    text = find_calibration_text(Calibration()).read_text()
-    ids = ckpt.tokenizer.encode(text, add_special_tokens=False).ids
-    starts = np.sort(np.random.default_rng(seed).choice(len(ids) // length, windows, replace=False)) * length
-    return [ids[s:s + length] for s in starts]
+    """`windows` random non-overlapping token windows of WikiText-2 validation (GPTQ's sampler)."""
+    return calibration_tokens(ckpt.tokenizer, Calibration(sequences=windows, tokens=length, seed=seed)).tolist()
 
 
 def _angular(a: np.ndarray, b: np.ndarray) -> float:

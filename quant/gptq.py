@@ -20,12 +20,6 @@ from .base import BlockParams, QuantFormat, QuantizedTensor
 log = logging.getLogger(__name__)
 
 
-def _stack(params: list[BlockParams]) -> BlockParams:
-    """Concatenate per-block parameters [out, 1] into [out, n]."""
-    offset = None if params[0].offset is None else np.concatenate([p.offset for p in params], axis=1)
-    return BlockParams(scale=np.concatenate([p.scale for p in params], axis=1), offset=offset)
-
-
 def _inverse_cholesky_lower(a: np.ndarray) -> np.ndarray:
     """inv(cholesky(a)) for a symmetric positive definite float64 matrix.
 
@@ -130,11 +124,9 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray | HessianFactor, fmt: 
     ordered[:, perm] = codes
     log.debug("gptq %s %s: loss %.4g", name, fmt.describe(), loss)
     full = k // bs
-    parts_codes, parts_params = [], []
+    parts_codes = []
     if full:
         parts_codes.append(ordered[:, :full * bs].reshape(out, full, bs))
-        parts_params.append(_stack(params[:full]))
     if k % bs:
         parts_codes.append(ordered[:, full * bs:].reshape(out, 1, k - full * bs))
-        parts_params.append(params[full])
-    return fmt.assemble((out, k), parts_codes, parts_params, method="gptq")
+    return fmt.assemble((out, k), parts_codes, params, method="gptq")  # params: one per block, in order

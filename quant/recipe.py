@@ -67,13 +67,12 @@ class TensorRule:
                 raise ValueError(f"{where}: a fallback applies to its rule's tensors; remove its 'pattern'")
             data = {**data, "fallback": cls.from_dict(fallback, f"{where} fallback")}
         rule = _from_dict(cls, data, where)
-        rule.make_format(where)  # validates format, block size and scale dtype early
+        fmt = rule.make_format(where)  # validates format, block size and scale dtype early
         if rule.method is not None and rule.method not in METHODS:
             raise ValueError(f"{where}: unknown method {rule.method!r}; use one of {METHODS}")
         if rule.gguf_type is not None:
             from .pack_gguf import gguf_types_of
 
-            fmt = rule.make_format(where)
             if fmt is None or rule.gguf_type not in gguf_types_of(fmt):
                 raise ValueError(f"{where}: gguf_type {rule.gguf_type!r} does not hold format {rule.format!r} "
                                  f"(block {rule.block_size}); for ternary block 256 use TQ2_0 or TQ1_0")
