@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from .decode_speed import find_data_dir
@@ -39,9 +38,9 @@ def _template_parts(chat_template: str | None, bos: str, eos: str) -> tuple[str,
     """The chat template's text before and after a user message (with the generation prompt)."""
     if not chat_template:
         return "", ""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    text = env.from_string(chat_template).render(messages=[{"role": "user", "content": _MARK}],
-                                                 add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    from ..runtime.engine import render_chat_template
+
+    text = render_chat_template(chat_template, [{"role": "user", "content": _MARK}], bos, eos)
     before, _, after = text.partition(_MARK)
     return before, after
 

@@ -43,6 +43,17 @@ class GenerationResponse:
     exit_layer: int | None = None
 
 
+def render_chat_template(template: str, messages: list[dict], bos_token: str, eos_token: str,
+                         add_generation_prompt: bool = True) -> str:
+    """Render a Hugging Face chat template (jinja2 sandbox, with `raise_exception`, as HF does)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # only chat needs jinja2
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            bos_token=bos_token, eos_token=eos_token)
+
+
 def _raise(message: str) -> None:
     from jinja2 import TemplateError
 
@@ -124,19 +135,13 @@ class Engine:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `messages` with the model's own chat template (jinja2, as Hugging Face does)."""
-        from jinja2.sandbox import ImmutableSandboxedEnvironment  # only chat needs jinja2
-
         template = self.manifest.chat_template
         if not template:
             raise PackageError(f"package {self.package_dir} has no chat template; use generate() "
                                f"with a plain prompt (or `edge-run run --raw`)")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
         token = lambda i: self.tokenizer.id_to_token(i) if i is not None else ""  # noqa: E731
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=token(self.manifest.bos_token_id),
-            eos_token=token(next(iter(self.manifest.eos_token_ids), None)))
+        return render_chat_template(template, messages, token(self.manifest.bos_token_id),
+                                    token(next(iter(self.manifest.eos_token_ids), None)), add_generation_prompt)
 
     # -- generation ------------------------------------------------------------------------
     def fresh_cache(self, batch: int):
