@@ -25,6 +25,7 @@ import onnxruntime
 
 from .. import __version__
 from .decode_speed import find_data_dir
+from .weights import disk_bytes, initializer_bytes
 
 WEIGHT_PREFIXES = ("embed", "lm_head", "layers.", "final_norm")
 LINEAR_PARTS = ("q", "k", "v", "o", "gate", "up", "down", "qkv")
@@ -46,10 +47,6 @@ class Result:
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def package_size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def parameter_counts(spec) -> tuple[int, int]:
@@ -74,9 +71,7 @@ def _onnx_weight_bytes(folder: Path, manifest) -> tuple[int, int]:
         for init in model.graph.initializer:
             if not init.name.startswith(WEIGHT_PREFIXES) or init.data_type == onnx.TensorProto.INT64:
                 continue
-            external = {e.key: e.value for e in init.external_data}
-            size = int(external["length"]) if "length" in external else len(init.raw_data) or \
-                onnx.numpy_helper.to_array(init).nbytes
+            size = initializer_bytes(init)
             total += size
             linear += size if _is_linear(init.name) else 0
     return total, linear
@@ -154,7 +149,7 @@ def evaluate(packages: list[str], reference: str | None = None, windows: int = 4
         has_ref = reference is not None and k > 0
         results.append(Result(
             package=str(name), weights=", ".join(f"{g}={v}" for g, v in engine.manifest.weights.items()),
-            size_mb=package_size(engine.package_dir) / 1e6, bits_per_weight=bpw, linear_bits_per_weight=linear_bpw,
+            size_mb=disk_bytes(engine.package_dir) / 1e6, bits_per_weight=bpw, linear_bits_per_weight=linear_bpw,
             perplexity=float(np.exp(nll[k] / scored)), kl=float(kl[k] / scored) if has_ref else None,
             top1=float(agree[k] / scored) if has_ref else None, seconds=float(seconds[k])))
     protocol = {"text": str(text_file), "windows": int(batch.shape[0]), "window_tokens": int(batch.shape[1]),

@@ -33,10 +33,17 @@ def onnx_bytes_per_token(model_path: Path) -> int:
         uses = consumers.get(init.name, set())
         if uses and uses <= GATHER_OPS:
             continue
-        external = {e.key: e.value for e in init.external_data}
-        total += int(external["length"]) if "length" in external else \
-            len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
+        total += initializer_bytes(init)
     return total
+
+
+def initializer_bytes(init) -> int:
+    """Stored bytes of an ONNX initializer (external data, raw data, or typed fields)."""
+    import onnx
+
+    external = {e.key: e.value for e in init.external_data}
+    return int(external["length"]) if "length" in external else \
+        len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
 
 
 def gguf_bytes_per_token(path: Path) -> int:
