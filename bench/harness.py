@@ -209,9 +209,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("new_tokens", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.new_tokens < 2:
         raise ValueError(f"--new-tokens must be >= 2 (decode speed needs tokens after the first), got {args.new_tokens}")
     if any(n < 1 for n in args.prompt_tokens) or any(b < 2 or b > 8 for b in args.batch):
@@ -256,13 +255,14 @@ def plan_engines(args: argparse.Namespace, gguf: Path) -> list[EngineSpec]:
             precision = _package_precision(Path(package))
             specs.append(EngineSpec(f"edge-run {Path(package).name} {precision}", "edgerun", precision, ours=True,
                                     prepare=lambda p=package: str(p)))
+    source_precision = _gguf_precision(gguf) if "source" in (*args.edgerun_llamacpp, *args.llamacpp) else None
     for kind in args.edgerun_llamacpp:
-        precision = _gguf_precision(gguf) if kind == "source" else kind
+        precision = source_precision if kind == "source" else kind
         specs.append(EngineSpec(f"edge-run llama.cpp {precision}", "edgerun", precision, ours=True,
                                 options={"backend": "llamacpp"},
                                 prepare=lambda k=kind: str(artifacts.llamacpp_gguf(gguf, k))))
     for kind in args.llamacpp:
-        precision = _gguf_precision(gguf) if kind == "source" else kind
+        precision = source_precision if kind == "source" else kind
         specs.append(EngineSpec(f"llama.cpp {precision}", "llamacpp", precision,
                                 prepare=lambda k=kind: str(artifacts.llamacpp_gguf(gguf, k))))
     for precision in args.ortgenai:

@@ -1,6 +1,6 @@
 """Benchmark worker: one engine in its own process, driven by JSON lines on stdin.
 
-    python bench/worker.py        (the harness starts it by path, see harness.start_worker)
+    python bench/worker.py        (the harness starts it by path, see harness.Worker)
 
 Each request is one JSON line; each answer is one JSON line on the original stdout (anything a
 library prints goes to stderr instead, so the protocol stays clean):
