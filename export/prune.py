@@ -169,12 +169,15 @@ def prune_for_export(ckpt: Checkpoint, prune_layers: int = 0, keep_layers: Seque
         if heal:
             raise ValueError("--heal needs --prune-layers or --keep-layers")
         return ckpt
-    tokens = calibration_windows(ckpt, windows, length)
-    runner = LayerRunner(ckpt, length, progress)
     if keep_layers:
         bad = [i for i in keep_layers if not 0 <= i < ckpt.spec.num_layers]
         if bad:
             raise ValueError(f"--keep-layers {bad} out of range 0..{ckpt.spec.num_layers - 1}")
+    tokens, runner = [], None
+    if heal or not keep_layers:  # calibration text and layer sessions only when scoring or healing
+        tokens = calibration_windows(ckpt, windows, length)
+        runner = LayerRunner(ckpt, length, progress)
+    if keep_layers:
         drop = [i for i in range(ckpt.spec.num_layers) if i not in set(keep_layers)]
     else:
         start = best_run(runner, tokens, prune_layers)
