@@ -22,6 +22,7 @@ from ..quant.base import QuantFormat, QuantizedTensor
 from ..quant.gptq import HessianFactor, gptq_quantize
 from ..quant.recipe import Calibration
 from ..runtime.manifest import ModelSpec
+from .checkpoint import head_weight_name
 from .onnx_graph import rotary_cache
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def _llama_sequential(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: n
         x = x + down
     x = cut(x, spec.num_layers)
     if head:
-        name = "lm_head" if "lm_head" in weights else "embed"
+        name = head_weight_name(weights)
         normed = rms_norm(x, weights["final_norm"], spec.rms_norm_eps)
         quantize("lm_head", weights[name], lambda: hessian(normed.reshape(-1, normed.shape[-1])))
     return x
@@ -198,6 +199,6 @@ def quantize_calibrated(spec: ModelSpec, weights: dict[str, np.ndarray], tokens:
     head_gptq = formats.get("lm_head") is not None and methods.get("lm_head") == "gptq"
     run(spec, weights, tokens, quantize, table, head_gptq, progress)
     if formats.get("lm_head") is not None and "lm_head" not in done:
-        source = weights["lm_head"] if "lm_head" in weights else weights["embed"]
+        source = weights[head_weight_name(weights)]
         done["lm_head"] = formats["lm_head"].quantize(source, "lm_head")
     return done

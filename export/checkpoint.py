@@ -43,6 +43,11 @@ class Checkpoint:
     source_types: dict[str, str] = field(default_factory=dict)
 
 
+def head_weight_name(weights: dict[str, np.ndarray]) -> str:
+    """The weight the LM head multiplies by: "lm_head", or "embed" for a tied model."""
+    return "lm_head" if "lm_head" in weights else "embed"
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -27,7 +27,7 @@ from ..quant.pack_ort import MatMulNBitsWeight, pack_matmulnbits
 from ..quant.recipe import Recipe, TensorRule, load_recipe
 from ..runtime.manifest import Manifest, ModelSpec
 from .calibrate import LAYER_LINEARS, calibration_tokens, quantize_calibrated
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, head_weight_name, load_checkpoint
 from .families import get_family
 from .gguf_writer import PackedTensor
 from .package import GgufQuantization, OnnxQuantization, write_package
@@ -51,7 +51,7 @@ def quantizable_names(spec: ModelSpec) -> list[str]:
 
 
 def _shape(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
-    key = "embed" if name == "lm_head" and "lm_head" not in ckpt.weights else name
+    key = head_weight_name(ckpt.weights) if name == "lm_head" else name
     return ckpt.weights[key].shape
 
 
@@ -114,7 +114,7 @@ def quantize_checkpoint(ckpt: Checkpoint, recipe: Recipe, progress: bool = False
         done = {}
         for name in tqdm([n for n, f in formats.items() if f is not None], desc="quantize", unit="tensor",
                          disable=not progress):
-            key = "embed" if name == "lm_head" and "lm_head" not in ckpt.weights else name
+            key = head_weight_name(ckpt.weights) if name == "lm_head" else name
             done[name] = formats[name].quantize(ckpt.weights[key], name)
     if shared:
         if "lm_head" in done:  # GPTQ'd head doubles as the embedding table

@@ -121,7 +121,6 @@ class QuantFormat:
     default_block_size: ClassVar[int] = 32
     block_sizes: ClassVar[tuple[int, ...]] = BLOCK_SIZES + (0,)
     default_scale_dtype: ClassVar[str] = "float16"
-    summary: ClassVar[str] = ""
 
     def __init__(self, block_size: int | None = None, scale_dtype: str | None = None):
         block_size = self.default_block_size if block_size is None else block_size

@@ -24,7 +24,6 @@ class Int8Block(QuantFormat):
     """Symmetric 8-bit, absmax / 127 per block (GGUF Q8_0 numerics)."""
 
     name, bits, qmin, qmax = "int8_block", 8, -128, 127
-    summary = "symmetric int8 per block (Q8_0 numerics)"
 
     def params(self, blocks: np.ndarray) -> BlockParams:
         d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
@@ -43,7 +42,6 @@ class Int8Channel(Int8Block):
 
     name = "int8_channel"
     default_block_size, block_sizes, default_scale_dtype = 0, (0,), "float32"
-    summary = "symmetric int8 per output channel"
 
 
 @register_format
@@ -51,7 +49,6 @@ class Int4Sym(QuantFormat):
     """Symmetric 4-bit in [-8, 7]: the largest-magnitude value maps to -8 (GGUF Q4_0 numerics)."""
 
     name, bits, qmin, qmax = "int4_sym", 4, -8, 7
-    summary = "symmetric int4 per block (Q4_0 numerics)"
 
     def params(self, blocks: np.ndarray) -> BlockParams:
         at = np.abs(blocks).argmax(axis=-1)[..., None]
@@ -73,7 +70,6 @@ class Int4Asym(QuantFormat):
 
     name, bits, qmin, qmax = "int4_asym", 4, 0, 15
     offset_kind = "int"
-    summary = "asymmetric int4 per block, integer zero point (ORT MatMulNBits)"
 
     def params(self, blocks: np.ndarray) -> BlockParams:
         lo = np.minimum(blocks.min(axis=-1, keepdims=True), 0)
@@ -97,7 +93,6 @@ class Int4Min(QuantFormat):
 
     name, bits, qmin, qmax = "int4_min", 4, 0, 15
     offset_kind = "float"
-    summary = "asymmetric int4 per block, float minimum (Q4_1 numerics)"
 
     def params(self, blocks: np.ndarray) -> BlockParams:
         lo = blocks.min(axis=-1, keepdims=True)
@@ -124,7 +119,6 @@ class Ternary(QuantFormat):
 
     name, bits, qmin, qmax = "ternary", 2, -1, 1
     default_block_size = 64
-    summary = "ternary {-1,0,1} per block, absmean codes (BitNet b1.58)"
 
     def params(self, blocks: np.ndarray) -> BlockParams:
         # encode thresholds at half the absmean; decode with the least-squares scale of those codes

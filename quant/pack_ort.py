@@ -38,10 +38,6 @@ class MatMulNBitsWeight:
         return {"K": self.K, "N": self.N, "bits": self.bits, "block_size": self.block_size,
                 "accuracy_level": accuracy_level}
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.qweight, self.scales, self.zero_points) if a is not None)
-
     def gather_zero_points(self) -> np.ndarray | None:
         """Zero points as GatherBlockQuantized wants them for B viewed as [N, k_blocks, blob]."""
         if self.zero_points is None:
