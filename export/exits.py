@@ -17,7 +17,7 @@ import numpy as np
 
 from ..runtime.early_exit import apply_adapter
 from .checkpoint import Checkpoint
-from .layers import LayerRunner
+from .layers import LayerRunner, fit_affine, with_bias
 from .prune import calibration_windows
 
 log = logging.getLogger(__name__)
@@ -65,21 +65,20 @@ def fit_exits(ckpt: Checkpoint, layers: Sequence[int], windows: Sequence[Sequenc
     fit, held = states[:cut], states[cut:] or states[-1:]
     final_top1 = np.concatenate([runner.logits(s[-1]).argmax(-1) for s in held])
     adapters, entries = {}, []
-    ones = lambda x: np.hstack([x, np.ones((len(x), 1))])  # noqa: E731  (affine fits)
+    y = np.concatenate([s[-1][0] for s in fit]).astype(np.float64)  # the final layer's, for every exit
     for k in layers:
         x = np.concatenate([s[k][0] for s in fit]).astype(np.float64)
-        y = np.concatenate([s[-1][0] for s in fit]).astype(np.float64)
-        adapter = np.linalg.lstsq(ones(x), y, rcond=None)[0].astype(np.float32)
+        adapter = fit_affine(x, y).astype(np.float32)
         # the probe predicts the exit's confidence from the raw hidden state with one dot product,
         # so the 49k-way LM head runs only where an exit is plausible
         fit_conf = np.concatenate([_softmax_top1(runner.logits(apply_adapter(s[k], adapter)))[0] for s in fit])
-        probe = np.linalg.lstsq(ones(x), fit_conf, rcond=None)[0].astype(np.float32)
+        probe = fit_affine(x, fit_conf).astype(np.float32)
         conf, top1 = zip(*(_softmax_top1(runner.logits(apply_adapter(s[k], adapter))) for s in held))
         conf, agree = np.concatenate(conf), np.concatenate(top1) == final_top1
         held_x = np.concatenate([s[k][0] for s in held])
         adapters[k] = {"adapter": adapter, "probe": probe}
         entries.append({"layer": k, "file": f"exit{k}.npz", "top1_agreement": float(agree.mean()),
                         "calibration_tokens": int(len(agree)),
-                        "curve": precision_curve(conf, agree, ones(held_x) @ probe)})
+                        "curve": precision_curve(conf, agree, with_bias(held_x) @ probe)})
         log.info("exit after layer %d: top-1 agreement %.1f%% on %d held-out tokens", k, 100 * agree.mean(), len(agree))
     return adapters, entries

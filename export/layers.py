@@ -75,6 +75,16 @@ class LayerRunner:
         return states
 
 
+def with_bias(x: np.ndarray) -> np.ndarray:
+    """x [n, k] with a column of ones appended: the design matrix of an affine fit."""
+    return np.hstack([x, np.ones((len(x), 1))])
+
+
+def fit_affine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares [k + 1, ...] coefficients (last row the bias) of with_bias(x) @ coef ~ y."""
+    return np.linalg.lstsq(with_bias(x), y, rcond=None)[0]
+
+
 def nll(logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
     """Negative log-likelihood of tokens[1:] under logits[:-1] (natural log), per position."""
     z = logits[:-1].astype(np.float64)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .calibrate import calibration_tokens
 from .checkpoint import Checkpoint
-from .layers import LayerRunner, nll
+from .layers import LayerRunner, fit_affine, nll, with_bias
 from ..quant.recipe import Calibration
 
 log = logging.getLogger(__name__)
@@ -136,11 +136,11 @@ def prune(ckpt: Checkpoint, drop: Sequence[int], heal_windows: Sequence[Sequence
         for start, end in _runs(drop):
             x = np.concatenate([s[start][0] for s in states]).astype(np.float64)
             y = np.concatenate([s[end][0] for s in states]).astype(np.float64)
-            coef, *_ = np.linalg.lstsq(np.hstack([x, np.ones((len(x), 1))]), y, rcond=None)
+            coef = fit_affine(x, y)
             at = sum(1 for k in kept if k < end)  # new index of the block after the cut (L: the head)
             weights[f"cut.{at}.weight"] = coef[:-1].T.astype(np.float32)  # [out, in], like every linear
             weights[f"cut.{at}.bias"] = coef[-1].astype(np.float32)
-            residual = np.linalg.norm(np.hstack([x, np.ones((len(x), 1))]) @ coef - y) / np.linalg.norm(y - x)
+            residual = np.linalg.norm(with_bias(x) @ coef - y) / np.linalg.norm(y - x)
             heal.append({"removed": [start, end], "at_layer": at, "relative_residual": round(float(residual), 4)})
     spec = dataclasses.replace(ckpt.spec, num_layers=len(kept))
     original = ckpt.kept_layers or tuple(range(n))
