@@ -160,10 +160,7 @@ def _byte_level_model(data: GGUFTokenizerData) -> Tokenizer:
     vocab = {token: index for index, token in enumerate(data.tokens)}
     merges = _split_merges(data.merges)
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in BYTE_LEVEL_PRE_SPLITS[pre]]
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
+    tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(pre)
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
@@ -269,16 +266,19 @@ _PRE_PROBE = ("Hello World! It's 2024: I've 12345 apples, they'LL cost $3.50...\
 LLAMACPP_PRE_NAMES = ("gpt-2", "smollm", "llama-bpe", "qwen2")
 
 
+def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    """llama.cpp's split regexes for `tokenizer.ggml.pre` name `pre`, then GPT-2 byte-level mapping."""
+    splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in BYTE_LEVEL_PRE_SPLITS[pre]]
+    return pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 def _detect_pre(tokenizer: Tokenizer) -> str:
     """The llama.cpp `tokenizer.ggml.pre` name whose split equals `tokenizer`'s pre-tokenizer."""
     if tokenizer.normalizer is not None or tokenizer.pre_tokenizer is None:
         raise ValueError("only byte-level BPE tokenizers without a normalizer can be written to GGUF")
     ours = [piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(_PRE_PROBE)]
     for name in LLAMACPP_PRE_NAMES:
-        regexes = BYTE_LEVEL_PRE_SPLITS[name]
-        candidate = pre_tokenizers.Sequence(
-            [*(pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in regexes),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        candidate = _byte_level_pre_tokenizer(name)
         if [piece for piece, _ in candidate.pre_tokenize_str(_PRE_PROBE)] == ours:
             return name
     raise ValueError(f"the tokenizer's pre-tokenizer matches none of the llama.cpp ones edge-run "
