@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import formats  # noqa: F401  (registers the formats)
-from ..runtime.manifest import strict_from_dict
+from ..runtime.manifest import check_keys, strict_from_dict
 from .base import QuantFormat, get_format
 
 FLOAT = "float32"
@@ -139,10 +139,7 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
         if not isinstance(data, dict):
             raise ValueError(f"a recipe must be an object, got {type(data).__name__}")
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ValueError(f"recipe: unknown keys {unknown}; allowed: {sorted(allowed)}")
+        check_keys(cls, data, "recipe", ValueError)
         if "default" not in data:
             raise ValueError('recipe needs a "default" rule, e.g. {"format": "int4_asym", "block_size": 32}')
         if not isinstance(data.get("rules", []), list):

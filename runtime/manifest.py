@@ -18,14 +18,19 @@ class PackageError(ValueError):
     """A package (or checkpoint) is missing, malformed or unsupported."""
 
 
-def strict_from_dict(cls: type, data: Any, where: str, error: type[Exception] = PackageError) -> Any:
-    """Build dataclass `cls` from `data`, rejecting unknown keys with the allowed ones."""
-    if not isinstance(data, dict):
-        raise error(f"{where}: expected an object, got {type(data).__name__} {data!r}")
+def check_keys(cls: type, data: dict[str, Any], where: str, error: type[Exception] = PackageError) -> None:
+    """Reject keys of `data` that name no field of dataclass `cls`, listing the allowed ones."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise error(f"{where}: unknown keys {unknown}; allowed: {sorted(names)}")
+
+
+def strict_from_dict(cls: type, data: Any, where: str, error: type[Exception] = PackageError) -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys with the allowed ones."""
+    if not isinstance(data, dict):
+        raise error(f"{where}: expected an object, got {type(data).__name__} {data!r}")
+    check_keys(cls, data, where, error)
     try:
         return cls(**data)
     except TypeError as e:  # missing required keys
