@@ -10,7 +10,6 @@ Everything is keyed by the source file's path, size and mtime, so a changed sour
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,11 +27,9 @@ LLAMACPP_FLOATS = ("F32", "F16")
 
 def bench_cache(source: Path) -> Path:
     """The cache folder of artifacts made from checkpoint `source`."""
-    from ..export.models import cache_home
+    from ..export.models import cache_home, checkpoint_key
 
-    st = Path(source).stat()
-    key = hashlib.sha256(f"{Path(source).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_home() / "bench" / f"{Path(source).stem[:40]}-{key}"
+    return cache_home() / "bench" / checkpoint_key(source)
 
 
 def _publish(tmp: Path, target: Path) -> Path:

@@ -120,15 +120,22 @@ def _download(model: KnownModel, dest: Path, progress: bool) -> None:
         os.replace(staged, dest)
 
 
+def checkpoint_key(checkpoint: Path) -> str:
+    """A cache name for what edge-run makes from `checkpoint`: its stem plus a hash of its path,
+    size, mtime and the edge-run version (a changed file or tool makes a new entry)."""
+    checkpoint = Path(checkpoint)
+    st = checkpoint.stat()
+    key = hashlib.sha256(f"{checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}|{__version__}".encode())
+    return f"{checkpoint.stem[:40]}-{key.hexdigest()[:12]}"
+
+
 def _auto_package_dir(checkpoint: Path, kind: str) -> Path:
-    """Cache folder of the package made from `checkpoint` (keyed by path, size, mtime, version).
+    """Cache folder of the package made from `checkpoint` (see `checkpoint_key`).
 
     `kind` names what the package holds: "fp32" (ONNX export), "gguf" (a reference to the GGUF
     file itself) or "gguf-f32" (a GGUF export of a Hugging Face folder).
     """
-    st = checkpoint.stat()
-    key = hashlib.sha256(f"{checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}|{__version__}".encode())
-    return cache_home() / "packages" / f"{checkpoint.stem[:40]}-{key.hexdigest()[:12]}-{kind}"
+    return cache_home() / "packages" / f"{checkpoint_key(checkpoint)}-{kind}"
 
 
 def resolve_package(model: str | Path, progress: bool = False, backend: str = "auto") -> Path:
