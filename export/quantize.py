@@ -202,8 +202,8 @@ def resolve_quant(quant: str | Path | dict | Recipe, target: str) -> Recipe | st
     try:
         return load_recipe(quant, target=target)
     except ValueError as e:
-        if target != "gguf":
-            raise
+        if target != "gguf" or not isinstance(quant, (str, Path)) or Path(quant).is_file():
+            raise  # a recipe given but broken: llama.cpp's type names are no help there
         raise ValueError(f"{e}; for --format gguf, llama.cpp types work too: "
                          f"{', '.join(sorted(llama_quant_types()))}") from None
 

@@ -244,3 +244,12 @@ def test_healed_model_refuses_gguf_instead_of_dropping_the_correction(tiny_narro
     with pytest.raises(PackageError, match=r"weights \['cut\.\d+\.(bias|weight)'.*have no place in a llama GGUF"):
         write_gguf(healed, tmp_path / "h.gguf")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob("*.gguf*"))
+
+
+def test_malformed_recipe_file_for_gguf_names_the_file_only(tiny_narrow, tmp_path, capsys):
+    recipe = tmp_path / "r.json"
+    recipe.write_text('{"default": {"format": "int4_asym"')
+    assert main(["export", str(tiny_narrow), "--format", "gguf", "--quant", str(recipe), "-o", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert f"recipe {recipe} is not valid JSON" in err and "llama.cpp types" not in err
+    assert not (tmp_path / "x").exists()
