@@ -33,8 +33,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="KV cache length per sequence (default: min(model context, 2048))")
     p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
-                   help="KV cache type: f32 (default; speculative decoding stays token-exact) or f16 "
-                        "(llama.cpp only: half the memory, speculative output may differ at near-ties)")
+                   help="KV cache type: f32 (default) or f16 (llama.cpp only: half the KV memory)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="run every step with >= 2 tokens per sequence so that logits do not depend on the "
+                        "step's shape: greedy speculative output and any batch size then equal plain "
+                        "greedy token for token, also with quantized weights (costs decode speed)")
     p.add_argument("--backend", choices=("auto", "onnx", "llamacpp"), default="auto",
                    help="auto (default): llama.cpp for a .gguf file or known model, onnxruntime for a "
                         "Hugging Face folder, the package's first for a package; onnx exports a GGUF "
@@ -198,7 +201,7 @@ def _load(args: argparse.Namespace):
     from .runtime.engine import load
 
     return load(args.model, device=args.device, threads=args.threads, max_context=args.max_context,
-                backend=args.backend, progress=True, kv_cache=args.kv_cache)
+                backend=args.backend, progress=True, kv_cache=args.kv_cache, batch_invariant=args.batch_invariant)
 
 
 def _messages(args: argparse.Namespace, history: list[dict]) -> list[dict]:

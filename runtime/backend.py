@@ -54,11 +54,59 @@ def register_backend(name: str, factory: BackendFactory) -> None:
 KV_CACHE_TYPES = ("f32", "f16")
 
 
+class InvariantSteps:
+    """A backend whose logits do not depend on how many tokens a step carries.
+
+    Both onnxruntime and llama.cpp compute a step of one new token with other CPU kernels than a
+    step of several (a matrix-vector product against a tiled matrix product). The sums round
+    differently, and with quantized weights the activations are re-quantized to 8 bits, which
+    turns those ~1e-5 differences into logits up to ~0.7 apart (measured on SmolLM2 Q8_0, Q4_1,
+    Q4_K_M and ONNX INT4): then greedy speculative output, or a sequence decoded at batch 4, can
+    leave plain batch-1 greedy where two tokens nearly tie. Every kernel measured gives
+    bit-identical results for any step of two or more tokens, so here every row that runs
+    carries at least two: a row with one new token gets a copy of it at the next position
+    (its key/value are dropped again), and a step that scores one position per row also scores
+    a neighbour (the last layer and the LM head only run on scored rows).
+    That costs decode speed (the step computes twice the tokens) and buys exact reproducibility.
+    """
+
+    def __init__(self, backend: Backend):
+        self.inner = backend
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def forward(self, inputs, cache: Cache, counts: np.ndarray, logits_positions: np.ndarray | None = None,
+                *args, **kwargs):
+        counts = np.asarray(counts)
+        short = counts == 1
+        lone = logits_positions is not None and logits_positions.shape[1] == 1
+        if not short.any() and not lone:
+            return self.inner.forward(inputs, cache, counts, logits_positions, *args, **kwargs)
+        if short.any():
+            inputs = inputs if isinstance(inputs, np.ndarray) else inputs.numpy()  # hidden states
+            if inputs.shape[1] == 1:
+                inputs = np.concatenate([inputs, inputs], axis=1)
+            else:
+                inputs = inputs.copy()
+                inputs[short, 1] = inputs[short, 0]
+        scored = logits_positions
+        if lone:  # score a neighbour too, so the last layer and the head also see >= 2 rows per row
+            scored = np.concatenate([scored, np.where(scored > 0, scored - 1, scored + 1)], axis=1)
+        before = cache.lengths.copy()
+        out = self.inner.forward(inputs, cache, np.where(short, 2, counts), scored, *args, **kwargs)
+        if short.any() and not np.array_equal(cache.lengths, before):  # it advanced: drop the copies
+            cache.rollback(before + counts)
+        return out[:, :1] if lone else out
+
+
 def open_backend(name: str, package_dir: Path, manifest: Manifest, device: str,
-                 threads: int | None, kv_cache: str = "f32") -> Backend:
+                 threads: int | None, kv_cache: str = "f32", batch_invariant: bool = False) -> Backend:
     """Create backend `name` ("auto": the package's first) for a package.
 
     `kv_cache` is the KV cache's element type: "f32", or "f16" (llama.cpp only; half the memory).
+    `batch_invariant`: logits independent of the step's shape (see InvariantSteps), so greedy
+    speculative decoding and any batch size reproduce plain batch-1 greedy output exactly.
 
     Raises:
         PackageError: the package has no artifact for that backend, or the name is unknown.
@@ -74,4 +122,7 @@ def open_backend(name: str, package_dir: Path, manifest: Manifest, device: str,
                            f"{', '.join(manifest.backends)}); export it with the matching --format")
     if kv_cache not in KV_CACHE_TYPES:
         raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache!r}")
-    return _BACKENDS[name](package_dir, manifest, device, threads, kv_cache=kv_cache)
+    if not batch_invariant:
+        return _BACKENDS[name](package_dir, manifest, device, threads, kv_cache=kv_cache)
+    return InvariantSteps(_BACKENDS[name](package_dir, manifest, device, threads, kv_cache=kv_cache,
+                                          batch_invariant=True))

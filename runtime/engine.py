@@ -95,13 +95,18 @@ class Engine:
         backend: "onnx", "llamacpp" or "auto" (the package's first).
         threads: intra-op threads (default: physical cores).
         max_context: KV cache length per sequence (default: min(model context, 2048)).
-        kv_cache: "f32" (default), or "f16" on llama.cpp for half the KV memory. With an F16
-            cache llama.cpp's kernels round differently for one new token than for several, so
-            greedy speculative output may then differ from plain greedy at near-ties.
+        kv_cache: "f32" (default), or "f16" on llama.cpp for half the KV memory.
+        batch_invariant: compute every step with at least two tokens per sequence, so logits do
+            not depend on the step's shape: greedy speculative output and any batch size then
+            reproduce plain batch-1 greedy token for token, on every backend and weight type.
+            Without it, kernels that differ between one new token and several make quantized
+            models' logits differ by up to ~0.7 (float weights: ~1e-5), which changes the output
+            where two tokens nearly tie. Costs decode speed (see the README).
     """
 
     def __init__(self, package_dir: str | Path, device: str = "cpu", threads: int | None = None,
-                 max_context: int | None = None, backend: str = "auto", kv_cache: str = "f32"):
+                 max_context: int | None = None, backend: str = "auto", kv_cache: str = "f32",
+                 batch_invariant: bool = False):
         self.package_dir = Path(package_dir)
         self.manifest = read_manifest(self.package_dir)
         spec = self.manifest.model
@@ -112,7 +117,9 @@ class Engine:
         if not tokenizer_path.is_file():
             raise PackageError(f"package {self.package_dir} lacks {self.manifest.tokenizer}; re-export it")
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        self.backend = open_backend(backend, self.package_dir, self.manifest, device, threads, kv_cache)
+        self.backend = open_backend(backend, self.package_dir, self.manifest, device, threads, kv_cache,
+                                    batch_invariant)
+        self.batch_invariant = batch_invariant
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self._kv = None  # the KV cache of the last generation (see fresh_cache)
         self._drafters: dict[str, Drafter] = {}
@@ -217,13 +224,13 @@ class Engine:
         return self._generate(prompts, params, max_new_tokens, list(stop), self._drafter(speculative), policy)
 
     def _drafter(self, speculative: str | Drafter | None) -> Drafter | None:
-        if speculative is not None and not self._warned_inexact:
-            inexact = inexact_verification_types(self.backend.name, self.manifest.weights)
+        if speculative is not None and not self._warned_inexact and not self.batch_invariant:
+            inexact = inexact_verification_types(self.manifest.weights)
             if inexact:
-                log.warning("llama.cpp computes %s weights with different kernels for one new token than "
-                            "for several (logits up to ~1 apart measured), so greedy speculative output can "
-                            "differ from plain greedy where two tokens nearly tie; use an F32 GGUF or the onnx "
-                            "backend for token-exact speculation", "/".join(inexact))
+                log.warning("%s computes %s weights with other kernels for one new token than for several "
+                            "(logits up to ~0.7 apart measured), so greedy speculative output can differ from "
+                            "plain greedy where two tokens nearly tie; load with batch_invariant=True "
+                            "(--batch-invariant) for token-exact output", self.backend.name, "/".join(inexact))
             self._warned_inexact = True
         if not isinstance(speculative, str):
             return speculative
@@ -342,21 +349,21 @@ class Engine:
 # tokens got logits up to 3e-5 (F32), 0.42 (Q4_1) or 1.4 (Q4_K_M) away from k single steps after a
 # 54-token prompt (0.0 for Q4_1 / Q8_0 after 300 tokens; SmolLM2 exports), and greedy speculation on
 # Q4_1 and Q8_0 files left plain greedy at near-ties; only float weights stayed exact in our runs
-_SHAPE_INVARIANT = {"float32", "float16", "tied"}
+_FLOAT_TYPES = {"float32", "float16", "tied"}
 
 
-def inexact_verification_types(backend: str, weights: dict[str, str]) -> list[str]:
-    """Weight types for which verifying k drafted tokens in one step is not bit-identical to k single
-    steps on this backend (empty: greedy speculative decoding reproduces plain greedy exactly)."""
-    if backend != "llamacpp":
-        return []
+def inexact_verification_types(weights: dict[str, str]) -> list[str]:
+    """Weight types whose logits move by up to ~0.7 between a step of one new token and a step of
+    several, unless the engine is batch-invariant (their activations are re-quantized to 8 bits,
+    which turns kernel rounding differences into whole quantization steps). Float weights move by
+    ~1e-5, which changes greedy output only at ties that close."""
     types = {t for value in weights.values() for t in value.split("+")}
-    return sorted(types - _SHAPE_INVARIANT)
+    return sorted(types - _FLOAT_TYPES)
 
 
 def load(model: str | Path, device: str = "cpu", threads: int | None = None,
          max_context: int | None = None, backend: str = "auto", progress: bool = False,
-         kv_cache: str = "f32") -> Engine:
+         kv_cache: str = "f32", batch_invariant: bool = False) -> Engine:
     """Load a package folder, a checkpoint (.gguf / HF folder) or a known model name.
 
     A .gguf file (or known model) runs on llama.cpp through a light package pointing at the file;
@@ -366,4 +373,4 @@ def load(model: str | Path, device: str = "cpu", threads: int | None = None,
     from ..export.models import resolve_package
 
     package = resolve_package(model, progress=progress, backend=backend)
-    return Engine(package, device, threads, max_context, backend, kv_cache)
+    return Engine(package, device, threads, max_context, backend, kv_cache, batch_invariant)

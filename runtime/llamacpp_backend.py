@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,30 @@ _KV_TYPES = {"f32": (llc.GGML_TYPE_F32, 4), "f16": (llc.GGML_TYPE_F16, 2)}
 # logits would depend on what else shares its batch (0.8 logit apart, greedy outputs diverging
 # at batch 4) and on draft length; with it off, batch-4 equals batch-1 token for token.
 _FLASH_ATTN = llc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+# Batch-invariant steps (see backend.InvariantSteps) also need the CPU kernels that switch by the
+# number of rows off: weight repacking (Q4_0, Q4_K, ... multiplied 4 rows at a time, the rest one
+# by one) per model, and the tiled K-quant/IQ kernel (from 8 rows on), which llama.cpp reads from
+# GGML_CPU_TILED_MM once per process.
+_TILED_ENV = "GGML_CPU_TILED_MM"
+_contexts_made = False  # once a context exists, llama.cpp may have read _TILED_ENV
+
+
+def _tiled_types(weights: dict[str, str]) -> list[str]:
+    """The K-quant and IQ types among a manifest's weights (llama.cpp's tiled kernel takes those)."""
+    types = {t for value in weights.values() for t in value.split("+")}
+    return sorted(t for t in types if t.endswith("_K") or (t.startswith("IQ") and t != "IQ4_NL"))
+
+
+def _untile_for_invariance(path: Path, tiled: list[str]) -> None:
+    if not tiled or os.environ.get(_TILED_ENV) == "0":
+        return
+    if _contexts_made:
+        raise ValueError(f"batch-invariant decoding of {path} ({'/'.join(tiled)} weights) needs llama.cpp's "
+                         f"tiled matmul off, which it reads once per process and this process already ran "
+                         f"llama.cpp; set {_TILED_ENV}=0 in the environment before starting it")
+    os.environ[_TILED_ENV] = "0"
+    log.info("%s=0 for this process: llama.cpp's tiled %s kernel depends on the number of rows",
+             _TILED_ENV, "/".join(tiled))
 
 
 @llc.llama_log_callback
@@ -82,10 +107,11 @@ def _gguf_path(package_dir: Path, manifest: Manifest) -> Path:
     return path
 
 
-def _load_model(path: Path, gpu: bool) -> int:
+def _load_model(path: Path, gpu: bool, repack: bool = True) -> int:
     """Load a GGUF with llama.cpp; a PackageError with llama.cpp's reason when it cannot."""
     params = llc.llama_model_default_params()
     params.n_gpu_layers = -1 if gpu else 0  # -1: every layer
+    params.use_extra_bufts = repack
     with _capture_errors() as errors:
         model = llc.llama_model_load_from_file(str(path).encode(), params)
     if not model:
@@ -140,6 +166,8 @@ class LlamaCppCache:
         params.type_k = params.type_v = backend.kv_type
         params.flash_attn_type = _FLASH_ATTN
         params.no_perf = True
+        global _contexts_made
+        _contexts_made = True
         with _capture_errors() as errors:
             ctx = llc.llama_init_from_model(backend.model, params)
         if not ctx:
@@ -183,12 +211,19 @@ class LlamaCppBackend:
     name = "llamacpp"
 
     def __init__(self, package_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
-                 kv_cache: str = "f32"):
+                 kv_cache: str = "f32", batch_invariant: bool = False):
+        """`batch_invariant`: choose kernels that do not switch by the number of rows (no weight
+        repacking, no tiled K-quant kernel); backend.InvariantSteps does the rest."""
         self.manifest = manifest
         self.path = _gguf_path(package_dir, manifest)
         self.threads = threads or physical_cores()
         gpu = llamacpp_offload(device, bool(llc.llama_supports_gpu_offload()))
-        self.model = _load_model(self.path, gpu)
+        if batch_invariant:
+            _untile_for_invariance(self.path, _tiled_types(manifest.weights))
+            if gpu:
+                log.warning("batch-invariant steps are measured on llama.cpp's CPU kernels only; with GPU "
+                            "offload the GPU library may still pick kernels by shape")
+        self.model = _load_model(self.path, gpu, repack=not batch_invariant)
         self._finalizer = weakref.finalize(self, llc.llama_model_free, self.model)
         self.vocab_size = llc.llama_vocab_n_tokens(llc.llama_model_get_vocab(self.model))
         if self.vocab_size != manifest.model.vocab_size:

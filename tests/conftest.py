@@ -43,6 +43,14 @@ def mt_bench_prompts() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def chat_prompts(smollm2_engine, mt_bench_prompts) -> list[list[int]]:
+    """The MT-Bench prompts in the model's chat template, as token ids."""
+    engine = smollm2_engine
+    return [engine.encode(engine.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
+            for p in mt_bench_prompts]
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2(smollm2_gguf):
     """Hugging Face transformers' own GGUF loader: the independent reference implementation."""
     torch = pytest.importorskip("torch")

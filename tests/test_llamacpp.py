@@ -292,13 +292,6 @@ def smollm2_llama(smollm2_package):
     return edgerun.Engine(smollm2_package, backend="llamacpp", max_context=512)
 
 
-@pytest.fixture(scope="module")
-def chat_prompts(smollm2_engine, mt_bench_prompts) -> list[list[int]]:
-    engine = smollm2_engine
-    return [engine.encode(engine.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
-            for p in mt_bench_prompts]
-
-
 @pytest.mark.slow
 def test_f32_gguf_greedy_equals_fp32_onnx(smollm2_engine, smollm2_llama, chat_prompts):
     for tokens in chat_prompts:

@@ -9,13 +9,6 @@ NEW_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
-def chat_prompts(smollm2_engine, mt_bench_prompts) -> list[list[int]]:
-    engine = smollm2_engine
-    return [engine.encode(engine.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
-            for p in mt_bench_prompts]
-
-
-@pytest.fixture(scope="module")
 def hf_greedy(hf_smollm2, chat_prompts) -> list[list[int]]:
     import torch
 

@@ -179,12 +179,12 @@ def test_model_drafter_cache_follows_accepted_tokens(tiny_pair):
     assert resumed == fresh.propose([context], [3])[0].tokens
 
 
-def test_inexact_llamacpp_types_are_named():
+def test_quantized_types_are_named_as_shape_dependent():
     from edgerun.runtime.engine import inexact_verification_types
 
-    assert inexact_verification_types("llamacpp", {"mlp": "Q4_1+Q8_0", "norms": "float32"}) == ["Q4_1", "Q8_0"]
-    assert inexact_verification_types("llamacpp", {"mlp": "float32", "embedding": "float32", "lm_head": "tied"}) == []
-    assert inexact_verification_types("onnx", {"mlp": "int4_asym(b32)"}) == []
+    assert inexact_verification_types({"mlp": "Q4_1+Q8_0", "norms": "float32"}) == ["Q4_1", "Q8_0"]
+    assert inexact_verification_types({"mlp": "float32", "embedding": "float32", "lm_head": "tied"}) == []
+    assert inexact_verification_types({"mlp": "int4_asym(b32)"}) == ["int4_asym(b32)"]
 
 
 def test_model_drafter_reuses_its_cache_and_refuses_the_target_itself(tiny_pair):
