@@ -9,6 +9,9 @@ warm-up), so machine noise hits all alike. Reported per drafter and prompt set: 
 (median over prompts of generated tokens / wall time after the first token), speedup = plain
 time / speculative time summed over prompts, acceptance rate, mean accepted tokens per
 verification, histogram of accepted lengths, and whether every output equalled plain greedy.
+With --batch-invariant, a second engine of the same target with batch_invariant=True runs plain
+and every drafter in the same rounds; its runs are compared with its own plain run (exactness)
+and with the default engine's plain run (what invariance costs or gains overall).
 With --llamacpp, llama-cpp-python's own loop runs in the same rounds on that GGUF, plain and with
 its prompt lookup decoding, and its speedup is over its own plain run (same prompt tokens).
 """
@@ -123,14 +126,19 @@ class LlamaCppPeer:
         return out, time.perf_counter() - first
 
 
-def _runners(engine, args, draft_tokens, peer: LlamaCppPeer | None) -> dict:
-    """name -> (run(tokens, new_tokens) -> (tokens, seconds), name of the plain run it is compared with)."""
-    runners = {"plain": (lambda t, n: _run(engine, t, n), None)}
-    for d in args.drafters:
-        runners[d] = (lambda t, n, d=d: _run(engine, t, n, speculative=d, draft_tokens=draft_tokens), "plain")
+def _runners(engines: dict[str, object], args, draft_tokens, peer: LlamaCppPeer | None) -> dict:
+    """name -> (run(tokens, new_tokens) -> (tokens, seconds), name of the plain run it is compared
+    with, the engine whose stats it reports or None)."""
+    runners = {}
+    for tag, engine in engines.items():
+        plain = f"plain{tag}"
+        runners[plain] = (lambda t, n, e=engine: _run(e, t, n), None, None)
+        for d in args.drafters:
+            runners[f"{d}{tag}"] = (lambda t, n, d=d, e=engine: _run(e, t, n, speculative=d, draft_tokens=draft_tokens),
+                                    plain, engine)
     if peer is not None:
-        runners["llama.cpp plain"] = (lambda t, n: peer.run(peer.plain, t, n), None)
-        runners["llama.cpp lookup"] = (lambda t, n: peer.run(peer.lookup, t, n), "llama.cpp plain")
+        runners["llama.cpp plain"] = (lambda t, n: peer.run(peer.plain, t, n), None, None)
+        runners["llama.cpp lookup"] = (lambda t, n: peer.run(peer.lookup, t, n), "llama.cpp plain", None)
     return runners
 
 
@@ -149,12 +157,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--llamacpp", default=None, metavar="GGUF",
                    help="also run llama-cpp-python plain and with its prompt lookup decoding on this GGUF "
                         "(file, known model name or package with a GGUF), interleaved with ours")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="also run plain and every drafter on a batch-invariant engine (tagged [inv]), "
+                        "interleaved with the default engine's runs")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     draft_tokens = args.draft_tokens if args.draft_tokens == "auto" else int(args.draft_tokens)
 
     engine = edgerun.load(args.target, threads=args.threads, max_context=2048)
-    engine.eos_token_ids = frozenset()  # equal lengths: every run generates new_tokens
+    engines = {"": engine}
+    if args.batch_invariant:
+        engines[" [inv]"] = edgerun.load(args.target, threads=args.threads, max_context=2048, batch_invariant=True)
+    for e in engines.values():
+        e.eos_token_ids = frozenset()  # equal lengths: every run generates new_tokens
     sets = prompt_sets(args.n)
     prompts_by_set = {name: [engine.encode(engine.apply_chat_template([{"role": "user", "content": t}]),
                                            add_special_tokens=False) for t in sets[name]] for name in args.prompts}
@@ -167,24 +182,24 @@ def main(argv: list[str] | None = None) -> dict:
         gguf = read_manifest(package).gguf_path(package)
         longest = max(len(t) for prompts in prompts_by_set.values() for t in prompts)
         peer = LlamaCppPeer(gguf, args.threads or physical_cores(), longest + args.new_tokens + 16)
-    runners = _runners(engine, args, draft_tokens, peer)
+    runners = _runners(engines, args, draft_tokens, peer)
     results = []
     for set_name, prompts in prompts_by_set.items():
-        for run, _ in runners.values():
+        for run, *_ in runners.values():
             run(prompts[0], 8)  # warm-up
         rows = {name: {"s": 0.0, "identical": True, "proposed": 0, "accepted": 0, "rounds": 0, "histogram": {},
                        "tok_s": []} for name in runners}
         for tokens in prompts:
             outputs = {}
-            for name, (run, base) in runners.items():  # interleaved: noise hits every runner alike
+            for name, (run, base, stats_of) in runners.items():  # interleaved: noise hits every runner alike
                 out, seconds = outputs[name] = run(tokens, args.new_tokens)
                 row = rows[name]
                 row["s"] += seconds
                 row["tok_s"].append((len(out) - 1) / seconds)
                 if base is not None:
                     row["identical"] &= out == outputs[base][0]
-                if name in args.drafters:
-                    st = engine.stats
+                if stats_of is not None:
+                    st = stats_of.stats
                     row["proposed"] += st.proposed
                     row["accepted"] += st.accepted
                     row["rounds"] += st.rounds
@@ -192,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
                         row["histogram"][k] = row["histogram"].get(k, 0) + v
         print(f"\n[{set_name}] {len(prompts)} prompts x {args.new_tokens} tokens, target {args.target}"
               + (f"; llama-cpp-python on {peer.plain.model_path} ({peer.settings})" if peer else ""))
-        for name, (_, base) in runners.items():
+        for name, (_, base, _) in runners.items():
             row = rows[name]
             line = f"  {name:18} {statistics.median(row['tok_s']):7.1f} tok/s"
             result = {"prompts": set_name, "drafter": name, "tok_s_median": statistics.median(row["tok_s"])}
@@ -207,6 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
                     result |= {"acceptance_rate": rate, "mean_accepted": mean,
                                "histogram": dict(sorted(row["histogram"].items()))}
                 line += f", identical: {row['identical']}"
+            if name.endswith(" [inv]"):  # the batch-invariant engine against the default one
+                result["speedup_over_default_plain"] = rows["plain"]["s"] / row["s"]
+                line += f"; x{result['speedup_over_default_plain']:.2f} over plain"
             print(line)
             results.append(result)
     report = {"machine": platform.processor() or platform.machine(), "edge_run": __version__,

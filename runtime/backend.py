@@ -83,13 +83,11 @@ class InvariantSteps:
         lone = logits_positions is not None and logits_positions.shape[1] == 1
         if not short.any() and not lone:
             return self.inner.forward(inputs, cache, counts, logits_positions, *args, **kwargs)
+        width = inputs.shape[1] if isinstance(inputs, np.ndarray) else inputs.shape()[1]
         if short.any():
             inputs = inputs if isinstance(inputs, np.ndarray) else inputs.numpy()  # hidden states
-            if inputs.shape[1] == 1:
-                inputs = np.concatenate([inputs, inputs], axis=1)
-            else:
-                inputs = inputs.copy()
-                inputs[short, 1] = inputs[short, 0]
+            inputs = np.concatenate([inputs, inputs], axis=1) if width == 1 else inputs.copy()
+            inputs[short, 1] = inputs[short, 0]
         scored = logits_positions
         if lone:  # score a neighbour too, so the last layer and the head also see >= 2 rows per row
             scored = np.concatenate([scored, np.where(scored > 0, scored - 1, scored + 1)], axis=1)
@@ -97,7 +95,12 @@ class InvariantSteps:
         out = self.inner.forward(inputs, cache, np.where(short, 2, counts), scored, *args, **kwargs)
         if short.any() and not np.array_equal(cache.lengths, before):  # it advanced: drop the copies
             cache.rollback(before + counts)
-        return out[:, :1] if lone else out
+        if lone:
+            return out[:, :1]
+        if logits_positions is None and width == 1 and short.any():  # hidden states of the one position asked
+            return out[:, :1] if isinstance(out, np.ndarray) else \
+                type(out).ortvalue_from_numpy(np.ascontiguousarray(out.numpy()[:, :1]))
+        return out
 
 
 def open_backend(name: str, package_dir: Path, manifest: Manifest, device: str,

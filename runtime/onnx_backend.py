@@ -58,15 +58,24 @@ class OnnxBackend:
                 io.bind_ortvalue_input(f"past_{kind}_{local}", buffers[layer])
                 io.bind_ortvalue_output(f"present_{kind}_{local}", buffers[layer])
 
-    def _forward_rows(self, inputs: np.ndarray, cache: KVCache, counts, logits_positions, stages: range, start):
-        if not isinstance(inputs, np.ndarray) or not self.manifest.stages[stages[-1]].has_head:
-            raise NotImplementedError("row-by-row steps need numpy inputs and a run that ends at the head")
-        logits = np.zeros((inputs.shape[0], logits_positions.shape[1], self.manifest.model.vocab_size), np.float32)
+    def _forward_rows(self, inputs, cache: KVCache, counts, logits_positions, stages: range, start):
+        inputs = inputs if isinstance(inputs, np.ndarray) else inputs.numpy()  # hidden states (CPU)
+        to_head = self.manifest.stages[stages[-1]].has_head
+        out = (np.zeros((inputs.shape[0], logits_positions.shape[1], self.manifest.model.vocab_size), np.float32)
+               if to_head else None)
         for b in map(int, np.flatnonzero(counts)):
             width = int(counts[b])  # this row's tokens only: no padding
-            logits[b] = self.forward(inputs[b:b + 1, :width], cache.row(b), counts[b:b + 1],
-                                     np.minimum(logits_positions[b:b + 1], width - 1), stages, start[b:b + 1])[0]
-        return logits
+            positions = np.minimum(logits_positions[b:b + 1], width - 1) if to_head else None
+            row = self.forward(inputs[b:b + 1, :width], cache.row(b), counts[b:b + 1], positions, stages,
+                               start[b:b + 1])
+            if to_head:
+                out[b] = row[0]
+                continue
+            hidden = row.numpy()
+            if out is None:
+                out = np.zeros((inputs.shape[0], inputs.shape[1], hidden.shape[-1]), np.float32)
+            out[b, :width] = hidden[0]
+        return out if to_head else ort.OrtValue.ortvalue_from_numpy(out)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.manifest.model, self.manifest.model.num_layers, batch, max_len, self.device.ort_device)

@@ -19,6 +19,7 @@ from conftest import build_tiny_llama
 
 import edgerun
 from edgerun.cli import main
+from edgerun.export.package import export
 from edgerun.export.quantize import export_quantized
 from edgerun.runtime import llamacpp_backend
 from edgerun.runtime.backend import InvariantSteps
@@ -125,6 +126,26 @@ def test_k_quants_after_llamacpp_ran_are_a_clear_error(monkeypatch, tmp_path):
     llamacpp_backend._untile_for_invariance(tmp_path / "m.gguf", [])  # nothing tiled: nothing to do
     assert llamacpp_backend._tiled_types({"mlp": "Q4_K+Q5_0+Q6_K", "attention": "IQ4_NL+IQ2_XS"}) == \
         ["IQ2_XS", "Q4_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_drafter_through_staged_graphs(tmp_path, batch):
+    """Self-speculation runs stage prefixes and suffixes from hidden states: padded too."""
+    export(build_tiny_llama(tmp_path / "hf_target", seed=1), tmp_path / "target", stage_boundaries=[2],
+           separate_head=True)
+    export(build_tiny_llama(tmp_path / "hf_draft", seed=2, num_hidden_layers=2), tmp_path / "draft")
+    target = edgerun.Engine(tmp_path / "target", max_context=96, batch_invariant=True)
+    target.eos_token_ids = frozenset()
+    prompts = [PROMPT, MORE, PROMPT[4:]][:batch]
+
+    def tokens(**kw):
+        out = list(target.generate(prompts, max_new_tokens=24, **kw))
+        return [[r.token for r in out if r.index == i] for i in range(batch)]
+
+    plain = tokens()
+    for mode in ("self:2", f"draft:{tmp_path / 'draft'}", "lookup"):
+        assert tokens(speculative=mode, draft_tokens=3) == plain, mode
+        assert target.stats.rounds > 0
 
 
 def test_cli_flag(quantized, capsys):
