@@ -1,0 +1,80 @@
+"""Step-shape invariance: do a model's logits depend on how many tokens a decode step carries?
+
+    python -m edgerun.bench.step_invariance PACKAGE [PACKAGE ...] --prompt-tokens 54 --chunks 1 2 4 8
+
+After a WikiText-2 prompt, the next 12 tokens are fed as single steps and as chunks of k tokens;
+printed is the largest |logit difference| from the single steps, for the default engine and for
+a batch_invariant=True one. Each package runs in its own process, because llama.cpp reads its
+tiled-kernel switch (GGML_CPU_TILED_MM) once per process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from .decode_speed import find_data_dir
+
+CONTINUATION = 12
+
+
+def _logits(engine, prompt: list[int], more: list[int], chunk: int) -> np.ndarray:
+    backend = engine.backend
+    cache = backend.new_cache(1, len(prompt) + len(more) + 1)
+    backend.forward(np.array([prompt]), cache, np.array([len(prompt)]), np.array([[len(prompt) - 1]]))
+    out = []
+    for i in range(0, len(more), chunk):
+        part = more[i:i + chunk]
+        out.extend(backend.forward(np.array([part]), cache, np.array([len(part)]), np.arange(len(part))[None])[0])
+    return np.array(out)
+
+
+def probe(package: str, prompt_tokens: int, chunks: list[int], invariant: bool, threads: int | None) -> dict:
+    import edgerun
+
+    engine = edgerun.load(package, threads=threads, batch_invariant=invariant)
+    text = (find_data_dir() / "wikitext-2" / "test.txt").read_text()[5000:20000]
+    tokens = engine.encode(text)[:prompt_tokens + CONTINUATION]
+    prompt, more = tokens[:prompt_tokens], tokens[prompt_tokens:]
+    single = _logits(engine, prompt, more, 1)
+    return {"package": package, "backend": engine.backend.name, "batch_invariant": invariant,
+            "weights": sorted({t for v in engine.manifest.weights.values() for t in v.split("+")}),
+            "max_abs_diff": {k: float(np.abs(_logits(engine, prompt, more, k) - single).max()) for k in chunks}}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("packages", nargs="+", help="packages, .gguf files or known model names")
+    p.add_argument("--prompt-tokens", type=int, default=54)
+    p.add_argument("--chunks", type=int, nargs="+", default=[2, 3, 4, 5, 8, 12])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # worker: one package, one mode
+    p.add_argument("--invariant", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        result = probe(args.packages[0], args.prompt_tokens, args.chunks, args.invariant, args.threads)
+        print(json.dumps(result))
+        return [result]
+    results = []
+    for package in args.packages:
+        for invariant in (False, True):
+            cmd = [sys.executable, "-m", "edgerun.bench.step_invariance", package, "--one",
+                   "--prompt-tokens", str(args.prompt_tokens), "--chunks", *map(str, args.chunks)]
+            cmd += ["--invariant"] if invariant else []
+            cmd += ["--threads", str(args.threads)] if args.threads else []
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"probe of {package} failed:\n{done.stderr[-2000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            results.append(result)
+            diffs = "  ".join(f"{k}: {v:.2g}" for k, v in result["max_abs_diff"].items())
+            print(f"{package:40} {result['backend']:8} {'invariant' if invariant else 'default':9} "
+                  f"{'/'.join(result['weights']):28} max |logit diff| vs 1-token steps, by chunk  {diffs}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
