@@ -61,6 +61,22 @@ def hf_smollm2(smollm2_gguf):
     return model.eval()
 
 
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A private, empty edge-run cache for one test (the real one is never touched); test files that
+    make packages or light packages use it for every test (`pytestmark = usefixtures("home")`)."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("EDGE_RUN_HOME", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny256(tmp_path_factory) -> Path:
+    """A tiny Llama whose rows are multiples of 256, so every GGML block type (TQ*, K-quants) fits."""
+    return build_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny256", seed=11, hidden_size=256,
+                            intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+
+
 def build_tiny_llama(folder: Path, seed: int = 0, tie: bool = True, **overrides) -> Path:
     """Save a randomly initialised tiny Llama (HF format + byte-level BPE tokenizer) to `folder`."""
     torch = pytest.importorskip("torch")

@@ -28,16 +28,7 @@ PROMPT = [5, 17, 42, 99, 3, 250, 7, 61, 12, 200, 33, 8, 140, 77]
 MORE = [21, 4, 90, 18, 230, 6, 71, 15, 160, 44, 9]
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("EDGE_RUN_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture(scope="module")
-def tiny256(tmp_path_factory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny256", seed=11, hidden_size=256,
-                            intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+pytestmark = pytest.mark.usefixtures("home")  # a private edge-run cache per test (conftest)
 
 
 @pytest.fixture(scope="module", params=["gguf-int8", "gguf-int4", "onnx-int4", "onnx-int8"])

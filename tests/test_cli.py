@@ -45,12 +45,7 @@ def tiny_pkg(tiny_hf, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch) -> Path:
-    """A private, empty edge-run cache for every test (the real one is never touched)."""
-    path = tmp_path / "home"
-    monkeypatch.setenv("EDGE_RUN_HOME", str(path))
-    return path
+pytestmark = pytest.mark.usefixtures("home")  # a private edge-run cache per test (conftest)
 
 
 def _call(argv) -> int:

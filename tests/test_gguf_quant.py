@@ -31,10 +31,7 @@ TYPES = [("int8_block", 32, "Q8_0"), ("int4_sym", 32, "Q4_0"), ("int4_min", 32, 
          ("ternary", 256, "TQ1_0"), ("ternary", 256, "TQ2_0")]
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("EDGE_RUN_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+pytestmark = pytest.mark.usefixtures("home")  # a private edge-run cache per test (conftest)
 
 
 def _ggml_base() -> ctypes.CDLL:
@@ -69,13 +66,6 @@ def test_llamacpp_dequantizes_our_blocks_exactly(name, block, ggml_type, method)
 
 
 # -- tiny models ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny256(tmp_path_factory) -> Path:
-    """A tiny Llama whose rows are multiples of 256, so every GGML block type (TQ*, K-quants) fits."""
-    return build_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny256", seed=11, hidden_size=256,
-                            intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-
-
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
     """Correlation of two logit arrays (a random tiny model's top-1 is too flat to compare)."""
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])

@@ -26,11 +26,7 @@ from edgerun.runtime.manifest import PackageError, read_manifest
 TOKENS = [5, 17, 42, 99, 3, 250, 7, 61, 12, 200, 33]
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch) -> Path:
-    """A private edge-run cache: light packages made here never touch the real one."""
-    monkeypatch.setenv("EDGE_RUN_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+pytestmark = pytest.mark.usefixtures("home")  # a private edge-run cache per test (conftest)
 
 
 @pytest.fixture(scope="module")

