@@ -139,6 +139,16 @@ def test_every_drafter_through_staged_graphs(tmp_path, batch):
         assert target.stats.rounds > 0
 
 
+def test_quantized_target_warns_only_without_the_flag(quantized, caplog):
+    for invariant, expected in ((False, 1), (True, 0)):
+        caplog.clear()
+        engine = edgerun.Engine(quantized, max_context=64, batch_invariant=invariant)
+        for _ in range(2):  # once per engine
+            list(engine.generate(PROMPT, max_new_tokens=4, speculative="lookup"))
+        warned = [r for r in caplog.records if "--batch-invariant" in r.getMessage()]
+        assert len(warned) == expected, invariant
+
+
 def test_cli_flag(quantized, capsys):
     assert main(["run", str(quantized), "hello", "-n", "4", "--batch-invariant", "--speculative", "lookup"]) == 0
     assert "| 4 tok in" in capsys.readouterr().err
