@@ -25,6 +25,7 @@ import onnxruntime
 
 from .. import __version__
 from .decode_speed import find_data_dir
+from .prompts import perplexity_windows
 from .weights import disk_bytes, initializer_bytes
 
 WEIGHT_PREFIXES = ("embed", "lm_head", "layers.", "final_norm")
@@ -96,15 +97,6 @@ def weight_bits(folder: Path, manifest) -> tuple[float, float]:
     return 8 * total / params, 8 * linear / linear_params
 
 
-def evaluation_windows(engine, text: str, windows: int, window_tokens: int) -> np.ndarray:
-    ids = np.asarray(engine.encode(text, add_special_tokens=False))
-    need = windows * window_tokens
-    if len(ids) < need:
-        raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than {windows} x {window_tokens}; "
-                         f"lower --windows or --window-tokens")
-    return ids[:need].reshape(windows, window_tokens)
-
-
 def evaluate(packages: list[str], reference: str | None = None, windows: int = 40, window_tokens: int = 512,
              threads: int | None = None, text_file: Path | None = None, progress: bool = False) -> dict[str, Any]:
     """Score `packages` (and the reference) on the protocol in the module docstring.
@@ -120,9 +112,8 @@ def evaluate(packages: list[str], reference: str | None = None, windows: int = 4
     names = ([reference] if reference else []) + list(packages)
     engines = [edgerun.load(p, threads=threads, max_context=window_tokens + 1) for p in names]
     text_file = text_file or find_data_dir() / "wikitext-2" / "test.txt"
-    text = Path(text_file).read_text()
-    batch = evaluation_windows(engines[0], text, windows, window_tokens)
-    probe = text[:2000]
+    batch = np.asarray(perplexity_windows(engines[0].tokenizer, windows, window_tokens, text_file=text_file))
+    probe = Path(text_file).read_text()[:2000]
     for name, engine in zip(names[1:], engines[1:]):
         if engine.encode(probe, add_special_tokens=False) != engines[0].encode(probe, add_special_tokens=False):
             raise ValueError(f"{name} tokenizes differently from {names[0]}; compare packages of one model")

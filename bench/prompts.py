@@ -18,20 +18,19 @@ PROMPT_SETS = ("wikitext", "mt_bench")
 _MARK = "\u2063EDGE-RUN-BENCH\u2063"  # stands in for the message while splitting the template
 
 
-def _wikitext_ids(tokenizer: Tokenizer, need: int, data_dir: Path, whole: bool = False) -> list[int]:
-    """WikiText-2 test as token ids, at least `need` of them: the whole text tokenized as one string
-    (eval.py's protocol) when `whole`, else just enough of its start (prompts; much faster)."""
+def _wikitext_ids(tokenizer: Tokenizer, need: int, data_dir: Path) -> list[int]:
+    """The first `need` token ids of WikiText-2 test, tokenizing just enough of its start."""
     text = (data_dir / "wikitext-2" / "test.txt").read_text()
-    chars = len(text) if whole else 16 * need + 4096
+    chars = 16 * need + 4096
     while True:
         ids = tokenizer.encode(text[:chars], add_special_tokens=False).ids
         if len(ids) > need or chars >= len(text):
             break
         chars *= 4
     if len(ids) >= need:
-        return ids[:need] if not whole else ids
+        return ids[:need]
     raise ValueError(f"WikiText-2 test holds {len(ids)} tokens, fewer than the {need} asked for; "
-                     f"ask for fewer or shorter prompts / windows")
+                     f"ask for fewer or shorter prompts")
 
 
 def _template_parts(chat_template: str | None, bos: str, eos: str) -> tuple[str, str]:
@@ -82,9 +81,15 @@ def make_prompts(tokenizer: Tokenizer, prompt_set: str, length: int, count: int,
 
 
 def perplexity_windows(tokenizer: Tokenizer, windows: int, window_tokens: int,
-                       data_dir: Path | None = None) -> list[list[int]]:
-    """The first windows x window_tokens WikiText-2 test tokens, as independent windows."""
+                       data_dir: Path | None = None, text_file: Path | None = None) -> list[list[int]]:
+    """The perplexity protocol (bench/eval.py's docstring): the text (default WikiText-2 test)
+    tokenized as one string without special tokens, its first windows x window_tokens tokens cut
+    into independent windows."""
     if windows < 1 or window_tokens < 2:
         raise ValueError(f"need windows >= 1 and window_tokens >= 2, got {windows}, {window_tokens}")
-    ids = _wikitext_ids(tokenizer, windows * window_tokens, data_dir or find_data_dir(), whole=True)
+    text_file = text_file or (data_dir or find_data_dir()) / "wikitext-2" / "test.txt"
+    ids = tokenizer.encode(Path(text_file).read_text(), add_special_tokens=False).ids
+    if len(ids) < windows * window_tokens:
+        raise ValueError(f"{text_file} holds {len(ids)} tokens, fewer than {windows} x {window_tokens}; "
+                         f"lower the number of windows or their length")
     return [ids[k * window_tokens:(k + 1) * window_tokens] for k in range(windows)]
