@@ -70,15 +70,22 @@ def _with_host_time(run: Callable[[], dict[str, float]]) -> dict[str, float]:
                      "host_cpu_us_per_token": 1e6 * host_cpu / max(len(steps), 1),
                      "decode_us": 1e6 * statistics.median(wall for wall, _ in steps)}
 
+def llama_cpp_greedy(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], float, list[float]]:
+    """One greedy `Llama.generate` run of exactly `new_tokens` (EOS does not stop it): the tokens,
+    the start time and a perf_counter stamp per token."""
+    llm.reset()
+    start, out, stamps = time.perf_counter(), [], []
+    for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        stamps.append(time.perf_counter())
+        out.append(int(token))
+        if len(out) == new_tokens:
+            break
+    return out, start, stamps
+
+
 def high_level_decode(llm, prompt: list[int], new_tokens: int) -> dict[str, float]:
     """One greedy `Llama.generate` run; ttft_s and decode tokens/s after the first token."""
-    llm.reset()
-    start = time.perf_counter()
-    stamps = []
-    for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-        stamps.append(time.perf_counter())
-        if len(stamps) == new_tokens:
-            break
+    _, start, stamps = llama_cpp_greedy(llm, prompt, new_tokens)
     return {"ttft_s": stamps[0] - start, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 
 

@@ -7,7 +7,9 @@
 For every prompt, plain greedy decoding and each drafter run back to back (interleaved, after a
 warm-up), so machine noise hits all alike. Reported per drafter and prompt set: decode tokens/s
 (median over prompts of generated tokens / wall time after the first token), speedup = plain
-time / speculative time summed over prompts, acceptance rate, mean accepted tokens per
+time / speculative time summed over prompts, from the call to the last token (prompt, a draft
+model's own prefill and first token included; "decode only" counts from the first token on),
+acceptance rate, mean accepted tokens per
 verification, histogram of accepted lengths, and whether every output equalled plain greedy.
 With --batch-invariant, a second engine of the same target with batch_invariant=True runs plain
 and every drafter in the same rounds; its runs are compared with its own plain run (exactness)
@@ -83,14 +85,16 @@ def prompt_sets(n: int) -> dict[str, list[str]]:
     return {"mt_bench": mt, "edit": edit}
 
 
-def _run(engine, tokens: list[int], new_tokens: int, **kw) -> tuple[list[int], float]:
+def _run(engine, tokens: list[int], new_tokens: int, **kw) -> tuple[list[int], float, float]:
+    """One generation: its tokens, seconds from the call to the last token, and from the first."""
     start = time.perf_counter()
     out, first = [], None
     for r in engine.generate(tokens, max_new_tokens=new_tokens, **kw):
         if first is None:
             first = time.perf_counter()
         out.append(r.token)
-    return out, time.perf_counter() - (first or start)
+    end = time.perf_counter()
+    return out, end - start, end - (first or start)
 
 
 class LlamaCppPeer:
@@ -114,20 +118,16 @@ class LlamaCppPeer:
         self.settings = f"max_ngram_size={max_ngram}, num_pred_tokens={num_pred_tokens}"
 
     @staticmethod
-    def run(llm, tokens: list[int], new_tokens: int) -> tuple[list[int], float]:
-        """One greedy generation of exactly `new_tokens` (EOS does not stop it); seconds after the first."""
-        llm.reset()
-        out, first = [], None
-        for token in llm.generate(tokens, top_k=1, temp=0.0, reset=True):
-            first = first or time.perf_counter()
-            out.append(int(token))
-            if len(out) == new_tokens:
-                break
-        return out, time.perf_counter() - first
+    def run(llm, tokens: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+        """As `_run`, with llama-cpp-python's greedy loop."""
+        from .llamacpp_overhead import llama_cpp_greedy
+
+        out, start, stamps = llama_cpp_greedy(llm, tokens, new_tokens)
+        return out, stamps[-1] - start, stamps[-1] - stamps[0]
 
 
 def _runners(engines: dict[str, object], args, draft_tokens, peer: LlamaCppPeer | None) -> dict:
-    """name -> (run(tokens, new_tokens) -> (tokens, seconds), name of the plain run it is compared
+    """name -> (run(tokens, new_tokens) -> (tokens, seconds, decode seconds), name of the plain run it is compared
     with, the engine whose stats it reports or None)."""
     runners = {}
     for tag, engine in engines.items():
@@ -187,15 +187,17 @@ def main(argv: list[str] | None = None) -> dict:
     for set_name, prompts in prompts_by_set.items():
         for run, *_ in runners.values():
             run(prompts[0], 8)  # warm-up
-        rows = {name: {"s": 0.0, "identical": True, "proposed": 0, "accepted": 0, "rounds": 0, "histogram": {},
+        rows = {name: {"s": 0.0, "decode_s": 0.0, "identical": True, "proposed": 0, "accepted": 0, "rounds": 0, "histogram": {},
                        "tok_s": []} for name in runners}
         for tokens in prompts:
             outputs = {}
             for name, (run, base, stats_of) in runners.items():  # interleaved: noise hits every runner alike
-                out, seconds = outputs[name] = run(tokens, args.new_tokens)
+                out, seconds, decode = run(tokens, args.new_tokens)
+                outputs[name] = (out,)
                 row = rows[name]
                 row["s"] += seconds
-                row["tok_s"].append((len(out) - 1) / seconds)
+                row["decode_s"] += decode
+                row["tok_s"].append((len(out) - 1) / decode)
                 if base is not None:
                     row["identical"] &= out == outputs[base][0]
                 if stats_of is not None:
@@ -212,9 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
             line = f"  {name:18} {statistics.median(row['tok_s']):7.1f} tok/s"
             result = {"prompts": set_name, "drafter": name, "tok_s_median": statistics.median(row["tok_s"])}
             if base is not None:
-                speedup = rows[base]["s"] / row["s"]
-                line += f"  x{speedup:.2f} over {base}"
-                result |= {"baseline": base, "speedup": speedup, "identical": row["identical"],
+                speedup, decode_speedup = rows[base]["s"] / row["s"], rows[base]["decode_s"] / row["decode_s"]
+                line += f"  x{speedup:.2f} over {base} (decode only x{decode_speedup:.2f})"
+                result |= {"baseline": base, "speedup": speedup, "decode_speedup": decode_speedup,
+                           "identical": row["identical"],
                            "plain_tok_s_median": statistics.median(rows[base]["tok_s"])}
                 if row["proposed"]:
                     rate, mean = row["accepted"] / row["proposed"], row["accepted"] / row["rounds"]
