@@ -288,3 +288,25 @@ def test_smoke_run_against_installed_peers(smollm2_gguf, smollm2_package, tmp_pa
     if importlib.util.find_spec("matplotlib"):
         assert (out / "bench.png").stat().st_size > 0
     assert "| engine |" in report_module.markdown(saved)
+
+
+def test_speculative_bench_compares_both_engines_and_checks_exactness(data_dir, tmp_path, monkeypatch):
+    """bench.speculative on a tiny INT4 package: every runner on both prompt sets, the invariant
+    engine's lookup identical to its plain run, end-to-end and decode-only ratios, the JSON report."""
+    from conftest import build_tiny_llama
+
+    from edgerun.bench import speculative
+    from edgerun.export.quantize import export_quantized
+
+    monkeypatch.setenv("EDGE_RUN_DATA", str(data_dir))
+    monkeypatch.setenv("EDGE_RUN_HOME", str(tmp_path / "home"))
+    export_quantized(build_tiny_llama(tmp_path / "hf", seed=3, max_position_embeddings=2048), tmp_path / "int4", "int4")
+    report = speculative.main([str(tmp_path / "int4"), "--drafters", "lookup", "--n", "1", "--new-tokens", "12",
+                               "--threads", "1", "--batch-invariant", "--json", str(tmp_path / "r.json")])
+    rows = {(r["prompts"], r["drafter"]): r for r in report["results"]}
+    assert set(rows) == {(s, d) for s in ("mt_bench", "edit") for d in ("plain", "lookup", "plain [inv]", "lookup [inv]")}
+    inv = rows[("edit", "lookup [inv]")]
+    assert inv["identical"] is True and inv["baseline"] == "plain [inv]"
+    assert inv["speedup"] > 0 and inv["decode_speedup"] > 0 and inv["speedup_over_default_plain"] > 0
+    saved = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [(r["drafter"], r.get("speedup")) for r in saved] == [(r["drafter"], r.get("speedup")) for r in report["results"]]
