@@ -278,19 +278,18 @@ class Engine:
             forward = getattr(drafter, "target_forward", self.backend.forward) if width > 1 else self.backend.forward
             logits = forward(tokens, cache, counts, np.tile(np.arange(width), (len(rows), 1)))
             t2 = time.perf_counter()
-            proposed = accepted = rejections = 0
+            outcomes = []  # (proposed, accepted) per active row
             for row, draft in zip(rows, drafts):
                 if not row.active:
                     continue
                 out = verify(row.sampler, draft, logits[row.index, :counts[row.index]])
                 stats.record(len(draft.tokens), len(out) - 1)
-                proposed, accepted = proposed + len(draft.tokens), accepted + len(out) - 1
-                rejections += len(out) - 1 < len(draft.tokens)
+                outcomes.append((len(draft.tokens), len(out) - 1))
                 for j, token in enumerate(out):
                     yield row.emit(token, j < len(out) - 1, cache.max_len)
                     if not row.active:
                         break
-            policy.update(proposed, accepted, t1 - t0, t2 - t1, rejections)
+            policy.update(outcomes, t1 - t0, t2 - t1)
 
     def _decode_plain(self, rows: list[_Row], cache) -> Iterator[GenerationResponse]:
         """Plain decoding: each active row feeds its last token and samples the next one.

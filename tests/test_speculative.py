@@ -137,32 +137,62 @@ def test_sampled_speculative_generation_is_seeded(tiny_pair, mode):
     assert _tokens(target, PROMPTS[:2], **kw) == _tokens(target, PROMPTS[:2], **kw)
 
 
+def _rounds(policy, n, outcomes, draft_s, verify_s):
+    """Feed n rounds at the lengths the policy asks for; outcomes(k) -> (proposed, accepted)."""
+    lengths = []
+    for _ in range(n):
+        k = policy.length()
+        lengths.append(k)
+        proposed, accepted = outcomes(k)
+        policy.update([(proposed, accepted)] if k else [], draft_s(k), verify_s(k))
+    return lengths
+
+
 def test_adaptive_policy_stops_drafting_when_it_does_not_pay():
-    policy = AdaptiveDraftLength(max_tokens=8, warmup=3)
-    assert policy.length() == 0  # plain steps are timed first
-    for _ in range(3):
-        policy.update(0, 0, 0.0, 0.010)  # plain step: 10 ms
-    for _ in range(20):  # drafts cost as much as a step and are never accepted
-        policy.update(4, 0, 0.040, 0.012)
+    policy = AdaptiveDraftLength(max_tokens=8)
+    assert policy.length() == 3  # no warm-up: the first round probes
+    # drafts cost as much as a step each and are never accepted
+    _rounds(policy, 40, lambda k: (k, 0), lambda k: 0.010 * k, lambda k: 0.010 + 0.001 * k)
     lengths = [policy.length() for _ in range(32)]
     assert lengths.count(0) >= 30 and 2 in lengths  # off, with occasional probes
-    good = AdaptiveDraftLength(max_tokens=8, warmup=3)
-    for step_s in (0.010, 0.011, 0.200):  # one step descheduled by another process
-        good.update(0, 0, 0.0, step_s)
-    for _ in range(20):  # cheap drafts, almost always accepted
-        good.update(6, 6, 0.0006, 0.011)
-    good.update(6, 6, 0.05, 0.3)  # a slow outlier round does not switch drafting off
-    assert good.length() >= 6
 
 
-def test_adaptive_policy_counts_only_tried_positions():
-    """A round accepting 1 of 4 drafts tried 2 positions: the rate is 1/2, not 1/4."""
-    policy = AdaptiveDraftLength(window=4)
+def test_adaptive_policy_drafts_long_when_drafts_are_cheap_and_accepted():
+    good = AdaptiveDraftLength(max_tokens=8)
+    slow = iter([0.3] + [0.0] * 1000)  # one round descheduled by another process
+    lengths = _rounds(good, 40, lambda k: (k, k), lambda k: 0.0001 * k,
+                      lambda k: 0.010 + 0.0005 * k + next(slow))
+    assert lengths[:4] == [3, 1, 3, 1]  # two widths, each timed twice, before the cost fit
+    assert min(lengths[-30:]) >= 6 and good.length() >= 6
+
+
+def test_adaptive_policy_costs_are_fitted_robustly():
+    policy = AdaptiveDraftLength()
+    rounds = [(k, 0.020 + 0.002 * k, 0.001 + 0.010 * k) for _ in range(3) for k in (0, 1, 3, 5)]
+    rounds[4:4] = [(3, 0.4, 0.5), (0, 0.3, 0.0)]  # descheduled: slower, never faster
+    for k, verify_s, draft_s in rounds:
+        policy.update([(k, 0)] if k else [], draft_s, verify_s)
+    t_step, t_extra, t_round, t_draft = policy.costs()
+    assert t_step == pytest.approx(0.020) and t_extra == pytest.approx(0.002)
+    assert t_round == pytest.approx(0.001) and t_draft == pytest.approx(0.010)
+
+
+def test_adaptive_policy_survival_counts_only_tried_positions():
+    """A round accepting 1 of 4 drafts tested positions 1 and 2; a round accepting all 4 tells
+    nothing about position 5. Hazard is fitted non-increasing: runs make deep positions easier."""
+    policy = AdaptiveDraftLength(max_tokens=6, prior_weight=0.0)
     for _ in range(4):
-        policy.update(4, 1, 0.001, 0.01)
-    assert policy.rate == 0.5
-    policy.update(4, 4, 0.001, 0.01)  # every draft accepted: 4 of 4 tried
-    assert policy.rate == (3 * 1 + 4) / (3 * 2 + 4)
+        policy.update([(4, 1)], 0.001, 0.01)
+    # position 1 always passed, 2 always failed: a hazard rising with depth is pooled (4 of 8),
+    # and positions never tried take the deepest estimate
+    np.testing.assert_allclose(policy.survival(), 0.5 ** np.arange(1, 7))
+    policy = AdaptiveDraftLength(max_tokens=6, prior_weight=0.0)
+    policy.update([(4, 0)], 0.001, 0.01)  # fails at 1
+    policy.update([(4, 4)], 0.001, 0.01)
+    policy.update([(4, 4), (2, 1)], 0.001, 0.01)  # batch: one observation per row
+    # position 1: 1 failure in 4 tries, 2: 1 in 3, 3-4: 0 in 2; non-increasing: 1-2 pooled 2/7
+    s = policy.survival()
+    np.testing.assert_allclose(s, np.cumprod([5 / 7, 5 / 7, 1, 1, 1, 1]))
 
 
 def test_model_drafter_cache_follows_accepted_tokens(tiny_pair):
