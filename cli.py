@@ -58,7 +58,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "package with the same tokenizer) or self:K (the model's first K layers; needs "
                         "a package exported with --exit-layers K)")
     p.add_argument("--draft-tokens", default="auto", metavar="N|auto",
-                   help="drafted tokens per verification (default: auto, adapted to acceptance)")
+                   help="drafted tokens per verification (default: auto, 0-16 chosen each round from the "
+                        "measured acceptance curve and step costs)")
     p.add_argument("--early-exit", type=float, default=None, metavar="QUALITY",
                    help="stop tokens at the package's exits when their calibrated top-1 agreement with the "
                         "full model is at least QUALITY (e.g. 0.95); needs --exit-layers at export")

@@ -193,7 +193,8 @@ class Engine:
             speculative: None (plain decoding), "lookup" (prompt lookup), "draft:PATH" (a draft
                 package with the same vocabulary) or a Drafter object. Lossless: greedy output
                 is token-identical, sampling keeps the target distribution.
-            draft_tokens: drafts per round, or "auto" (adapted to measured acceptance and cost).
+            draft_tokens: drafts per round, or "auto" (0-16 per round, chosen from the measured
+                acceptance curve and step costs; see speculative.AdaptiveDraftLength).
             early_exit: stop tokens at the package's exits when their calibrated top-1 agreement
                 with the full model is at least this level (e.g. 0.95); batch 1 only.
             exit_threshold: a raw confidence threshold for every exit instead of a quality level.

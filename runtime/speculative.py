@@ -403,7 +403,7 @@ def _fit(points, need: int = 2) -> tuple[float, float] | None:
     if len(points) < 2 * need:
         return None
     xs, ys = np.array(points, dtype=float).T
-    values, counts = np.unique(xs, return_counts=True)
+    _, counts = np.unique(xs, return_counts=True)
     if (counts >= need).sum() < 2:
         return None
     dx, dy = xs[:, None] - xs[None, :], ys[:, None] - ys[None, :]
