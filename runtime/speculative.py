@@ -304,11 +304,10 @@ class AdaptiveDraftLength:
     Costs: a round of k drafts costs its drafting, fitted as t_round + k * t_draft (a draft model
     first catches up on the tokens accepted last round), plus one verification of k + 1
     positions, fitted as t_step + k * t_extra (plain steps are width 1), both over recent rounds
-    by Theil-Sen: on a shared CPU one descheduled step is several times the usual, and a mean
-    would switch speculation off on it. There is no plain warm-up: until two widths are each
-    timed twice, rounds draft `probe` tokens and 1 in turn (a warm-up of 3 plain steps cost ~6%
-    of a 128-token lookup generation), and drafting goes on for at least `min_rounds` rounds, so
-    one slow early round cannot switch it off.
+    from the median time per width (see `_fit`): on a shared CPU one descheduled step is several
+    times the usual, and a mean would switch speculation off on it. There is no plain warm-up:
+    until two widths are each timed 3 times, rounds draft `probe` tokens and 1 in turn (a
+    warm-up of 3 plain steps cost ~6% of a 128-token lookup generation).
 
     k drafts yield 1 + S(1) + ... + S(k) tokens per round; the k with the best tokens per second
     is used. When that is k = 0 (plain decoding), a probe round of 2 drafts runs every 16 rounds
@@ -316,8 +315,8 @@ class AdaptiveDraftLength:
     """
 
     def __init__(self, max_tokens: int = 16, fixed: int | None = None, window: int = 64, probe: int = 3,
-                 prior_hazard: float = 0.4, prior_weight: float = 0.5, min_rounds: int = 8):
-        self.max_tokens, self.fixed, self.probe, self.min_rounds = max_tokens, fixed, probe, min_rounds
+                 prior_hazard: float = 0.4, prior_weight: float = 0.5):
+        self.max_tokens, self.fixed, self.probe = max_tokens, fixed, probe
         self.prior_hazard, self.prior_weight = prior_hazard, prior_weight
         self.drafts, self.verifies = deque(maxlen=window), deque(maxlen=window)  # (k, s), (width, s)
         self.rounds: deque[list[tuple[int, int]]] = deque(maxlen=window)  # per round: (proposed, accepted) per row
@@ -355,12 +354,12 @@ class AdaptiveDraftLength:
     def costs(self) -> tuple[float, float, float, float] | None:
         """(t_step, t_extra, t_round, t_draft): verifying w positions takes t_step + (w - 1) *
         t_extra, and drafting k tokens t_round + k * t_draft (t_round: a draft model catching up
-        on the tokens accepted last round). None until two widths were each timed twice."""
+        on the tokens accepted last round). None until two widths were each timed 3 times."""
         verify = _fit(self.verifies)
         if verify is None or not self.drafts:
             return None
         t_step, t_extra = verify[0] + verify[1], max(verify[1], 0.0)  # intercept at width 1
-        draft = _fit(self.drafts, need=1)
+        draft = _fit(self.drafts)
         if draft is None or draft[1] <= 0:
             return max(t_step, 1e-9), t_extra, 0.0, float(np.median([s / k for k, s in self.drafts]))
         return max(t_step, 1e-9), t_extra, max(draft[0], 0.0), draft[1]
@@ -376,8 +375,6 @@ class AdaptiveDraftLength:
         tokens = 1.0 + np.concatenate([[0.0], np.cumsum(self.survival())])
         seconds = t_step + (ks > 0) * t_round + ks * (t_extra + t_draft)
         best = int(np.argmax(tokens * t_step / seconds))
-        if best == 0 and len(self.drafts) < self.min_rounds:  # too few rounds to give up: more timings
-            return self.probe if len(self.drafts) % 2 == 0 else 1
         if best == 0:
             self.idle_rounds += 1
             return 2 if self.idle_rounds % 16 == 0 else 0
@@ -396,16 +393,17 @@ class AdaptiveDraftLength:
             self.drafts.append((width, draft_s))
 
 
-def _fit(points, need: int = 2) -> tuple[float, float] | None:
-    """Line y = a + b x through (x, y) timings by Theil-Sen (b: the median slope over pairs of
-    points with different x, a: the median of y - b x), which a few descheduled rounds do not
-    move. None until two x were each timed `need` times."""
-    if len(points) < 2 * need:
+def _fit(points, need: int = 3) -> tuple[float, float] | None:
+    """Line y = a + b x through (x, y) timings: the median y of each x timed at least `need`
+    times, then Theil-Sen (b: the median slope over pairs of those x, a: the median of y - b x).
+    A descheduled round moves neither median. None with fewer than two such x."""
+    by_x: dict[float, list[float]] = {}
+    for x, y in points:
+        by_x.setdefault(x, []).append(y)
+    xs = np.array([x for x, ys in by_x.items() if len(ys) >= need], dtype=float)
+    if xs.size < 2:
         return None
-    xs, ys = np.array(points, dtype=float).T
-    _, counts = np.unique(xs, return_counts=True)
-    if (counts >= need).sum() < 2:
-        return None
+    ys = np.array([np.median(by_x[x]) for x in xs])
     dx, dy = xs[:, None] - xs[None, :], ys[:, None] - ys[None, :]
     apart = dx > 0
     slope = float(np.median(dy[apart] / dx[apart]))
