@@ -305,22 +305,27 @@ class AdaptiveDraftLength:
     first catches up on the tokens accepted last round), plus one verification of k + 1
     positions, fitted as t_step + k * t_extra (plain steps are width 1), both over recent rounds
     from the median time per width (see `_fit`): on a shared CPU one descheduled step is several
-    times the usual, and a mean would switch speculation off on it. There is no plain warm-up:
-    until two widths are each timed 3 times, rounds draft `probe` tokens and 1 in turn (a
-    warm-up of 3 plain steps cost ~6% of a 128-token lookup generation).
+    times the usual, and a mean would switch speculation off on it. Until two widths are each
+    timed 3 times, plain rounds and rounds of `probe` drafts alternate (a warm-up of 3 plain
+    steps before any drafting cost ~6% of a 128-token lookup generation).
 
     k drafts yield 1 + S(1) + ... + S(k) tokens per round; the k with the best tokens per second
-    is used. When that is k = 0 (plain decoding), a probe round of 2 drafts runs every 16 rounds
-    so a change in the text can switch speculation back on.
+    is used. When that is k = 0 (plain decoding), a probe round of 2 drafts runs after 16 plain
+    rounds, so a change in the text can switch speculation back on; each probe that does not
+    doubles the wait (up to 256), since a probe of an expensive drafter (self-speculation) costs
+    several steps.
     """
 
     def __init__(self, max_tokens: int = 16, fixed: int | None = None, window: int = 64, probe: int = 3,
                  prior_hazard: float = 0.4, prior_weight: float = 0.5):
         self.max_tokens, self.fixed, self.probe = max_tokens, fixed, probe
         self.prior_hazard, self.prior_weight = prior_hazard, prior_weight
-        self.drafts, self.verifies = deque(maxlen=window), deque(maxlen=window)  # (k, s), (width, s)
+        # timings, (k, s) of drafting and (width, s) of verifying; plain steps kept apart, so a long
+        # plain stretch does not push the drafting rounds out of the window
+        self.drafts, self.verifies, self.plain = deque(maxlen=window), deque(maxlen=window), deque(maxlen=window)
         self.rounds: deque[list[tuple[int, int]]] = deque(maxlen=window)  # per round: (proposed, accepted) per row
         self.idle_rounds = self.drafting_rounds = 0
+        self.idle_interval = 16  # plain rounds between probes while drafting does not pay
 
     def survival(self) -> np.ndarray:
         """S(1..max_tokens): the estimated chance that the first j drafts are all accepted.
@@ -355,7 +360,7 @@ class AdaptiveDraftLength:
         """(t_step, t_extra, t_round, t_draft): verifying w positions takes t_step + (w - 1) *
         t_extra, and drafting k tokens t_round + k * t_draft (t_round: a draft model catching up
         on the tokens accepted last round). None until two widths were each timed 3 times."""
-        verify = _fit(self.verifies)
+        verify = _fit([*self.plain, *self.verifies])
         if verify is None or not self.drafts:
             return None
         t_step, t_extra = verify[0] + verify[1], max(verify[1], 0.0)  # intercept at width 1
@@ -368,8 +373,8 @@ class AdaptiveDraftLength:
         if self.fixed is not None:
             return self.fixed
         fit = self.costs()
-        if fit is None:  # alternate two widths until both are timed
-            return self.probe if len(self.drafts) % 2 == 0 else 1
+        if fit is None:  # plain and probe rounds in turn until both widths are timed
+            return self.probe if (len(self.plain) + len(self.verifies)) % 2 == 0 else 0
         t_step, t_extra, t_round, t_draft = fit
         ks = np.arange(self.max_tokens + 1)
         tokens = 1.0 + np.concatenate([[0.0], np.cumsum(self.survival())])
@@ -377,8 +382,11 @@ class AdaptiveDraftLength:
         best = int(np.argmax(tokens * t_step / seconds))
         if best == 0:
             self.idle_rounds += 1
-            return 2 if self.idle_rounds % 16 == 0 else 0
-        self.idle_rounds = 0
+            if self.idle_rounds < self.idle_interval:
+                return 0
+            self.idle_rounds, self.idle_interval = 0, min(2 * self.idle_interval, 256)  # back off
+            return 2
+        self.idle_rounds, self.idle_interval = 0, 16
         self.drafting_rounds += 1
         return min(best + 2, self.max_tokens) if self.drafting_rounds % 8 == 0 else best
 
@@ -386,11 +394,13 @@ class AdaptiveDraftLength:
         """Record one round: (drafts proposed, drafts accepted) per active row, and the seconds
         spent drafting and verifying. A round where no row had a draft is a plain step."""
         rows = [(p, a) for p, a in rows if p > 0]
-        width = max((p for p, _ in rows), default=0)  # sequential draft steps, and extra verified positions
+        if not rows:
+            self.plain.append((1, verify_s))
+            return
+        width = max(p for p, _ in rows)  # sequential draft steps, and extra verified positions
         self.verifies.append((width + 1, verify_s))
-        if rows:
-            self.rounds.append(rows)
-            self.drafts.append((width, draft_s))
+        self.rounds.append(rows)
+        self.drafts.append((width, draft_s))
 
 
 def _fit(points, need: int = 3) -> tuple[float, float] | None:

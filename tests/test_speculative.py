@@ -100,6 +100,18 @@ def test_lookup_copies_after_latest_match():
     assert drafter.propose([[1, 2, 3]], [3])[0].tokens == []  # no earlier occurrence
 
 
+def test_lookup_drafts_at_most_slack_beyond_the_match():
+    """A 2-token match drafts at most 2 + slack tokens; a copy that already ran 8 tokens drafts more."""
+    text = list(range(10, 40))
+    short = [7, 8] + text + [5, 7, 8]  # "7 8" matched, preceded by 5 vs 40: length 2
+    assert LookupDrafter(slack=3).propose([short], [16])[0].tokens == text[:5]
+    assert LookupDrafter(slack=None).propose([short], [16])[0].tokens == text[:16]
+    long = text + [99] + text[:8]  # the last 8 tokens repeat the start
+    assert LookupDrafter(slack=3).propose([long], [16])[0].tokens == text[8:19]
+    with pytest.raises(ValueError, match="slack"):
+        LookupDrafter(slack=0)
+
+
 def _chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
     expected = probs * counts.sum()
     mask = expected > 0
@@ -153,8 +165,11 @@ def test_adaptive_policy_stops_drafting_when_it_does_not_pay():
     assert policy.length() == 3  # no warm-up: the first round probes
     # drafts cost as much as a step each and are never accepted
     _rounds(policy, 40, lambda k: (k, 0), lambda k: 0.010 * k, lambda k: 0.010 + 0.001 * k)
-    lengths = [policy.length() for _ in range(32)]
-    assert lengths.count(0) >= 30 and 2 in lengths  # off, with occasional probes
+    lengths = _rounds(policy, 400, lambda k: (k, 0), lambda k: 0.010 * k, lambda k: 0.010 + 0.001 * k)
+    probes = [i for i, k in enumerate(lengths) if k]
+    assert lengths.count(0) >= 390 and set(lengths) == {0, 2}  # off, with occasional probes
+    gaps = np.diff(probes)
+    assert len(probes) >= 2 and all(gaps[1:] >= 2 * gaps[:-1] - 1)  # each failed probe doubles the wait
 
 
 def test_adaptive_policy_drafts_long_when_drafts_are_cheap_and_accepted():
@@ -162,7 +177,7 @@ def test_adaptive_policy_drafts_long_when_drafts_are_cheap_and_accepted():
     slow = iter([0.3] + [0.0] * 1000)  # one round descheduled by another process
     lengths = _rounds(good, 40, lambda k: (k, k), lambda k: 0.0001 * k,
                       lambda k: 0.010 + 0.0005 * k + next(slow))
-    assert lengths[:6] == [3, 1] * 3  # two widths, each timed 3 times, before the cost fit
+    assert lengths[:6] == [3, 0] * 3  # plain and probe rounds in turn until both widths are timed
     assert min(lengths[-30:]) >= 6 and good.length() >= 6
 
 
