@@ -3,6 +3,7 @@
     python -m edgerun.bench.speculative TARGET --drafters lookup self:10 draft:PKG \
         --prompts mt_bench edit --n 8 --new-tokens 128 --json out.json
     python -m edgerun.bench.speculative TARGET --drafters lookup --prompts edit --llamacpp smollm2-135m
+    python -m edgerun.bench.speculative TARGET --drafters lookup --draft-tokens auto 8   # policy vs fixed
 
 For every prompt, plain greedy decoding and each drafter run back to back (interleaved, after a
 warm-up), so machine noise hits all alike. Reported per drafter and prompt set: decode tokens/s
@@ -134,8 +135,10 @@ def _runners(engines: dict[str, object], args, draft_tokens, peer: LlamaCppPeer 
         plain = f"plain{tag}"
         runners[plain] = (lambda t, n, e=engine: _run(e, t, n), None, None)
         for d in args.drafters:
-            runners[f"{d}{tag}"] = (lambda t, n, d=d, e=engine: _run(e, t, n, speculative=d, draft_tokens=draft_tokens),
-                                    plain, engine)
+            for k in draft_tokens:  # "auto" keeps the drafter's name; a fixed length is named
+                name = f"{d}{'' if k == 'auto' else f' k={k}'}{tag}"
+                runners[name] = (lambda t, n, d=d, e=engine, k=k: _run(e, t, n, speculative=d, draft_tokens=k),
+                                 plain, engine)
     if peer is not None:
         runners["llama.cpp plain"] = (lambda t, n: peer.run(peer.plain, t, n), None, None)
         runners["llama.cpp lookup"] = (lambda t, n: peer.run(peer.lookup, t, n), "llama.cpp plain", None)
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompts", nargs="+", default=["mt_bench", "edit"], choices=["mt_bench", "edit"])
     p.add_argument("--n", type=int, default=8, help="prompts per set")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--draft-tokens", default="auto")
+    p.add_argument("--draft-tokens", nargs="+", default=["auto"], metavar="N|auto",
+                   help="draft lengths to run for every drafter, side by side (e.g. auto 8)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--llamacpp", default=None, metavar="GGUF",
                    help="also run llama-cpp-python plain and with its prompt lookup decoding on this GGUF "
@@ -162,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "interleaved with the default engine's runs")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    draft_tokens = args.draft_tokens if args.draft_tokens == "auto" else int(args.draft_tokens)
+    if any(k != "auto" and not (k.isdigit() and int(k) >= 1) for k in args.draft_tokens):
+        p.error(f"--draft-tokens takes integers >= 1 or auto, got {' '.join(args.draft_tokens)}")
+    draft_tokens = [k if k == "auto" else int(k) for k in args.draft_tokens]
 
     engine = edgerun.load(args.target, threads=args.threads, max_context=2048)
     engines = {"": engine}

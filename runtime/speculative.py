@@ -306,8 +306,10 @@ class AdaptiveDraftLength:
     positions, fitted as t_step + k * t_extra (plain steps are width 1), both over recent rounds
     from the median time per width (see `_fit`): on a shared CPU one descheduled step is several
     times the usual, and a mean would switch speculation off on it. Until two widths are each
-    timed 3 times, plain rounds and rounds of `probe` drafts alternate (a warm-up of 3 plain
-    steps before any drafting cost ~6% of a 128-token lookup generation).
+    timed twice, rounds of `probe` and `probe // 2` drafts alternate: a plain warm-up costs what
+    those rounds would have gained (3 plain steps: ~6% of a 128-token lookup generation, and
+    plain rounds among the probes ~8% of an INT8 draft's), and the verification fit
+    extrapolates to a plain step.
 
     k drafts yield 1 + S(1) + ... + S(k) tokens per round; the k with the best tokens per second
     is used. When that is k = 0 (plain decoding), a probe round of 2 drafts runs after 16 plain
@@ -316,7 +318,7 @@ class AdaptiveDraftLength:
     several steps.
     """
 
-    def __init__(self, max_tokens: int = 16, fixed: int | None = None, window: int = 64, probe: int = 3,
+    def __init__(self, max_tokens: int = 16, fixed: int | None = None, window: int = 64, probe: int = 4,
                  prior_hazard: float = 0.4, prior_weight: float = 0.5):
         self.max_tokens, self.fixed, self.probe = max_tokens, fixed, probe
         self.prior_hazard, self.prior_weight = prior_hazard, prior_weight
@@ -359,7 +361,7 @@ class AdaptiveDraftLength:
     def costs(self) -> tuple[float, float, float, float] | None:
         """(t_step, t_extra, t_round, t_draft): verifying w positions takes t_step + (w - 1) *
         t_extra, and drafting k tokens t_round + k * t_draft (t_round: a draft model catching up
-        on the tokens accepted last round). None until two widths were each timed 3 times."""
+        on the tokens accepted last round). None until two widths were each timed twice."""
         verify = _fit([*self.plain, *self.verifies])
         if verify is None or not self.drafts:
             return None
@@ -373,8 +375,8 @@ class AdaptiveDraftLength:
         if self.fixed is not None:
             return self.fixed
         fit = self.costs()
-        if fit is None:  # plain and probe rounds in turn until both widths are timed
-            return self.probe if (len(self.plain) + len(self.verifies)) % 2 == 0 else 0
+        if fit is None:  # two probe lengths in turn until both widths are timed
+            return self.probe if len(self.drafts) % 2 == 0 else max(self.probe // 2, 1)
         t_step, t_extra, t_round, t_draft = fit
         ks = np.arange(self.max_tokens + 1)
         tokens = 1.0 + np.concatenate([[0.0], np.cumsum(self.survival())])
@@ -403,17 +405,18 @@ class AdaptiveDraftLength:
         self.drafts.append((width, draft_s))
 
 
-def _fit(points, need: int = 3) -> tuple[float, float] | None:
-    """Line y = a + b x through (x, y) timings: the median y of each x timed at least `need`
-    times, then Theil-Sen (b: the median slope over pairs of those x, a: the median of y - b x).
-    A descheduled round moves neither median. None with fewer than two such x."""
+def _fit(points, need: int = 2) -> tuple[float, float] | None:
+    """Line y = a + b x through (x, y) timings: per x timed at least `need` times its median y
+    (the faster of two: interference on a shared machine only adds time), then Theil-Sen (b: the
+    median slope over pairs of those x, a: the median of y - b x). A descheduled round moves
+    neither. None with fewer than two such x."""
     by_x: dict[float, list[float]] = {}
     for x, y in points:
         by_x.setdefault(x, []).append(y)
     xs = np.array([x for x, ys in by_x.items() if len(ys) >= need], dtype=float)
     if xs.size < 2:
         return None
-    ys = np.array([np.median(by_x[x]) for x in xs])
+    ys = np.array([np.median(by_x[x]) if len(by_x[x]) > 2 else min(by_x[x]) for x in xs])
     dx, dy = xs[:, None] - xs[None, :], ys[:, None] - ys[None, :]
     apart = dx > 0
     slope = float(np.median(dy[apart] / dx[apart]))

@@ -302,11 +302,16 @@ def test_speculative_bench_compares_both_engines_and_checks_exactness(data_dir, 
     monkeypatch.setenv("EDGE_RUN_HOME", str(tmp_path / "home"))
     export_quantized(build_tiny_llama(tmp_path / "hf", seed=3, max_position_embeddings=2048), tmp_path / "int4", "int4")
     report = speculative.main([str(tmp_path / "int4"), "--drafters", "lookup", "--n", "1", "--new-tokens", "12",
-                               "--threads", "1", "--batch-invariant", "--json", str(tmp_path / "r.json")])
+                               "--threads", "1", "--batch-invariant", "--draft-tokens", "auto", "3",
+                               "--json", str(tmp_path / "r.json")])
     rows = {(r["prompts"], r["drafter"]): r for r in report["results"]}
-    assert set(rows) == {(s, d) for s in ("mt_bench", "edit") for d in ("plain", "lookup", "plain [inv]", "lookup [inv]")}
+    runners = ("plain", "lookup", "lookup k=3", "plain [inv]", "lookup [inv]", "lookup k=3 [inv]")
+    assert set(rows) == {(s, d) for s in ("mt_bench", "edit") for d in runners}
+    assert rows[("edit", "lookup k=3 [inv]")]["identical"] is True
     inv = rows[("edit", "lookup [inv]")]
     assert inv["identical"] is True and inv["baseline"] == "plain [inv]"
     assert inv["speedup"] > 0 and inv["decode_speedup"] > 0 and inv["speedup_over_default_plain"] > 0
     saved = json.loads((tmp_path / "r.json").read_text())["results"]
     assert [(r["drafter"], r.get("speedup")) for r in saved] == [(r["drafter"], r.get("speedup")) for r in report["results"]]
+    with pytest.raises(SystemExit):  # argparse names the bad length
+        speculative.main([str(tmp_path / "int4"), "--draft-tokens", "0"])

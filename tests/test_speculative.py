@@ -162,7 +162,7 @@ def _rounds(policy, n, outcomes, draft_s, verify_s):
 
 def test_adaptive_policy_stops_drafting_when_it_does_not_pay():
     policy = AdaptiveDraftLength(max_tokens=8)
-    assert policy.length() == 3  # no warm-up: the first round probes
+    assert policy.length() == 4  # no warm-up: the first round probes
     # drafts cost as much as a step each and are never accepted
     _rounds(policy, 40, lambda k: (k, 0), lambda k: 0.010 * k, lambda k: 0.010 + 0.001 * k)
     lengths = _rounds(policy, 400, lambda k: (k, 0), lambda k: 0.010 * k, lambda k: 0.010 + 0.001 * k)
@@ -177,7 +177,7 @@ def test_adaptive_policy_drafts_long_when_drafts_are_cheap_and_accepted():
     slow = iter([0.3] + [0.0] * 1000)  # one round descheduled by another process
     lengths = _rounds(good, 40, lambda k: (k, k), lambda k: 0.0001 * k,
                       lambda k: 0.010 + 0.0005 * k + next(slow))
-    assert lengths[:6] == [3, 0] * 3  # plain and probe rounds in turn until both widths are timed
+    assert lengths[:4] == [4, 2, 4, 2]  # two probe lengths in turn until both widths are timed twice
     assert min(lengths[-30:]) >= 6 and good.length() >= 6
 
 
