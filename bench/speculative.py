@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         for tokens in prompts:
             outputs = {}
             for name, (run, base, stats_of) in runners.items():  # interleaved: noise hits every runner alike
-                out, seconds, decode = run(tokens, args.new_tokens)
-                outputs[name] = (out,)
+                out, seconds, decode = outputs[name] = run(tokens, args.new_tokens)
                 row = rows[name]
                 row["s"] += seconds
                 row["decode_s"] += decode

@@ -30,6 +30,7 @@ class Cache(Protocol):
 
 class Backend(Protocol):
     name: str
+    library: str  # the library that computes, as messages name it ("onnxruntime", "llama.cpp")
 
     def new_cache(self, batch: int, max_len: int) -> Cache: ...
 

@@ -231,9 +231,7 @@ class Engine:
                 log.warning("%s computes %s weights with other kernels for one new token than for several "
                             "(logits up to ~0.7 apart measured), so greedy speculative output can differ from "
                             "plain greedy where two tokens nearly tie; load with batch_invariant=True "
-                            "(--batch-invariant) for token-exact output",
-                            {"llamacpp": "llama.cpp", "onnx": "onnxruntime"}.get(self.backend.name, self.backend.name),
-                            "/".join(inexact))
+                            "(--batch-invariant) for token-exact output", self.backend.library, "/".join(inexact))
             self._warned_inexact = True
         if not isinstance(speculative, str):
             return speculative

@@ -209,6 +209,7 @@ class LlamaCppBackend:
     """Decodes a package's GGUF with llama.cpp behind the same interface as the ONNX backend."""
 
     name = "llamacpp"
+    library = "llama.cpp"
 
     def __init__(self, package_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  kv_cache: str = "f32", batch_invariant: bool = False):

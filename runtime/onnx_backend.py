@@ -19,6 +19,7 @@ class OnnxBackend:
     """Runs stage graphs in order; hidden states pass between stages without leaving the device."""
 
     name = "onnx"
+    library = "onnxruntime"
 
     def __init__(self, package_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  kv_cache: str = "f32", batch_invariant: bool = False):
