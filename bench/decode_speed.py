@@ -10,7 +10,6 @@ speed to the first package's. The prompt is the start of WikiText-2 test, exactl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
+from .report import write_json
 
 
 def find_data_dir() -> Path:
@@ -80,9 +80,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{tps[0]:.1f}/{med:.1f}/{tps[-1]:.1f} tok/s | x{med / base:.3f} vs first")
         results.append({"package": str(pkg), "backend": backend, "ttft_ms": ttft, "decode_tok_s": tps})
     if args.json:
-        args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                                         "edge_run": __version__, "args": vars(args) | {"json": str(args.json)},
-                                         "results": results}, indent=2))
+        write_json(args.json, {"machine": platform.processor() or platform.machine(), "edge_run": __version__,
+                               "args": vars(args) | {"json": str(args.json)}, "results": results})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ KL(reference || package) and top-1 agreement are averaged over the same position
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -26,6 +25,7 @@ import onnxruntime
 from .. import __version__
 from .decode_speed import find_data_dir
 from .prompts import perplexity_windows
+from .report import write_json
 from .weights import disk_bytes, initializer_bytes
 
 WEIGHT_PREFIXES = ("embed", "lm_head", "layers.", "final_norm")
@@ -190,9 +190,7 @@ def run(args: argparse.Namespace) -> int:
         report["machine"] = {"processor": platform.processor() or platform.machine(),
                              "python": platform.python_version(), "cpus": os.cpu_count()}
         report["versions"] = {"edge_run": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
-        tmp = args.json.with_name(args.json.name + ".partial")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(args.json)
+        write_json(args.json, report)
     return 0
 
 

@@ -489,7 +489,7 @@ def run(args: argparse.Namespace) -> dict:
                      "ppl_window_tokens": args.ppl_window_tokens, "seconds": time.time() - started},
         "engines": engines, "comparisons": comparisons(engines, cases), "speculative": speculative, "notes": notes,
     }
-    (out_dir / "bench.json").write_text(json.dumps(report_data, indent=2))
+    report.write_json(out_dir / "bench.json", report_data)
     terminal = Console()
     report.print_report(report_data, terminal if terminal.is_terminal else Console(width=220))
     if not args.no_plot:

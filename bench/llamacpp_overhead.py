@@ -15,7 +15,6 @@ its own (load, then one generation), since one process holds the high-water mark
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -27,6 +26,7 @@ from typing import Callable, Iterator
 from .. import __version__
 from .decode_speed import find_data_dir, measure
 from .harness import Worker
+from .report import write_json
 
 EDGE_RUN, LLAMA_CPP = "edge-run llamacpp backend", "llama-cpp-python Llama.generate"
 
@@ -153,10 +153,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{mine['host_cpu_us_per_token']:.0f} us CPU (x{mine['host_cpu_us_per_token'] / base['host_cpu_us_per_token']:.2f}) | "
               f"peak RSS {mine['peak_rss_mb']:.0f} MB (x{mine['peak_rss_mb'] / base['peak_rss_mb']:.2f})")
     if args.json:
-        args.json.write_text(json.dumps({
+        write_json(args.json, {
             "machine": platform.processor() or platform.machine(), "edge_run": __version__,
             "llama_cpp_python": llama_cpp.__version__, "args": vars(args) | {"json": str(args.json)},
-            "summary": summary, "results": rows}, indent=2))
+            "summary": summary, "results": rows})
 
 
 if __name__ == "__main__":

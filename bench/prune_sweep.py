@@ -9,7 +9,6 @@ test protocol in that module) against the unpruned package as reference.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..export.checkpoint import load_checkpoint
@@ -17,6 +16,7 @@ from ..export.models import known_models, pull
 from ..export.package import write_package
 from ..export.prune import prune_for_export
 from .eval import evaluate, format_table
+from .report import write_json
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = evaluate(list(packages.values()), reference=reference, windows=args.windows, progress=True)
     print(format_table(report))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
     return report
 
 

@@ -13,7 +13,6 @@ With --format gguf the variants are GGUF files run by llama.cpp: our Q8_0 / Q4_1
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -45,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..export.quantize import export_quantized
     from . import decode_speed
     from .eval import evaluate, format_table
+    from .report import write_json
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for the packages and results")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate([str(args.out / n) for n in variants], reference=str(args.out / "fp32"),
                       windows=args.windows, threads=args.threads, progress=True)
     print(format_table(report))
-    (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out / "quality.json", report)
     if not args.no_speed:
         decode_speed.main([*(str(args.out / n) for n in timed), "--prompt-tokens", "512", "--new-tokens", "128",
                            "--threads", str(args.threads), "--json", str(args.out / "speed.json")])

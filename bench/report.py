@@ -1,11 +1,20 @@
 """Show a benchmark report: rich tables on the terminal, a markdown version, and a PNG plot."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 COLORS = {"edgerun": "tab:blue", "llamacpp": "tab:orange", "ortgenai": "tab:green", "transformers": "tab:red"}
+
+
+def write_json(path: Path, data) -> None:
+    """Write a JSON report whole or not at all: to `<name>.partial` beside it, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _cell(summary: dict | None, digits: int = 1, rich: bool = True) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .. import __version__
 from .decode_speed import find_data_dir
+from .report import write_json
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"machine": platform.processor() or platform.machine(), "edge_run": __version__,
               "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
     return report
 
 

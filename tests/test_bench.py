@@ -315,3 +315,14 @@ def test_speculative_bench_compares_both_engines_and_checks_exactness(data_dir, 
     assert [(r["drafter"], r.get("speedup")) for r in saved] == [(r["drafter"], r.get("speedup")) for r in report["results"]]
     with pytest.raises(SystemExit):  # argparse names the bad length
         speculative.main([str(tmp_path / "int4"), "--draft-tokens", "0"])
+
+
+def test_json_reports_are_written_whole_or_not_at_all(tmp_path):
+    from edgerun.bench.report import write_json
+
+    target = tmp_path / "r.json"
+    write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1} and not list(tmp_path.glob("*.partial"))
+    with pytest.raises(TypeError):
+        write_json(target, {"a": object()})  # not serialisable: the earlier report stays as it was
+    assert json.loads(target.read_text()) == {"a": 1} and not list(tmp_path.glob("*.partial"))
