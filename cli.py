@@ -419,23 +419,23 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except TemplateError as e:
         hint = "; pass --raw to skip it" if args.command == "run" else ""
-        return _fail(f"the package's chat template failed: {e}{hint}")
+        return fail(f"the package's chat template failed: {e}{hint}")
     except (PackageError, ValueError, OSError) as e:
-        return _fail(str(e))
+        return fail(str(e))
     except KeyboardInterrupt:
         print("\nedge-run: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # an unforeseen failure is still one line; -v shows the traceback
         if args.verbose:
             traceback.print_exc()
-        return _fail(f"{type(e).__name__}: {e} (rerun with -v for the traceback)")
+        return fail(f"{type(e).__name__}: {e} (rerun with -v for the traceback)")
     return 0
 
 
-def _fail(message: str) -> int:
-    """Print `message` as edge-run's one-line error; returns the exit status."""
+def fail(message: str, prog: str = "edge-run") -> int:
+    """Print `message` as `prog`'s one-line error; returns the exit status."""
     one_line = re.sub(r"\s*\n\s*", " ", message.strip())
-    print(f"edge-run: error: {one_line}", file=sys.stderr)
+    print(f"{prog}: error: {one_line}", file=sys.stderr)
     return 1
 
 

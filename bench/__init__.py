@@ -1,1 +1,18 @@
 """edge-run bench."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+
+def command(main: Callable[[], object], prog: str) -> NoReturn:
+    """Run a bench script's `main` as a command: bad input (a missing or malformed package or file,
+    an invalid value) ends in one line on stderr and exit status 1, as edge-run's own commands do."""
+    from ..cli import fail
+    from ..runtime.manifest import PackageError
+
+    try:
+        result = main()
+    except (PackageError, ValueError, OSError) as e:
+        sys.exit(fail(str(e), prog))
+    sys.exit(result if isinstance(result, int) else 0)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from .report import write_json
+from . import command
 
 
 def find_data_dir() -> Path:
@@ -85,4 +86,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main, "python -m edgerun.bench.decode_speed")

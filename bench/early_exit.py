@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .speculative import prompt_sets
+from . import command
 
 
 def exit_top1(engine, tokens: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
@@ -117,4 +118,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    command(main, "python -m edgerun.bench.early_exit")

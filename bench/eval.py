@@ -27,6 +27,7 @@ from .decode_speed import find_data_dir
 from .prompts import perplexity_windows
 from .report import write_json
 from .weights import disk_bytes, initializer_bytes
+from . import command
 
 WEIGHT_PREFIXES = ("embed", "lm_head", "layers.", "final_norm")
 LINEAR_PARTS = ("q", "k", "v", "o", "gate", "up", "down", "qkv")
@@ -204,4 +205,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    command(main, "python -m edgerun.bench.eval")

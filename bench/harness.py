@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from .stats import TimingRecord, achieved_bandwidth, ratio, summarize
 from .weights import engine_files
+from . import command
 
 log = logging.getLogger(__name__)
 WORKER = Path(__file__).with_name("worker.py")
@@ -513,4 +514,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command(main, "python -m edgerun.bench.harness")

@@ -27,6 +27,7 @@ from .. import __version__
 from .decode_speed import find_data_dir, measure
 from .harness import Worker
 from .report import write_json
+from . import command
 
 EDGE_RUN, LLAMA_CPP = "edge-run llamacpp backend", "llama-cpp-python Llama.generate"
 
@@ -160,4 +161,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command(main, "python -m edgerun.bench.llamacpp_overhead")

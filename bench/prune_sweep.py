@@ -17,6 +17,7 @@ from ..export.package import write_package
 from ..export.prune import prune_for_export
 from .eval import evaluate, format_table
 from .report import write_json
+from . import command
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,4 +47,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command(main, "python -m edgerun.bench.prune_sweep")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from . import command
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 # package name -> preset or recipe file (bench/recipes, read from the checkout)
@@ -76,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    command(main, "python -m edgerun.bench.quant_table")

@@ -32,6 +32,7 @@ from pathlib import Path
 from .. import __version__
 from .decode_speed import find_data_dir
 from .report import write_json
+from . import command
 
 log = logging.getLogger(__name__)
 
@@ -244,4 +245,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command(main, "python -m edgerun.bench.speculative")

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from .decode_speed import find_data_dir
+from . import command
 
 CONTINUATION = 12
 
@@ -66,8 +67,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cmd += ["--invariant"] if invariant else []
             cmd += ["--threads", str(args.threads)] if args.threads else []
             done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"probe of {package} failed:\n{done.stderr[-2000:]}")
+            if done.returncode != 0:  # the probe's own one-line error (or its traceback's last line)
+                last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+                raise ValueError(f"probe of {package} failed: {last.split(': error: ', 1)[-1]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             results.append(result)
             diffs = "  ".join(f"{k}: {v:.2g}" for k, v in result["max_abs_diff"].items())
@@ -77,4 +79,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    command(main, "python -m edgerun.bench.step_invariance")

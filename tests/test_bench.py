@@ -326,3 +326,18 @@ def test_json_reports_are_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(TypeError):
         write_json(target, {"a": object()})  # not serialisable: the earlier report stays as it was
     assert json.loads(target.read_text()) == {"a": 1} and not list(tmp_path.glob("*.partial"))
+
+
+def test_bench_scripts_fail_in_one_line(tmp_path):
+    """A bench script run as a command on a missing package: one line on stderr, exit status 1,
+    no report written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "edgerun.bench.speculative", str(tmp_path / "missing"),
+                           "--json", str(out)], capture_output=True, text=True)
+    assert done.returncode == 1 and not out.exists() and not list(tmp_path.glob("*.partial"))
+    lines = [l for l in done.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("python -m edgerun.bench.speculative: error: ")
+    assert "missing" in lines[0]
