@@ -27,7 +27,7 @@ class Device:
     Attributes:
         name: edge-run device name.
         provider: onnxruntime execution provider.
-        ort_device: OrtValue device type for buffers bound to this provider ("cpu" or "cuda").
+        ort_device: OrtValue device type for activations passed between stage graphs ("cpu" or "cuda").
         options: provider options.
     """
 

@@ -14,29 +14,23 @@ from .manifest import ModelSpec
 class KVCache:
     """Key/value buffers [batch, kv_heads, max_len + 1, head_dim] per layer plus per-row offsets.
 
-    On the CPU the buffers are numpy arrays wrapped (not copied) by OrtValues, so one row can
-    also be bound on its own (`row`) without copying.
+    The buffers are numpy arrays in host memory, wrapped (not copied) by OrtValues, so one row can
+    also be bound on its own (`row`) without copying. They stay on the host for every provider:
+    GroupQueryAttention, their only reader and writer, runs on onnxruntime's CPU kernel for these
+    float32 graphs (the CUDA kernel takes fp16/bf16 only). On an H100 a CUDA-side cache, copied
+    both ways at every step, decoded 2.4x slower than this one.
     """
 
-    def __init__(self, spec: ModelSpec, num_layers: int, batch: int, max_len: int, ort_device: str = "cpu",
+    def __init__(self, spec: ModelSpec, num_layers: int, batch: int, max_len: int,
                  _arrays: tuple[list, list] | None = None, _lengths: np.ndarray | None = None):
-        self.batch, self.max_len, self.ort_device = batch, max_len, ort_device
+        self.batch, self.max_len = batch, max_len
         # one scratch slot past max_len: finished rows keep re-writing it while others decode
         shape = [batch, spec.num_kv_heads, max_len + 1, spec.head_dim]
-        if _arrays is not None:
-            self.arrays = _arrays
-        elif ort_device == "cpu":
-            self.arrays = ([np.zeros(shape, np.float32) for _ in range(num_layers)],
-                           [np.zeros(shape, np.float32) for _ in range(num_layers)])
-        else:
-            self.arrays = None
-        if self.arrays is not None:
-            self.keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays[0]]
-            self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays[1]]
-        else:
-            alloc = lambda: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, ort_device, 0)  # noqa: E731
-            self.keys = [alloc() for _ in range(num_layers)]
-            self.values = [alloc() for _ in range(num_layers)]
+        self.arrays = _arrays if _arrays is not None else (
+            [np.zeros(shape, np.float32) for _ in range(num_layers)],
+            [np.zeros(shape, np.float32) for _ in range(num_layers)])
+        self.keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays[0]]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays[1]]
         self.lengths = np.zeros(batch, dtype=np.int32) if _lengths is None else _lengths
         self._layer_bytes = int(np.prod(shape)) * 4
         self._spec, self._rows = spec, {}
@@ -62,10 +56,8 @@ class KVCache:
         return self.max_len - self.lengths
 
     def row(self, b: int) -> "KVCache":
-        """A batch-1 cache sharing row b's buffers and offset (CPU only)."""
-        if self.arrays is None:
-            raise NotImplementedError(f"per-row views of a {self.ort_device} KV cache are not supported")
+        """A batch-1 cache sharing row b's buffers and offset."""
         if b not in self._rows:
             arrays = ([a[b:b + 1] for a in self.arrays[0]], [a[b:b + 1] for a in self.arrays[1]])
-            self._rows[b] = KVCache(self._spec, len(self.keys), 1, self.max_len, "cpu", arrays, self.lengths[b:b + 1])
+            self._rows[b] = KVCache(self._spec, len(self.keys), 1, self.max_len, arrays, self.lengths[b:b + 1])
         return self._rows[b]

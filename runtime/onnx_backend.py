@@ -79,7 +79,7 @@ class OnnxBackend:
         return out if to_head else ort.OrtValue.ortvalue_from_numpy(out)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.manifest.model, self.manifest.model.num_layers, batch, max_len, self.device.ort_device)
+        return KVCache(self.manifest.model, self.manifest.model.num_layers, batch, max_len)  # host memory: see KVCache
 
     def forward(self, inputs, cache: KVCache, counts: np.ndarray, logits_positions: np.ndarray | None = None,
                 stages: range | None = None, start: np.ndarray | None = None):
@@ -106,9 +106,10 @@ class OnnxBackend:
         advance = start is None and self.manifest.stages[stages[-1]].has_head
         start = cache.lengths if start is None else np.asarray(start, dtype=np.int32)
         batch, seq = inputs.shape[:2] if isinstance(inputs, np.ndarray) else inputs.shape()[:2]
-        if batch > 1 and seq > 1 and start.any() and self.device.ort_device == "cpu":
+        if batch > 1 and seq > 1 and start.any():
             # onnxruntime's CPU GroupQueryAttention rejects several new tokens on top of a cache
-            # at batch > 1, so such steps (batched speculative verification) run row by row
+            # at batch > 1, so such steps (batched speculative verification) run row by row; that
+            # kernel runs these float32 graphs on every provider (see KVCache)
             logits = self._forward_rows(inputs, cache, counts, logits_positions, stages, start.copy())
             if advance:
                 cache.advance(counts)
