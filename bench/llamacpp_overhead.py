@@ -71,15 +71,16 @@ def _with_host_time(run: Callable[[], dict[str, float]]) -> dict[str, float]:
                      "host_cpu_us_per_token": 1e6 * host_cpu / max(len(steps), 1),
                      "decode_us": 1e6 * statistics.median(wall for wall, _ in steps)}
 
-def llama_cpp_greedy(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], float, list[float]]:
-    """One greedy `Llama.generate` run of exactly `new_tokens` (EOS does not stop it): the tokens,
-    the start time and a perf_counter stamp per token."""
+def llama_cpp_greedy(llm, prompt: list[int], new_tokens: int, stop: frozenset[int] = frozenset()
+                     ) -> tuple[list[int], float, list[float]]:
+    """One greedy `Llama.generate` run of `new_tokens`, or up to and including a token in `stop`
+    (`Llama.generate` itself never stops): the tokens, the start time and a perf_counter stamp per token."""
     llm.reset()
     start, out, stamps = time.perf_counter(), [], []
     for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
         stamps.append(time.perf_counter())
         out.append(int(token))
-        if len(out) == new_tokens:
+        if len(out) == new_tokens or out[-1] in stop:
             break
     return out, start, stamps
 

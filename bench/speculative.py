@@ -6,7 +6,10 @@
     python -m edgerun.bench.speculative TARGET --drafters lookup --draft-tokens auto 8   # policy vs fixed
 
 For every prompt, plain greedy decoding and each drafter run back to back (interleaved, after a
-warm-up), so machine noise hits all alike. Reported per drafter and prompt set: decode tokens/s
+warm-up), so machine noise hits all alike. A run ends at the model's end-of-turn token or after
+--new-tokens, as a user's would; plain and speculative outputs are identical, so both generate
+the same tokens. --ignore-eos makes every run generate --new-tokens (the model goes on past the
+end of its answer, text no user asks for and that a lookup rarely finds in the prompt). Reported per drafter and prompt set: decode tokens/s
 (median over prompts of generated tokens / wall time after the first token), speedup = plain
 time / speculative time summed over prompts, from the call to the last token (prompt, a draft
 model's own prefill and first token included; "decode only" counts from the first token on),
@@ -100,16 +103,22 @@ def _run(engine, tokens: list[int], new_tokens: int, **kw) -> tuple[list[int], f
     return out, end - start, end - (first or start)
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 class LlamaCppPeer:
     """llama-cpp-python's own loop (`Llama.generate`, greedy) on a GGUF, plain and with its prompt
     lookup decoding (`LlamaPromptLookupDecoding` as `draft_model`): the peer a user would pick.
 
     Args:
         gguf: the GGUF file; threads: llama.cpp threads; n_ctx: context (prompt + new tokens);
+        stop: token ids that end a run (included), as in our engine's runs;
         max_ngram, num_pred_tokens: LlamaPromptLookupDecoding's settings (its defaults: 2, 10).
     """
 
-    def __init__(self, gguf: Path, threads: int, n_ctx: int, max_ngram: int = 2, num_pred_tokens: int = 10):
+    def __init__(self, gguf: Path, threads: int, n_ctx: int, stop: frozenset[int] = frozenset(),
+                 max_ngram: int = 2, num_pred_tokens: int = 10):
         import llama_cpp
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
@@ -119,13 +128,13 @@ class LlamaCppPeer:
         self.plain = llama_cpp.Llama(str(gguf), **kw)
         self.lookup = llama_cpp.Llama(str(gguf), draft_model=LlamaPromptLookupDecoding(max_ngram, num_pred_tokens), **kw)
         self.settings = f"max_ngram_size={max_ngram}, num_pred_tokens={num_pred_tokens}"
+        self.stop = stop
 
-    @staticmethod
-    def run(llm, tokens: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+    def run(self, llm, tokens: list[int], new_tokens: int) -> tuple[list[int], float, float]:
         """As `_run`, with llama-cpp-python's greedy loop."""
         from .llamacpp_overhead import llama_cpp_greedy
 
-        out, start, stamps = llama_cpp_greedy(llm, tokens, new_tokens)
+        out, start, stamps = llama_cpp_greedy(llm, tokens, new_tokens, self.stop)
         return out, stamps[-1] - start, stamps[-1] - stamps[0]
 
 
@@ -156,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--drafters", nargs="+", default=["lookup"], help="lookup, self:K, draft:PATH")
     p.add_argument("--prompts", nargs="+", default=["mt_bench", "edit"], choices=["mt_bench", "edit"])
     p.add_argument("--n", type=int, default=8, help="prompts per set")
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128, help="most tokens per run (default 128)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate --new-tokens every run, past the model's end-of-turn token")
     p.add_argument("--draft-tokens", nargs="+", default=["auto"], metavar="N|auto",
                    help="draft lengths to run for every drafter, side by side (e.g. auto 8)")
     p.add_argument("--threads", type=int, default=None)
@@ -176,8 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     engines = {"": engine}
     if args.batch_invariant:
         engines[" [inv]"] = edgerun.load(args.target, threads=args.threads, max_context=2048, batch_invariant=True)
+    stop = frozenset() if args.ignore_eos else engine.eos_token_ids
     for e in engines.values():
-        e.eos_token_ids = frozenset()  # equal lengths: every run generates new_tokens
+        e.eos_token_ids = stop
     sets = prompt_sets(args.n)
     prompts_by_set = {name: [engine.encode(engine.apply_chat_template([{"role": "user", "content": t}]),
                                            add_special_tokens=False) for t in sets[name]] for name in args.prompts}
@@ -189,14 +201,14 @@ def main(argv: list[str] | None = None) -> dict:
         package = resolve_package(args.llamacpp, backend="llamacpp")  # no model loaded just for its path
         gguf = read_manifest(package).gguf_path(package)
         longest = max(len(t) for prompts in prompts_by_set.values() for t in prompts)
-        peer = LlamaCppPeer(gguf, args.threads or physical_cores(), longest + args.new_tokens + 16)
+        peer = LlamaCppPeer(gguf, args.threads or physical_cores(), longest + args.new_tokens + 16, stop)
     runners = _runners(engines, args, draft_tokens, peer)
     results = []
     for set_name, prompts in prompts_by_set.items():
         for run, *_ in runners.values():
             run(prompts[0], 8)  # warm-up
         rows = {name: {"s": 0.0, "decode_s": 0.0, "identical": True, "proposed": 0, "accepted": 0, "rounds": 0, "histogram": {},
-                       "tok_s": []} for name in runners}
+                       "tok_s": [], "tokens": 0} for name in runners}
         for tokens in prompts:
             outputs = {}
             for name, (run, base, stats_of) in runners.items():  # interleaved: noise hits every runner alike
@@ -204,7 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
                 row = rows[name]
                 row["s"] += seconds
                 row["decode_s"] += decode
-                row["tok_s"].append((len(out) - 1) / decode)
+                row["tokens"] += len(out)
+                if len(out) > 1:  # a run that ends at its first token has no decode rate
+                    row["tok_s"].append((len(out) - 1) / decode)
                 if base is not None:
                     row["identical"] &= out == outputs[base][0]
                 if stats_of is not None:
@@ -214,18 +228,22 @@ def main(argv: list[str] | None = None) -> dict:
                     row["rounds"] += st.rounds
                     for k, v in st.histogram.items():
                         row["histogram"][k] = row["histogram"].get(k, 0) + v
-        print(f"\n[{set_name}] {len(prompts)} prompts x {args.new_tokens} tokens, target {args.target}"
+        generated = rows["plain"]["tokens"] / len(prompts)
+        print(f"\n[{set_name}] {len(prompts)} prompts x {'' if args.ignore_eos else 'up to '}{args.new_tokens} tokens "
+              f"({generated:.0f} per run on average), target {args.target}"
               + (f"; llama-cpp-python on {peer.plain.model_path} ({peer.settings})" if peer else ""))
         for name, (_, base, _) in runners.items():
             row = rows[name]
-            line = f"  {name:18} {statistics.median(row['tok_s']):7.1f} tok/s"
-            result = {"prompts": set_name, "drafter": name, "tok_s_median": statistics.median(row["tok_s"])}
+            tok_s = _median(row["tok_s"])
+            line = f"  {name:18} {tok_s:7.1f} tok/s"
+            result = {"prompts": set_name, "drafter": name, "tok_s_median": tok_s,
+                      "tokens_per_run": row["tokens"] / len(prompts)}
             if base is not None:
                 speedup, decode_speedup = rows[base]["s"] / row["s"], rows[base]["decode_s"] / row["decode_s"]
                 line += f"  x{speedup:.2f} over {base} (decode only x{decode_speedup:.2f})"
                 result |= {"baseline": base, "speedup": speedup, "decode_speedup": decode_speedup,
                            "identical": row["identical"],
-                           "plain_tok_s_median": statistics.median(rows[base]["tok_s"])}
+                           "plain_tok_s_median": _median(rows[base]["tok_s"])}
                 if row["proposed"]:
                     rate, mean = row["accepted"] / row["proposed"], row["accepted"] / row["rounds"]
                     line += f", accepted {rate:.0%}, {mean:.2f}/verification"

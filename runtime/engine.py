@@ -256,14 +256,17 @@ class Engine:
         if drafter is None:
             yield from self._decode_plain(rows, cache)
             return
+        classify = getattr(drafter, "classes", lambda contexts: [0] * len(contexts))
         while any(row.active for row in rows):
             # each active row feeds its pending token (the last one, not yet cached) + its drafts
             start = np.array([len(row.tokens) - 1 if row.active else 0 for row in rows], dtype=np.int32)
             cache.rollback(start)
-            k = policy.length()
-            limits = [min(k, max_new_tokens - row.generated - 1, cache.max_len - int(start[row.index]) - 1)
+            active = [row for row in rows if row.active]
+            t0 = time.perf_counter()  # sorting rows into classes is part of drafting
+            classes = classify([row.tokens for row in active])
+            ks = dict(zip((row.index for row in active), policy.lengths(classes)))
+            limits = [min(ks[row.index], max_new_tokens - row.generated - 1, cache.max_len - int(start[row.index]) - 1)
                       if row.active else 0 for row in rows]
-            t0 = time.perf_counter()
             drafts = drafter.propose([row.tokens for row in rows], limits) if max(limits) > 0 else [Draft() for _ in rows]
             t1 = time.perf_counter()
             width = 1 + max(len(d.tokens) for d in drafts)
@@ -288,7 +291,7 @@ class Engine:
                     yield row.emit(token, j < len(out) - 1, cache.max_len)
                     if not row.active:
                         break
-            policy.update(outcomes, t1 - t0, t2 - t1)
+            policy.update(outcomes, t1 - t0, t2 - t1, classes)
 
     def _decode_plain(self, rows: list[_Row], cache) -> Iterator[GenerationResponse]:
         """Plain decoding: each active row feeds its last token and samples the next one.

@@ -100,6 +100,19 @@ def test_lookup_copies_after_latest_match():
     assert drafter.propose([[1, 2, 3]], [3])[0].tokens == []  # no earlier occurrence
 
 
+def test_lookup_prefers_the_longest_match_and_classifies_it():
+    """Among occurrences of the suffix, the one agreeing furthest back wins (latest on a tie);
+    classes say how long the match is: 0 none, 1 a single token, 2 longer."""
+    context = [4, 5, 6, 7, 1, 2, 9, 8, 6, 7, 3, 3, 5, 6, 7]
+    # "6 7" occurs at 2 (preceded by 5, like the end) and at 8 (preceded by 8): 2 reaches further back
+    assert LookupDrafter(max_ngram=2).propose([context], [2])[0].tokens == [1, 2]
+    assert LookupDrafter(max_ngram=2).match(context) == (4, 3)  # copy from 4; "5 6 7" agrees
+    drafter = LookupDrafter()
+    assert drafter.classes([[1, 2, 3], [5, 1, 9, 1], context]) == [0, 1, 2]
+    assert drafter.propose([[5, 1, 9, 1]], [4])[0].tokens == [9, 1]  # a single-token match drafts too
+    assert LookupDrafter(min_ngram=2).propose([[5, 1, 9, 1]], [4])[0].tokens == []
+
+
 def test_lookup_drafts_at_most_slack_beyond_the_match():
     """A 2-token match drafts at most 2 + slack tokens; a copy that already ran 8 tokens drafts more."""
     text = list(range(10, 40))
@@ -208,6 +221,19 @@ def test_adaptive_policy_survival_counts_only_tried_positions():
     # position 1: 1 failure in 4 tries, 2: 1 in 3, 3-4: 0 in 2; non-increasing: 1-2 pooled 2/7
     s = policy.survival()
     np.testing.assert_allclose(s, np.cumprod([5 / 7, 5 / 7, 1, 1, 1, 1]))
+
+
+def test_adaptive_policy_keeps_one_curve_per_class():
+    """Rows of a class whose drafts always fail stop drafting; another class's keep their length,
+    and a batch round records each row under its own class."""
+    policy = AdaptiveDraftLength(max_tokens=8)
+    for _ in range(60):
+        ks = policy.lengths([1, 2])
+        rows = [(ks[0], 0), (ks[1], ks[1])]
+        policy.update(rows, 0.0001, 0.010 + 0.0005 * max(ks), classes=[1, 2])
+    assert policy.lengths([1, 2, 2]) == [0, 8, 8]
+    assert policy.survival(2)[-1] > 0.9 > 0.1 > policy.survival(1)[0]
+    assert policy.length(3) > 0  # an unseen class starts from the prior: it drafts
 
 
 def test_model_drafter_cache_follows_accepted_tokens(tiny_pair):
