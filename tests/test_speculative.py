@@ -218,9 +218,10 @@ def test_adaptive_policy_survival_counts_only_tried_positions():
     policy.update([(4, 0)], 0.001, 0.01)  # fails at 1
     policy.update([(4, 4)], 0.001, 0.01)
     policy.update([(4, 4), (2, 1)], 0.001, 0.01)  # batch: one observation per row
-    # position 1: 1 failure in 4 tries, 2: 1 in 3, 3-4: 0 in 2; non-increasing: 1-2 pooled 2/7
+    # position 1: 1 failure in 4 tries, 2: 1 in 3, 3-4: 0 in 2; non-increasing: 1-2 pooled 2/7;
+    # 5-6 never tried: the deepest estimate (0), but at least untried_hazard
     s = policy.survival()
-    np.testing.assert_allclose(s, np.cumprod([5 / 7, 5 / 7, 1, 1, 1, 1]))
+    np.testing.assert_allclose(s, np.cumprod([5 / 7, 5 / 7, 1, 1, 0.9, 0.9]))
 
 
 def test_adaptive_policy_keeps_one_curve_per_class():
