@@ -15,7 +15,7 @@ from .manifest import PackageError, read_manifest
 from .backend import open_backend  # imports the backend a package asks for, only that one
 from .early_exit import EarlyExitRunner, ExitPoint, exit_points
 from .sampling import Sampler, SamplingParams
-from .speculative import AdaptiveDraftLength, Draft, Drafter, SpeculativeStats, make_drafter, verify
+from .speculative import AdaptiveDraftLength, Draft, Drafter, DraftPolicy, SpeculativeStats, make_drafter, verify
 from .textstream import StopMatcher, TextStream
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class Engine:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: Iterable[str] = (), add_special_tokens: bool = True,
-                 speculative: str | Drafter | None = None, draft_tokens: int | str = "auto",
+                 speculative: str | Drafter | None = None, draft_tokens: int | str | DraftPolicy = "auto",
                  early_exit: float | None = None, exit_threshold: float | None = None,
                  ) -> Iterator[GenerationResponse]:
         """Generate from one prompt or a batch of 1..8 prompts, streaming one response per token.
@@ -193,8 +193,9 @@ class Engine:
             speculative: None (plain decoding), "lookup" (prompt lookup), "draft:PATH" (a draft
                 package with the same vocabulary) or a Drafter object. Lossless: greedy output
                 is token-identical, sampling keeps the target distribution.
-            draft_tokens: drafts per round, or "auto" (0-16 per round, chosen from the measured
-                acceptance curve and step costs; see speculative.AdaptiveDraftLength).
+            draft_tokens: drafts per round, "auto" (0-16 per round, chosen from the measured
+                acceptance curve and step costs; see speculative.AdaptiveDraftLength), or a
+                DraftPolicy object of your own (it keeps its state between calls).
             early_exit: stop tokens at the package's exits when their calibrated top-1 agreement
                 with the full model is at least this level (e.g. 0.95); batch 1 only.
             exit_threshold: a raw confidence threshold for every exit instead of a quality level.
@@ -214,9 +215,13 @@ class Engine:
             if len(tokens) >= self.max_context:
                 raise ValueError(f"prompt {row} has {len(tokens)} tokens but the context holds "
                                  f"{self.max_context}; shorten it or raise max_context")
-        if draft_tokens != "auto" and not (isinstance(draft_tokens, int) and draft_tokens >= 1):
-            raise ValueError(f"draft_tokens must be an integer >= 1 or 'auto', got {draft_tokens!r}")
-        policy = AdaptiveDraftLength(fixed=None if draft_tokens == "auto" else draft_tokens)
+        if isinstance(draft_tokens, DraftPolicy):
+            policy = draft_tokens
+        elif draft_tokens == "auto" or (isinstance(draft_tokens, int) and not isinstance(draft_tokens, bool)
+                                        and draft_tokens >= 1):
+            policy = AdaptiveDraftLength(fixed=None if draft_tokens == "auto" else draft_tokens)
+        else:
+            raise ValueError(f"draft_tokens must be an integer >= 1, 'auto' or a DraftPolicy, got {draft_tokens!r}")
         if early_exit is not None or exit_threshold is not None:
             if speculative is not None or len(prompts) != 1:
                 raise ValueError("early exit runs one prompt without speculative decoding")
@@ -241,7 +246,7 @@ class Engine:
         return self._drafters[speculative]
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, max_new_tokens: int,
-                  stops: list[str], drafter: Drafter | None, policy: AdaptiveDraftLength) -> Iterator[GenerationResponse]:
+                  stops: list[str], drafter: Drafter | None, policy: DraftPolicy) -> Iterator[GenerationResponse]:
         seeds = np.random.SeedSequence(params.seed).spawn(len(prompts))
         rows = [_Row(i, p, Sampler(params, self.manifest.model.vocab_size, np.random.default_rng(seed)),
                      TextStream(self.tokenizer), StopMatcher(stops), self.eos_token_ids, max_new_tokens)

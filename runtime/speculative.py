@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -40,6 +40,21 @@ class Drafter(Protocol):
 
     # optional: classes(contexts) -> list[int], called before propose each round, sorts rows by
     # how likely their drafts are to pass (see AdaptiveDraftLength); without it every row is class 0
+
+
+@runtime_checkable
+class DraftPolicy(Protocol):
+    """Decides how many tokens each row drafts per round (AdaptiveDraftLength is the default;
+    pass another as `generate(..., draft_tokens=policy)`). Lengths are upper bounds: the engine
+    caps them by the tokens left, and a drafter may propose fewer."""
+
+    def lengths(self, classes: Sequence[int]) -> list[int]:
+        """Draft lengths for the active rows this round, given each row's class (see Drafter)."""
+
+    def update(self, rows: Sequence[tuple[int, int]], draft_s: float, verify_s: float,
+               classes: Sequence[int] | None = None) -> None:
+        """The round's (drafts proposed, drafts accepted) per active row, seconds spent drafting
+        and verifying, and the rows' classes."""
 
 
 def verify(sampler: Sampler, draft: Draft, target_logits: np.ndarray) -> list[int]:

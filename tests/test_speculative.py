@@ -51,6 +51,33 @@ def test_greedy_confident_drafts_equal_plain(tiny_pair, batch):
     assert 0 < target.stats.proposed < 6 * target.stats.rounds
 
 
+class _RowLengths:
+    """A policy of one's own: row classes from the lookup drafter pick fixed lengths."""
+
+    def __init__(self):
+        self.seen: list[tuple[list[int], list[tuple[int, int]]]] = []
+
+    def lengths(self, classes):
+        return [{0: 0, 1: 1, 2: 5}[c] for c in classes]
+
+    def update(self, rows, draft_s, verify_s, classes=None):
+        self.seen.append((list(classes), list(rows)))
+
+
+def test_a_draft_policy_object_replaces_the_default(tiny_pair):
+    target, _ = tiny_pair
+    policy = _RowLengths()
+    plain = _tokens(target, PROMPTS)
+    assert _tokens(target, PROMPTS, speculative="lookup", draft_tokens=policy) == plain
+    assert policy.seen and any(proposed for _, rows in policy.seen for proposed, _ in rows)
+    for classes, rows in policy.seen:  # one (proposed, accepted) per active row, within its class's length
+        assert len(classes) == len(rows)
+        assert all(proposed <= {0: 0, 1: 1, 2: 5}[c] and accepted <= proposed
+                   for c, (proposed, accepted) in zip(classes, rows))
+    with pytest.raises(ValueError, match="DraftPolicy"):
+        target.generate(PROMPTS[0], speculative="lookup", draft_tokens=object())
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_self_speculation_equals_plain(tiny_pair, batch):
     target, _ = tiny_pair
