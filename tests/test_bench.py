@@ -317,6 +317,37 @@ def test_speculative_bench_compares_both_engines_and_checks_exactness(data_dir, 
         speculative.main([str(tmp_path / "int4"), "--draft-tokens", "0"])
 
 
+def test_speculative_bench_runs_end_at_the_end_of_turn_unless_told(data_dir, tmp_path, monkeypatch):
+    """Runs stop at the model's EOS as a user's do (plain and speculative alike); --ignore-eos
+    generates --new-tokens every run. The tiny model's EOS is set to its 4th greedy MT-Bench token."""
+    import edgerun
+    from conftest import build_tiny_llama
+
+    from edgerun.bench import speculative
+    from edgerun.export.package import export
+
+    monkeypatch.setenv("EDGE_RUN_DATA", str(data_dir))
+    export(build_tiny_llama(tmp_path / "hf", seed=4, max_position_embeddings=2048), tmp_path / "pkg")
+    load = edgerun.load
+
+    def load_with_eos(*args, **kwargs):
+        engine = load(*args, **kwargs)
+        prompt = engine.apply_chat_template([{"role": "user", "content": speculative.prompt_sets(1)["mt_bench"][0]}])
+        engine.eos_token_ids = frozenset()
+        tokens = [r.token for r in engine.generate(engine.encode(prompt, add_special_tokens=False), max_new_tokens=4)]
+        engine.eos_token_ids = frozenset(tokens[3:])
+        return engine
+
+    monkeypatch.setattr(edgerun, "load", load_with_eos)
+    common = [str(tmp_path / "pkg"), "--drafters", "lookup", "--n", "1", "--new-tokens", "12", "--threads", "1"]
+    ended = {(r["prompts"], r["drafter"]): r for r in speculative.main(common)["results"]}
+    assert ended[("mt_bench", "plain")]["tokens_per_run"] <= 4
+    assert ended[("mt_bench", "lookup")]["tokens_per_run"] == ended[("mt_bench", "plain")]["tokens_per_run"]
+    assert all(r["identical"] for r in ended.values() if "identical" in r)
+    forced = speculative.main(common + ["--ignore-eos"])["results"]
+    assert {r["tokens_per_run"] for r in forced} == {12}
+
+
 def test_json_reports_are_written_whole_or_not_at_all(tmp_path):
     from edgerun.bench.report import write_json
 
