@@ -19,11 +19,13 @@ from .runtime.manifest import MANIFEST_NAME, PackageError
 log = logging.getLogger("edgerun")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors, in the same form as every other edge-run error."""
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, in the same form as every other edge-run error (and
+    as a bench script's, named by its `prog`)."""
 
     def error(self, message: str):
-        self.exit(2, f"edge-run: error: {message} (see `{self.prog} --help`)\n")
+        name = "edge-run" if self.prog.startswith("edge-run") else self.prog
+        self.exit(2, f"{name}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +70,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="edge-run", description="Run language models on this device.")
+    parser = Parser(prog="edge-run", description="Run language models on this device.")
     parser.add_argument("--version", action="version", version=f"edge-run {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (and the traceback of an unexpected error)")
     sub = parser.add_subparsers(dest="command", required=True)

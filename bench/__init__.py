@@ -1,6 +1,7 @@
 """edge-run bench."""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, NoReturn
 
@@ -16,3 +17,10 @@ def command(main: Callable[[], object], prog: str) -> NoReturn:
     except (PackageError, ValueError, OSError) as e:
         sys.exit(fail(str(e), prog))
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """A bench script's argument parser: a bad option ends in one line on stderr, like edge-run's."""
+    from ..cli import Parser
+
+    return Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

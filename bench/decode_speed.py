@@ -9,7 +9,6 @@ speed to the first package's. The prompt is the start of WikiText-2 test, exactl
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from .. import __version__
 from .report import write_json
-from . import command
+from . import command, parser
 
 
 def find_data_dir() -> Path:
@@ -45,7 +44,7 @@ def measure(engine, prompt: list[int], new_tokens: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     import edgerun
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m edgerun.bench.decode_speed", __doc__)
     p.add_argument("packages", nargs="+", help="package folders or model names")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)

@@ -14,7 +14,6 @@ mean layers used.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .speculative import prompt_sets
-from . import command
+from . import command, parser
 
 
 def exit_top1(engine, tokens: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
@@ -60,7 +59,7 @@ def oracle_layers(exits: dict[int, np.ndarray], full: np.ndarray, num_layers: in
 def main(argv: list[str] | None = None) -> list[dict]:
     import edgerun
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m edgerun.bench.early_exit", __doc__)
     p.add_argument("package")
     p.add_argument("--quality", type=float, nargs="+", default=[0.99, 0.95, 0.9, 0.8])
     p.add_argument("--n", type=int, default=8)

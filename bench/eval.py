@@ -27,7 +27,7 @@ from .decode_speed import find_data_dir
 from .prompts import perplexity_windows
 from .report import write_json
 from .weights import disk_bytes, initializer_bytes
-from . import command
+from . import command, parser
 
 WEIGHT_PREFIXES = ("embed", "lm_head", "layers.", "final_norm")
 LINEAR_PARTS = ("q", "k", "v", "o", "gate", "up", "down", "qkv")
@@ -198,8 +198,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`edge-run eval PACKAGE [PACKAGE ...] [--reference REF] [--windows 40] [--window-tokens 512]
     [--threads N] [--text FILE] [--json OUT]`."""
-    p = argparse.ArgumentParser(prog="edge-run eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("edge-run eval", __doc__)
     add_arguments(p)
     return run(p.parse_args(argv))
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from .stats import TimingRecord, achieved_bandwidth, ratio, summarize
 from .weights import engine_files
-from . import command
+from . import command, parser
 
 log = logging.getLogger(__name__)
 WORKER = Path(__file__).with_name("worker.py")
@@ -501,12 +501,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """`python -m edgerun.bench.harness [flags]`: the same as `edge-run bench [flags]`."""
-    parser = argparse.ArgumentParser(prog="edge-run bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p = parser("edge-run bench", __doc__)
+    add_arguments(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = p.parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -14,7 +14,6 @@ its own (load, then one generation), since one process holds the high-water mark
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ from .. import __version__
 from .decode_speed import find_data_dir, measure
 from .harness import Worker
 from .report import write_json
-from . import command
+from . import command, parser
 
 EDGE_RUN, LLAMA_CPP = "edge-run llamacpp backend", "llama-cpp-python Llama.generate"
 
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     import edgerun
     from edgerun.devices.providers import physical_cores
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m edgerun.bench.llamacpp_overhead", __doc__)
     p.add_argument("model", help=".gguf file, known model name or package with a GGUF")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)

@@ -8,7 +8,6 @@ test protocol in that module) against the unpruned package as reference.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..export.checkpoint import load_checkpoint
@@ -17,11 +16,11 @@ from ..export.package import write_package
 from ..export.prune import prune_for_export
 from .eval import evaluate, format_table
 from .report import write_json
-from . import command
+from . import command, parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m edgerun.bench.prune_sweep", __doc__)
     p.add_argument("model", help="checkpoint path or known model name")
     p.add_argument("--remove", type=int, nargs="+", default=[0, 2, 4, 6, 8])
     p.add_argument("--out", type=Path, required=True, help="folder for the packages")

@@ -12,9 +12,8 @@ With --format gguf the variants are GGUF files run by llama.cpp: our Q8_0 / Q4_1
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from . import command
+from . import command, parser
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 # package name -> preset or recipe file (bench/recipes, read from the checkout)
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from .eval import evaluate, format_table
     from .report import write_json
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m edgerun.bench.quant_table", __doc__)
     p.add_argument("--out", type=Path, required=True, help="folder for the packages and results")
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)

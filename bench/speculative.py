@@ -23,7 +23,6 @@ its prompt lookup decoding, and its speedup is over its own plain run (same prom
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
@@ -35,7 +34,7 @@ from pathlib import Path
 from .. import __version__
 from .decode_speed import find_data_dir
 from .report import write_json
-from . import command
+from . import command, parser
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     import edgerun
     from ..devices.providers import physical_cores
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m edgerun.bench.speculative", __doc__)
     p.add_argument("target", help="target package or model")
     p.add_argument("--drafters", nargs="+", default=["lookup"], help="lookup, self:K, draft:PATH")
     p.add_argument("--prompts", nargs="+", default=["mt_bench", "edit"], choices=["mt_bench", "edit"])

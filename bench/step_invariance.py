@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from .decode_speed import find_data_dir
-from . import command
+from . import command, parser
 
 CONTINUATION = 12
 
@@ -47,7 +47,7 @@ def probe(package: str, prompt_tokens: int, chunks: list[int], invariant: bool, 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m edgerun.bench.step_invariance", __doc__)
     p.add_argument("packages", nargs="+", help="packages, .gguf files or known model names")
     p.add_argument("--prompt-tokens", type=int, default=54)
     p.add_argument("--chunks", type=int, nargs="+", default=[2, 3, 4, 5, 8, 12])

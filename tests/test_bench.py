@@ -372,3 +372,8 @@ def test_bench_scripts_fail_in_one_line(tmp_path):
     lines = [l for l in done.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("python -m edgerun.bench.speculative: error: ")
     assert "missing" in lines[0]
+    bad_option = subprocess.run([sys.executable, "-m", "edgerun.bench.speculative", str(tmp_path / "missing"),
+                                 "--draft-tokens", "0"], capture_output=True, text=True)
+    lines = [l for l in bad_option.stderr.splitlines() if l.strip()]
+    assert bad_option.returncode == 2 and len(lines) == 1 and "--draft-tokens takes integers" in lines[0]
+    assert lines[0].startswith("python -m edgerun.bench.speculative: error: ")
