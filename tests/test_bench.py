@@ -348,6 +348,28 @@ def test_speculative_bench_runs_end_at_the_end_of_turn_unless_told(data_dir, tmp
     assert {r["tokens_per_run"] for r in forced} == {12}
 
 
+def test_step_cost_times_every_width_against_one_token(data_dir, tmp_path, monkeypatch):
+    """bench.step_cost on a tiny package: a row per width (width 1 added as the reference), the
+    ratio of width 1 is 1, the JSON report; bad values end in argparse's error."""
+    from conftest import build_tiny_llama
+
+    from edgerun.bench import step_cost
+    from edgerun.export.package import export
+
+    monkeypatch.setenv("EDGE_RUN_DATA", str(data_dir))
+    export(build_tiny_llama(tmp_path / "hf", seed=5, max_position_embeddings=2048), tmp_path / "pkg")
+    results = step_cost.main([str(tmp_path / "pkg"), "--prompt-tokens", "40", "--widths", "4", "2",
+                              "--repeats", "2", "--threads", "1", "--json", str(tmp_path / "r.json")])
+    rows = results[0]["rows"]
+    assert [r["width"] for r in rows] == [1, 2, 4] and rows[0]["ratio_to_one"] == 1.0
+    assert all(r["min_ms"] > 0 and r["median_ms"] >= r["min_ms"] for r in rows)
+    assert json.loads((tmp_path / "r.json").read_text())["results"] == results
+    with pytest.raises(SystemExit):
+        step_cost.main([str(tmp_path / "pkg"), "--widths", "0"])
+    with pytest.raises(ValueError, match="lower them"):
+        step_cost.main([str(tmp_path / "pkg"), "--prompt-tokens", "10000000"])
+
+
 def test_json_reports_are_written_whole_or_not_at_all(tmp_path):
     from edgerun.bench.report import write_json
 
