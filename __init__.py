@@ -7,10 +7,10 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 # absolute: pytest imports this file on its own when it collects the checkout (as `__init__` when
 # the folder name is not an identifier), and a relative import would fail there
-from edgerun.runtime.engine import Engine, GenerationResponse, load  # noqa: E402
+from edgerun.hub import load
+from edgerun.runtime.engine import Engine, GenerationResponse
+from edgerun.version import __version__
 
 __all__ = ["Engine", "GenerationResponse", "load", "__version__"]

@@ -4,28 +4,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from jinja2 import TemplateError
 
-from . import __version__
-from .runtime.manifest import MANIFEST_NAME, PackageError
+from .console import Parser, fail
+from .runtime.manifest import PackageError
+from .version import __version__
 
 log = logging.getLogger("edgerun")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors, in the same form as every other edge-run error (and
-    as a bench script's, named by its `prog`)."""
-
-    def error(self, message: str):
-        name = "edge-run" if self.prog.startswith("edge-run") else self.prog
-        self.exit(2, f"{name}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +63,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="edge-run", description="Run language models on this device.")
     parser.add_argument("--version", action="version", version=f"edge-run {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (and the traceback of an unexpected error)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress details (and the traceback of an unexpected error)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, summary: str) -> argparse.ArgumentParser:
@@ -149,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _sampling(args: argparse.Namespace) -> dict:
     """Generation settings from the command line, checked before any model is loaded or exported."""
     from .runtime.sampling import SamplingParams
+    from .runtime.speculative import parse_speculative
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -157,6 +150,8 @@ def _sampling(args: argparse.Namespace) -> dict:
     if args.max_new_tokens < 1:
         raise ValueError(f"-n/--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    if args.speculative is not None:
+        parse_speculative(args.speculative)
     draft_tokens = args.draft_tokens
     if draft_tokens != "auto":
         if not draft_tokens.isdigit() or int(draft_tokens) < 1:
@@ -201,7 +196,7 @@ def _summary(prompt_tokens: int, count: int, ttft: float | None, total: float, f
 
 
 def _load(args: argparse.Namespace):
-    from .runtime.engine import load
+    from .hub import load
 
     return load(args.model, device=args.device, threads=args.threads, max_context=args.max_context,
                 backend=args.backend, progress=True, kv_cache=args.kv_cache, batch_invariant=args.batch_invariant)
@@ -244,7 +239,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         pieces = []
         start = time.perf_counter()
 
-        def tee():
+        def tee(responses=responses, pieces=pieces):
             for r in responses:
                 pieces.append(r.text)
                 yield r
@@ -255,7 +250,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
-    from .export.models import known_models, model_path, pull
+    from .hub import known_models, model_path, pull
 
     if args.list or not args.name:
         for m in known_models().values():
@@ -278,89 +273,43 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .export.checkpoint import load_checkpoint
-    from .export.models import known_models, pull
-    from .export.package import write_package
+    from .export.pipeline import ExportOptions, check_output, export
+    from .hub import known_models, pull
 
     # everything that can be checked without the checkpoint is checked before reading it
     try:
         boundaries = [int(b) for b in args.stage_boundaries.split(",") if b.strip()]
     except ValueError:
-        raise ValueError(f"--stage-boundaries must be comma-separated integers, got {args.stage_boundaries!r}") from None
+        raise ValueError(f"--stage-boundaries must be comma-separated integers, "
+                         f"got {args.stage_boundaries!r}") from None
     try:
         exits = [int(b) for b in args.exit_layers.split(",") if b.strip()]
     except ValueError:
         raise ValueError(f"--exit-layers must be comma-separated integers, got {args.exit_layers!r}") from None
-    if exits:  # an exit is a stage boundary; both flags together just merge
-        boundaries = sorted(set(boundaries) | set(exits))
-    keep = _int_list(args.keep_layers, "--keep-layers")
-    if args.prune_layers < 0:
-        raise ValueError(f"--prune-layers must be >= 0, got {args.prune_layers}")
+    options = ExportOptions(formats=args.format, gguf_dtype=args.dtype, stage_boundaries=boundaries, exit_layers=exits,
+                            prune_layers=args.prune_layers, keep_layers=_int_list(args.keep_layers, "--keep-layers"),
+                            heal=args.heal, quant=args.quant or None, device=args.device,
+                            accuracy_level=args.accuracy_level, force=args.force)
     if not args.output and not args.analyze_layers:
         raise ValueError("export needs -o/--output DIR (or --analyze-layers to only score the blocks)")
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    if not formats or set(formats) - {"onnx", "gguf"}:
-        raise ValueError(f"--format must be onnx, gguf or onnx,gguf, got {args.format!r}")
-    if "onnx" in formats and args.dtype != "f32":
-        raise ValueError(f"--dtype {args.dtype} applies to GGUF only (ONNX graphs are f32); "
-                         f"use --format gguf --dtype {args.dtype}")
-    if (exits or boundaries) and "onnx" not in formats:
-        raise ValueError("--stage-boundaries / --exit-layers split ONNX graphs; add onnx to --format")
-    if args.heal and "gguf" in formats:
-        raise ValueError("--heal adds a linear correction at each cut that llama.cpp's llama architecture has no "
-                         "place for; export healed models with --format onnx, or prune without --heal for GGUF")
-    if args.quant and len(formats) > 1:
-        raise ValueError("--quant writes one format per package (ONNX MatMulNBits or GGUF blocks); "
-                         "export --format onnx and --format gguf to separate folders")
-    if (args.accuracy_level is not None or args.device != "cpu") and not (args.quant and formats == ("onnx",)):
-        raise ValueError("--device / --accuracy-level set the MatMulNBits compute of a quantized ONNX package; "
-                         "use them with --quant and --format onnx")
-    quant = None
-    if args.quant:
-        from .export.quantize import resolve_quant
-
-        quant = resolve_quant(args.quant, formats[0])  # a bad recipe fails before the checkpoint is read
-    out = Path(args.output or ".")
-    if args.output and out.exists() and not args.force:
-        raise PackageError(f"{out} already exists; choose another -o folder or pass --force")
-    if args.output and out.exists() and not (out / MANIFEST_NAME).is_file() \
-            and not (out.is_dir() and not any(out.iterdir())):
-        raise PackageError(f"{out} is not an edge-run package (no {MANIFEST_NAME}); --force only "
-                           f"replaces a package folder, so choose another -o folder")
+    if args.output:
+        check_output(args.output, args.force)
     source = pull(args.model, progress=True) if args.model in known_models() and not Path(args.model).exists() \
         else Path(args.model)
-    ckpt = load_checkpoint(source)
     if args.analyze_layers:
+        from .export.checkpoint import load_checkpoint
         from .export.prune import analyze
 
-        print(analyze(ckpt, plot=args.plot, progress=True).table())
+        source = load_checkpoint(source)
+        print(analyze(source, plot=args.plot, progress=True).table())
         if not args.output:
             return
-    if args.prune_layers or keep or args.heal:
-        from .export.prune import prune_for_export
-
-        ckpt = prune_for_export(ckpt, args.prune_layers, keep, args.heal, progress=True)
-        print(f"kept blocks {list(ckpt.kept_layers)}", file=sys.stderr)
-    fitted = None
-    if exits:
-        from .export.exits import fit_exits
-
-        fitted = fit_exits(ckpt, exits, progress=True)
-        for entry in fitted[1]:
-            print(f"exit after layer {entry['layer']}: top-1 agreement with the full model "
-                  f"{entry['top1_agreement']:.1%} on {entry['calibration_tokens']} held-out tokens", file=sys.stderr)
-    quantization = None
-    if quant is not None and formats == ("gguf",):
-        from .export.quantize import quantize_for_gguf
-
-        quantization = quantize_for_gguf(ckpt, quant, progress=True)
-    elif quant is not None:
-        from .export.quantize import quantize_for_onnx
-
-        quantization = quantize_for_onnx(ckpt, quant, args.device, args.accuracy_level, progress=True)
-    manifest = write_package(ckpt, args.output, boundaries, force=args.force, progress=True,
-                             separate_head=bool(exits), formats=formats, gguf_dtype=args.dtype, exits=fitted,
-                             quantization=quantization)
+    manifest = export(source, args.output, options, progress=True)
+    if options.prunes:
+        print(f"kept blocks {list(manifest.kept_layers)}", file=sys.stderr)
+    for entry in manifest.exits:
+        print(f"exit after layer {entry['layer']}: top-1 agreement with the full model "
+              f"{entry['top1_agreement']:.1%} on {entry['calibration_tokens']} held-out tokens", file=sys.stderr)
     parts = [f"{len(manifest.stages)} stage graph(s)"] if manifest.stages else []
     parts += [f"{manifest.gguf} ({args.quant or args.dtype})"] if manifest.gguf else []
     print(f"wrote {args.output}: {manifest.model.architecture}, {manifest.model.num_layers} layers, "
@@ -368,7 +317,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .export.models import resolve_package
+    from .hub import resolve_package
     from .runtime.manifest import read_manifest
 
     package = resolve_package(args.model, progress=True)
@@ -410,7 +359,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run(args)
 
 
-COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "pull": cmd_pull, "export": cmd_export, "run": cmd_run, "chat": cmd_chat, "info": cmd_info}
+COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "pull": cmd_pull, "export": cmd_export, "run": cmd_run,
+            "chat": cmd_chat, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,13 +382,6 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         return fail(f"{type(e).__name__}: {e} (rerun with -v for the traceback)")
     return 0
-
-
-def fail(message: str, prog: str = "edge-run") -> int:
-    """Print `message` as `prog`'s one-line error; returns the exit status."""
-    one_line = re.sub(r"\s*\n\s*", " ", message.strip())
-    print(f"{prog}: error: {one_line}", file=sys.stderr)
-    return 1
 
 
 if __name__ == "__main__":

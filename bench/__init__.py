@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
+
+from ..console import Parser, fail
+from ..runtime.manifest import PackageError
 
 
 def command(main: Callable[[], object], prog: str) -> NoReturn:
     """Run a bench script's `main` as a command: bad input (a missing or malformed package or file,
     an invalid value) ends in one line on stderr and exit status 1, as edge-run's own commands do."""
-    from ..cli import fail
-    from ..runtime.manifest import PackageError
-
     try:
         result = main()
     except (PackageError, ValueError, OSError) as e:
@@ -21,6 +22,4 @@ def command(main: Callable[[], object], prog: str) -> NoReturn:
 
 def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     """A bench script's argument parser: a bad option ends in one line on stderr, like edge-run's."""
-    from ..cli import Parser
-
     return Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

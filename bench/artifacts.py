@@ -27,7 +27,7 @@ LLAMACPP_FLOATS = ("F32", "F16")
 
 def bench_cache(source: Path) -> Path:
     """The cache folder of artifacts made from checkpoint `source`."""
-    from ..export.models import cache_home, checkpoint_key
+    from ..hub import cache_home, checkpoint_key
 
     return cache_home() / "bench" / checkpoint_key(source)
 

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import onnxruntime
 
-from .. import __version__
-from .decode_speed import find_data_dir
+from .. import data
+from ..version import __version__
+from . import command, parser
 from .prompts import perplexity_windows
 from .report import write_json
 from .weights import disk_bytes, initializer_bytes
-from . import command, parser
 
 WEIGHT_PREFIXES = ("embed", "lm_head", "layers.", "final_norm")
 LINEAR_PARTS = ("q", "k", "v", "o", "gate", "up", "down", "qkv")
@@ -107,14 +107,15 @@ def evaluate(packages: list[str], reference: str | None = None, windows: int = 4
     Raises:
         ValueError: packages whose tokenizers disagree, or too little text.
     """
-    import edgerun
     from tqdm import tqdm
 
+    from ..hub import load
+
     names = ([reference] if reference else []) + list(packages)
-    engines = [edgerun.load(p, threads=threads, max_context=window_tokens + 1) for p in names]
-    text_file = text_file or find_data_dir() / "wikitext-2" / "test.txt"
-    batch = np.asarray(perplexity_windows(engines[0].tokenizer, windows, window_tokens, text_file=text_file))
-    probe = Path(text_file).read_text()[:2000]
+    engines = [load(p, threads=threads, max_context=window_tokens + 1) for p in names]
+    text = Path(text_file).read_text() if text_file else data.wikitext("test")
+    batch = np.asarray(perplexity_windows(engines[0].tokenizer, windows, window_tokens, text))
+    probe = text[:2000]
     for name, engine in zip(names[1:], engines[1:]):
         if engine.encode(probe, add_special_tokens=False) != engines[0].encode(probe, add_special_tokens=False):
             raise ValueError(f"{name} tokenizes differently from {names[0]}; compare packages of one model")
@@ -144,7 +145,8 @@ def evaluate(packages: list[str], reference: str | None = None, windows: int = 4
             size_mb=disk_bytes(engine.package_dir) / 1e6, bits_per_weight=bpw, linear_bits_per_weight=linear_bpw,
             perplexity=float(np.exp(nll[k] / scored)), kl=float(kl[k] / scored) if has_ref else None,
             top1=float(agree[k] / scored) if has_ref else None, seconds=float(seconds[k])))
-    protocol = {"text": str(text_file), "windows": int(batch.shape[0]), "window_tokens": int(batch.shape[1]),
+    protocol = {"text": str(text_file) if text_file else "WikiText-2 test (edgerun.data)",
+                "windows": int(batch.shape[0]), "window_tokens": int(batch.shape[1]),
                 "tokens": int(batch.size), "scored_positions": scored, "special_tokens": False,
                 "kl": "KL(reference || package), nats per position"}
     return {"protocol": protocol, "reference": asdict(results[0]) if reference else None,
@@ -163,7 +165,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"| {r['package']} | {r['size_mb']:.1f} | {r['bits_per_weight']:.2f} / "
                      f"{r['linear_bits_per_weight']:.2f} | {r['perplexity']:.3f} | {delta} | {kl} | {top1} |")
     p = report["protocol"]
-    lines.append(f"\nWikiText-2 test, first {p['tokens']} tokens as {p['windows']} independent {p['window_tokens']}-token "
+    lines.append(f"\nWikiText-2 test, first {p['tokens']} tokens as {p['windows']} independent "
+                 f"{p['window_tokens']}-token "
                  f"windows, {p['scored_positions']} positions scored; KL and top-1 against the reference.")
     return "\n".join(lines)
 

@@ -24,13 +24,14 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from . import command, parser
 from .stats import TimingRecord, achieved_bandwidth, ratio, summarize
 from .weights import engine_files
-from . import command, parser
 
 log = logging.getLogger(__name__)
 WORKER = Path(__file__).with_name("worker.py")
@@ -190,7 +191,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt source (default: wikitext)")
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 512], help="prompt lengths (default: 128 512)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
-    p.add_argument("--batch", type=int, nargs="*", default=[2, 4, 8], help="batch sizes for throughput (default: 2 4 8)")
+    p.add_argument("--batch", type=int, nargs="*", default=[2, 4, 8],
+                   help="batch sizes for throughput (default: 2 4 8)")
     p.add_argument("--batch-prompt-tokens", type=int, default=None,
                    help="prompt length of the batch cases (default: the first --prompt-tokens)")
     p.add_argument("--repeats", type=int, default=3, help="measured repeats of every figure (default: 3)")
@@ -199,13 +201,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="WikiText-2 windows for perplexity (bench/eval.py's protocol uses 40; default: 0 = skip)")
     p.add_argument("--ppl-window-tokens", type=int, default=512, help="tokens per perplexity window (default: 512)")
     p.add_argument("--speculative", nargs="*", default=None, metavar="DRAFTER",
-                   help="add the speculative section (bench/speculative.py) on the first edge-run package "
+                   help="add the speculative section (bench/speculative_runs.py) on the first edge-run package "
                         "with these drafters (default when given alone: lookup)")
     p.add_argument("--speculative-prompts", type=int, default=4, help="prompts per set for --speculative (default: 4)")
-    p.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer for the memory bandwidth probe (default: 1024)")
+    p.add_argument("--bandwidth-mb", type=int, default=1024,
+                   help="buffer for the memory bandwidth probe (default: 1024)")
     p.add_argument("--worker-timeout", type=float, default=900, help="seconds a worker may take per request")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for bench.json, bench.png and worker logs (default: bench/results/<time>)")
+                   help="folder for bench.json, bench.png and worker logs (default: ./bench-results/<time>)")
     p.add_argument("--no-plot", action="store_true", help="do not draw bench.png")
 
 
@@ -213,9 +216,11 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.new_tokens < 2:
-        raise ValueError(f"--new-tokens must be >= 2 (decode speed needs tokens after the first), got {args.new_tokens}")
+        raise ValueError(f"--new-tokens must be >= 2 (decode speed needs tokens after the first), "
+                         f"got {args.new_tokens}")
     if any(n < 1 for n in args.prompt_tokens) or any(b < 2 or b > 8 for b in args.batch):
-        raise ValueError(f"--prompt-tokens must be >= 1 and --batch within 2..8, got {args.prompt_tokens}, {args.batch}")
+        raise ValueError(f"--prompt-tokens must be >= 1 and --batch within 2..8, "
+                         f"got {args.prompt_tokens}, {args.batch}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
 
@@ -243,8 +248,8 @@ def _package_precision(package: Path) -> str:
 
 def plan_engines(args: argparse.Namespace, gguf: Path) -> list[EngineSpec]:
     """Every engine and precision the flags ask for, each with the step that makes its model."""
+    from ..hub import resolve_package
     from . import artifacts
-    from ..export.models import resolve_package
 
     specs = []
     packages = args.packages if args.packages is not None else [None]
@@ -397,9 +402,9 @@ def comparisons(engines: list[dict], cases: list[Case]) -> list[dict]:
 
 def run_speculative(target: str, drafters: list[str], args: argparse.Namespace, threads: int,
                     out_dir: Path) -> dict:
-    """bench/speculative.py on `target` in its own process; its JSON report plus what it printed."""
+    """bench/speculative_runs.py on `target` in its own process; its JSON report plus what it printed."""
     path = out_dir / "speculative.json"
-    cmd = [sys.executable, "-m", "edgerun.bench.speculative", target, "--drafters", *drafters,
+    cmd = [sys.executable, "-m", "edgerun.bench.speculative_runs", target, "--drafters", *drafters,
            "--n", str(args.speculative_prompts), "--new-tokens", str(args.new_tokens),
            "--threads", str(threads), "--json", str(path)]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -415,13 +420,14 @@ def run(args: argparse.Namespace) -> dict:
     try:
         from rich.console import Console
     except ImportError:
-        raise ValueError(f"edge-run bench prints its tables with rich, which is not installed; {INSTALL_HINT}") from None
+        raise ValueError(f"edge-run bench prints its tables with rich, which is not installed; "
+                         f"{INSTALL_HINT}") from None
 
-    from . import machine, report
-    from .prompts import make_prompts, perplexity_windows
     from ..devices.providers import physical_cores
     from ..export.checkpoint import checkpoint_kind, load_checkpoint
-    from ..export.models import known_models, pull
+    from ..hub import known_models, pull
+    from . import machine, report
+    from .prompts import make_prompts, perplexity_windows
 
     _check_args(args)
     console = Console(stderr=True)
@@ -435,7 +441,7 @@ def run(args: argparse.Namespace) -> dict:
         gguf = pull(args.model)
     if checkpoint_kind(gguf) != "gguf":
         raise ValueError(f"{args.model} is not a GGUF file; the peers need one (pass a .gguf or a known model)")
-    out_dir = args.out or Path("bench") / "results" / time.strftime("%Y%m%d-%H%M%S")
+    out_dir = args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")  # in the working directory
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     threads = args.threads or physical_cores()
 

@@ -7,20 +7,17 @@ without special tokens, its first `windows x window_tokens` tokens cut into inde
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from tokenizers import Tokenizer
 
-from .decode_speed import find_data_dir
+from .. import data
 
 PROMPT_SETS = ("wikitext", "mt_bench")
 _MARK = "\u2063EDGE-RUN-BENCH\u2063"  # stands in for the message while splitting the template
 
 
-def _wikitext_ids(tokenizer: Tokenizer, need: int, data_dir: Path) -> list[int]:
+def _wikitext_ids(tokenizer: Tokenizer, need: int) -> list[int]:
     """The first `need` token ids of WikiText-2 test, tokenizing just enough of its start."""
-    text = (data_dir / "wikitext-2" / "test.txt").read_text()
+    text = data.wikitext("test")
     chars = 16 * need + 4096
     while True:
         ids = tokenizer.encode(text[:chars], add_special_tokens=False).ids
@@ -45,8 +42,7 @@ def _template_parts(chat_template: str | None, bos: str, eos: str) -> tuple[str,
 
 
 def make_prompts(tokenizer: Tokenizer, prompt_set: str, length: int, count: int,
-                 chat_template: str | None = None, bos: str = "", eos: str = "",
-                 data_dir: Path | None = None) -> list[list[int]]:
+                 chat_template: str | None = None, bos: str = "", eos: str = "") -> list[list[int]]:
     """`count` different prompts of exactly `length` tokens each.
 
     Raises:
@@ -56,12 +52,10 @@ def make_prompts(tokenizer: Tokenizer, prompt_set: str, length: int, count: int,
         raise ValueError(f"unknown prompt set {prompt_set!r}; choose one of {', '.join(PROMPT_SETS)}")
     if length < 1 or count < 1:
         raise ValueError(f"prompt length and count must be >= 1, got {length}, {count}")
-    data_dir = data_dir or find_data_dir()
     if prompt_set == "wikitext":
-        ids = _wikitext_ids(tokenizer, length * count, data_dir)
+        ids = _wikitext_ids(tokenizer, length * count)
         return [ids[k * length:(k + 1) * length] for k in range(count)]
-    rows = [json.loads(line) for line in (data_dir / "prompts" / "mt_bench.jsonl").read_text().splitlines()]
-    questions = [r["turns"][0] for r in rows]
+    questions = [r["turns"][0] for r in data.mt_bench()]
     before, after = _template_parts(chat_template, bos, eos)
     head = tokenizer.encode(before, add_special_tokens=False).ids
     tail = tokenizer.encode(after, add_special_tokens=False).ids
@@ -81,15 +75,15 @@ def make_prompts(tokenizer: Tokenizer, prompt_set: str, length: int, count: int,
 
 
 def perplexity_windows(tokenizer: Tokenizer, windows: int, window_tokens: int,
-                       data_dir: Path | None = None, text_file: Path | None = None) -> list[list[int]]:
+                       text: str | None = None) -> list[list[int]]:
     """The perplexity protocol (bench/eval.py's docstring): the text (default WikiText-2 test)
     tokenized as one string without special tokens, its first windows x window_tokens tokens cut
     into independent windows."""
     if windows < 1 or window_tokens < 2:
         raise ValueError(f"need windows >= 1 and window_tokens >= 2, got {windows}, {window_tokens}")
-    text_file = text_file or (data_dir or find_data_dir()) / "wikitext-2" / "test.txt"
-    ids = tokenizer.encode(Path(text_file).read_text(), add_special_tokens=False).ids
+    ids = tokenizer.encode(data.wikitext("test") if text is None else text, add_special_tokens=False).ids
     if len(ids) < windows * window_tokens:
-        raise ValueError(f"{text_file} holds {len(ids)} tokens, fewer than {windows} x {window_tokens}; "
+        source = "WikiText-2 test" if text is None else "the text"
+        raise ValueError(f"{source} holds {len(ids)} tokens, fewer than {windows} x {window_tokens}; "
                          f"lower the number of windows or their length")
     return [ids[k * window_tokens:(k + 1) * window_tokens] for k in range(windows)]

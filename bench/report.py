@@ -75,7 +75,8 @@ def resource_rows(report: dict, rich: bool = True) -> tuple[list[str], list[list
                                          if "unsupported" not in e["results"].get(f"batch_{b}", {})
                                          else {"unsupported": True}, 1, rich) for b in batches],
                      _num(e["peak_rss_mb"], ".0f"), _num(e["file_mb"], ".0f"), _num(e["weight_mb_per_token"], ".0f"),
-                     _num(e["bandwidth_gb_s"], ".1f") + share, _num(_cpu_share(e), ".0%"), _num(e["perplexity"], ".2f")])
+                     _num(e["bandwidth_gb_s"], ".1f") + share, _num(_cpu_share(e), ".0%"),
+                     _num(e["perplexity"], ".2f")])
     return header, rows
 
 
@@ -111,7 +112,8 @@ def header_lines(report: dict) -> list[str]:
         f"noise: engines got {_num(_overall_share(report), '.0%')} of their threads' CPU time (median; "
         f"100% on an idle machine)",
         f"model {Path(s['model']).name}; {s['prompts']} prompts of {s['prompt_tokens']} tokens, {s['new_tokens']} new "
-        f"tokens, " + (f"batch {s['batch']} at {s['batch_prompt_tokens']}-token prompts" if s['batch'] else "no batch cases")
+        f"tokens, " + (f"batch {s['batch']} at {s['batch_prompt_tokens']}-token prompts"
+                       if s['batch'] else "no batch cases")
         + f"; {s['threads']} threads; greedy; "
         f"median (min–max) of {s['repeats']} repeats after a warm-up; {s['seconds']:.0f} s; commit {report['commit']}",
     ]
@@ -133,7 +135,8 @@ def print_report(report: dict, console) -> None:
         console.print(table)
     for e in report["engines"]:
         if e["status"] != "ok":
-            console.print(f"[{'yellow' if e['status'] == 'skipped' else 'red'}]{e['status']}[/] {e['label']}: {e['error']}")
+            console.print(f"[{'yellow' if e['status'] == 'skipped' else 'red'}]{e['status']}[/] "
+                          f"{e['label']}: {e['error']}")
     header, rows = comparison_rows(report)
     if rows:
         table = Table(title="ours / peer at the same precision (medians; > 1: edge-run is faster)")
@@ -144,7 +147,7 @@ def print_report(report: dict, console) -> None:
         console.print(table)
     spec = report.get("speculative")
     if spec:
-        console.print("[bold]speculative decoding[/] (bench/speculative.py)")
+        console.print("[bold]speculative decoding[/] (bench/speculative_runs.py)")
         console.print(spec.get("output") or f"{spec['status']}: {spec.get('error')}", markup=False)
 
 

@@ -108,4 +108,5 @@ def engine_files(engine: str, model: Path) -> tuple[int, int]:
         return onnx_bytes_per_token(model / config["model"]["decoder"]["filename"]), disk_bytes(model)
     if engine == "transformers":
         return safetensors_bytes_per_token(model), disk_bytes(model)
-    raise ValueError(f"no weight accounting for engine {engine!r}; expected edgerun, llamacpp, ortgenai or transformers")
+    raise ValueError(f"no weight accounting for engine {engine!r}; "
+                     f"expected edgerun, llamacpp, ortgenai or transformers")

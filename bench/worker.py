@@ -30,12 +30,12 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-ENGINES: dict[str, Callable[..., "Engine"]] = {}
+ENGINES: dict[str, Callable[..., Engine]] = {}
 
 
 def register(name: str):
@@ -89,17 +89,20 @@ class EdgeRun(Engine):
     """edge-run itself: any package (ONNX, or a GGUF on the llama.cpp backend with backend=llamacpp)."""
 
     def __init__(self, model: str, threads: int, max_context: int, backend: str = "auto"):
-        import edgerun
+        # absolute, and only here: this file runs by path, and a peer's worker carries no edge-run
+        from edgerun.hub import load
+        from edgerun.version import __version__
 
-        self.engine = edgerun.load(model, threads=threads, max_context=max_context, backend=backend)
-        self.engine.eos_token_ids = frozenset()  # always generate new_tokens
-        self.info = {"version": edgerun.__version__, "backend": self.engine.backend.name,
+        self.engine = load(model, threads=threads, max_context=max_context, backend=backend)
+        self.info = {"version": __version__, "backend": self.engine.backend.name,
                      "package": str(self.engine.package_dir), "batch": True}
 
     def generate(self, prompts, new_tokens):
         start = time.perf_counter()
         stamps, first = [], []
-        for r in self.engine.generate(prompts if len(prompts) > 1 else prompts[0], max_new_tokens=new_tokens):
+        # ignore_eos: always generate new_tokens
+        for r in self.engine.generate(prompts if len(prompts) > 1 else prompts[0], max_new_tokens=new_tokens,
+                                      ignore_eos=True):
             stamps.append(time.perf_counter() - start)
             if r.index == 0:
                 first.append(r.token)

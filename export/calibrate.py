@@ -11,13 +11,13 @@ forward is registered by architecture name like the model families.
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
+from .. import data
 from ..quant.base import QuantFormat, QuantizedTensor
 from ..quant.gptq import HessianFactor, gptq_quantize
 from ..quant.recipe import Calibration
@@ -29,26 +29,19 @@ log = logging.getLogger(__name__)
 LAYER_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def find_calibration_text(cal: Calibration) -> Path:
-    """The calibration file: `cal.data`, else WikiText-2 valid from $EDGE_RUN_DATA or ../shared/data."""
+def calibration_text(cal: Calibration) -> str:
+    """The calibration text: the recipe's own file `cal.data`, else WikiText-2 valid (edgerun.data)."""
     if cal.data:
         path = Path(cal.data)
         if not path.is_file():
             raise ValueError(f"calibration data {path} does not exist; set calibration.data to a text file")
-        return path
-    here = Path(__file__).resolve()
-    bases = [os.environ.get("EDGE_RUN_DATA")]
-    bases += [str(b / "shared" / "data") for b in (Path.cwd().parent, here.parents[2])]
-    for base in filter(None, bases):
-        if (Path(base) / "wikitext-2" / "valid.txt").is_file():
-            return Path(base) / "wikitext-2" / "valid.txt"
-    raise ValueError("WikiText-2 validation text not found for calibration; set EDGE_RUN_DATA to the folder "
-                     "holding wikitext-2/ or give calibration.data in the recipe")
+        return path.read_text()
+    return data.wikitext("valid")
 
 
 def calibration_tokens(tokenizer, cal: Calibration) -> np.ndarray:
     """`cal.sequences` non-overlapping windows of `cal.tokens` tokens, drawn with `cal.seed`."""
-    ids = np.asarray(tokenizer.encode(find_calibration_text(cal).read_text(), add_special_tokens=False).ids)
+    ids = np.asarray(tokenizer.encode(calibration_text(cal), add_special_tokens=False).ids)
     windows = len(ids) // cal.tokens
     if windows < cal.sequences:
         raise ValueError(f"calibration text has {len(ids)} tokens, fewer than {cal.sequences} x {cal.tokens}; "
@@ -76,7 +69,7 @@ def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def _bmm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Batched matmul [..., m, k] @ [..., k, n]; torch's when installed, since numpy's stacked
-    matmul misses BLAS and ran 50x slower here (7 s vs 0.13 s for one layer's attention scores)."""
+    matmul does not use BLAS (README: design notes on export and quantization)."""
     try:
         import torch
     except ImportError:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -123,7 +124,8 @@ def _generic_spec(arch: str, meta: dict[str, Any]) -> ModelSpec:
             if k in meta:
                 value = meta[k]
                 return max(value) if isinstance(value, list) else value  # per-layer arrays
-        raise PackageError(f"unsupported architecture {arch!r}: edge-run exports {', '.join(supported_architectures())} "
+        raise PackageError(f"unsupported architecture {arch!r}: edge-run exports "
+                           f"{', '.join(supported_architectures())} "
                            f"and runs other decoder transformers on llama.cpp, but this file lacks {arch}.{key}")
 
     heads, hidden = int(g("attention.head_count")), int(g("embedding_length"))
@@ -214,13 +216,13 @@ def _safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
         try:
             try:
                 with safe_open(file, framework="numpy") as f:
-                    for name in f.keys():
+                    for name in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
                         yield name, f.get_tensor(name)
             except TypeError:
                 import torch  # noqa: F401  (bf16 checkpoints need torch to decode)
 
                 with safe_open(file, framework="pt") as f:
-                    for name in f.keys():
+                    for name in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
                         yield name, f.get_tensor(name).float().numpy()
         except SafetensorError as e:
             raise PackageError(f"{file} is truncated or corrupt ({e}); download it again") from None
@@ -237,7 +239,7 @@ def _load_hf(folder: Path) -> Checkpoint:
     tok_config = _read_json(folder / "tokenizer_config.json")
     try:
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for malformed files)
         raise PackageError(f"{folder / 'tokenizer.json'} is not a valid tokenizer file ({e}); "
                            f"copy it again from the model's repository") from None
     template = tok_config.get("chat_template")

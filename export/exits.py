@@ -11,7 +11,8 @@ requested quality (e.g. 0.95 top-1 agreement) into a per-exit threshold from tha
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def fit_exits(ckpt: Checkpoint, layers: Sequence[int], windows: Sequence[Sequenc
         x = np.concatenate([s[k][0] for s in fit]).astype(np.float64)
         adapter = fit_affine(x, y).astype(np.float32)
         # the probe predicts the exit's confidence from the raw hidden state with one dot product,
-        # so the 49k-way LM head runs only where an exit is plausible
+        # so the vocabulary-wide LM head runs only where an exit is plausible
         fit_conf = np.concatenate([_softmax_top1(runner.logits(apply_adapter(s[k], adapter)))[0] for s in fit])
         probe = fit_affine(x, fit_conf).astype(np.float32)
         conf, top1 = zip(*(_softmax_top1(runner.logits(apply_adapter(s[k], adapter))) for s in held))
@@ -78,7 +79,7 @@ def fit_exits(ckpt: Checkpoint, layers: Sequence[int], windows: Sequence[Sequenc
         held_x = np.concatenate([s[k][0] for s in held])
         adapters[k] = {"adapter": adapter, "probe": probe}
         entries.append({"layer": k, "file": f"exit{k}.npz", "top1_agreement": float(agree.mean()),
-                        "calibration_tokens": int(len(agree)),
+                        "calibration_tokens": len(agree),
                         "curve": precision_curve(conf, agree, with_bias(held_x) @ probe)})
         log.info("exit after layer %d: top-1 agreement %.1f%% on %d held-out tokens", k, 100 * agree.mean(), len(agree))
     return adapters, entries

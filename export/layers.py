@@ -7,7 +7,7 @@ exporting a package per configuration.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnxruntime as ort

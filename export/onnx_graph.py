@@ -18,8 +18,8 @@ Stage I/O (B batch, S new tokens, N scored positions):
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 import onnx

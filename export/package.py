@@ -10,18 +10,20 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 from tqdm import tqdm
 
-from .. import __version__
 from ..quant.pack_ort import MatMulNBitsWeight
 from ..runtime.manifest import Manifest, PackageError, Stage
+from ..version import __version__
 from .checkpoint import Checkpoint, load_checkpoint
 from .onnx_graph import build_stage
 
@@ -116,10 +118,10 @@ def llama_quantize(source: Path, target: Path, ftype: int) -> None:
 def split_layers(num_layers: int, boundaries: Sequence[int] = ()) -> list[tuple[int, int]]:
     """Turn stage boundaries (first layer of each later stage) into [start, end) ranges."""
     cuts = [0, *boundaries, num_layers]
-    if any(b <= a for a, b in zip(cuts, cuts[1:])) or not all(0 < b < num_layers for b in boundaries):
+    if any(b <= a for a, b in pairwise(cuts)) or not all(0 < b < num_layers for b in boundaries):
         raise PackageError(f"stage boundaries {list(boundaries)} must be increasing layer indices "
                            f"inside 1..{num_layers - 1}")
-    return list(zip(cuts, cuts[1:]))
+    return list(pairwise(cuts))
 
 
 FORMATS = ("onnx", "gguf")
@@ -278,10 +280,3 @@ def _write_manifest(folder: Path, ckpt: Checkpoint, **fields: Any) -> Manifest:
     manifest.write(folder)
     return manifest
 
-
-def export(model: str | Path, out_dir: str | Path, stage_boundaries: Sequence[int] = (),
-           force: bool = False, progress: bool = False, separate_head: bool = False, *,
-           formats: Sequence[str] = ("onnx",), gguf_dtype: str = "f32") -> Manifest:
-    """Read checkpoint `model` (path) and write a package to `out_dir` (see `write_package`)."""
-    return write_package(load_checkpoint(model), out_dir, stage_boundaries, force, progress, separate_head,
-                         formats=formats, gguf_dtype=gguf_dtype)

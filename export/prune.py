@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from ..quant.recipe import Calibration
 from .calibrate import calibration_tokens
 from .checkpoint import Checkpoint
 from .layers import LayerRunner, fit_affine, nll, with_bias
-from ..quant.recipe import Calibration
 
 log = logging.getLogger(__name__)
 

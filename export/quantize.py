@@ -1,21 +1,22 @@
-"""Quantize a checkpoint by recipe and write it as an ONNX package (MatMulNBits weights) or a GGUF.
+"""Quantize a checkpoint by recipe for an ONNX package (MatMulNBits weights) or a GGUF.
 
-    export_quantized("model.gguf", "out/", quant="int4-gptq", device="cpu")
-    export_quantized("model.gguf", "out/", quant="int4-gptq", target="gguf")   # Q4_1 / Q8_0 blocks
-    export_quantized("model.gguf", "out/", quant="q4_k_m", target="gguf")      # llama.cpp's quantizer
+    quantization = quantize_for_onnx(ckpt, load_recipe("int4-gptq"), device="cpu")
+    quantization = quantize_for_gguf(ckpt, "int4-gptq")   # Q4_1 / Q8_0 blocks packed here
+    quantization = quantize_for_gguf(ckpt, "q4_k_m")      # llama.cpp's quantizer
 
+`export.package.write_package` writes the result; `export.pipeline.export` runs the whole chain.
 The recipe (preset or file, see `edgerun.quant.recipe`) picks a format and method per tensor;
-everything is checked before the checkpoint is read or calibration starts. The manifest records
-the recipe, the format of every tensor, the layout (MatMulNBits and its accuracy level, or the GGML
-type of every tensor); the weight groups in `manifest.weights` summarize it. llama.cpp's own types
-(K-quants, IQ4_NL, ...) are made by `llama_model_quantize` from an F32 GGUF we write.
+`plan` checks every tensor before any work is done. The manifest records the recipe, the format of
+every tensor, the layout (MatMulNBits and its accuracy level, or the GGML type of every tensor);
+the weight groups in `manifest.weights` summarize it. llama.cpp's own types (K-quants, IQ4_NL,
+...) are made by `llama_model_quantize` from an F32 GGUF written first.
 """
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import gguf
 import numpy as np
@@ -25,18 +26,18 @@ from ..quant.base import QuantFormat, QuantizedTensor
 from ..quant.pack_gguf import gguf_type_for, pack_gguf
 from ..quant.pack_ort import MatMulNBitsWeight, pack_matmulnbits
 from ..quant.recipe import Recipe, TensorRule, load_recipe
-from ..runtime.manifest import Manifest, ModelSpec
+from ..runtime.manifest import ModelSpec
 from .calibrate import LAYER_LINEARS, calibration_tokens, quantize_calibrated
-from .checkpoint import Checkpoint, head_weight_name, load_checkpoint
+from .checkpoint import Checkpoint, head_weight_name
 from .families import get_family
 from .gguf_writer import PackedTensor
-from .package import GgufQuantization, OnnxQuantization, write_package
+from .package import GgufQuantization, OnnxQuantization
 
 log = logging.getLogger(__name__)
 
 # MatMulNBits accuracy_level per target device. On CPU, int8 compute (4) is the fast path: for
-# 8- and 2-bit weights the fp32 path dequantizes and is ~50-100x slower per decode step (measured
-# in bench/QUANT.md). Other execution providers pick their own compute type, so 0 (unset).
+# 8- and 2-bit weights the fp32 path dequantizes every step (README: design notes on export and
+# quantization). Other execution providers pick their own compute type, so 0 (unset).
 ACCURACY_LEVELS = {"cpu": 4}
 
 
@@ -173,7 +174,7 @@ def quantize_for_onnx(ckpt: Checkpoint, recipe: Recipe, device: str = "cpu", acc
     slow = sorted(n for n, w in packed.items() if w.zero_points is not None and w.zero_points.dtype != np.uint8)
     if slow:
         log.warning("%d tensors (e.g. %s) use float zero points, which onnxruntime's CPU MatMulNBits runs "
-                    "on a slow fallback (about 10x slower decoding); int4_asym is the fast layout", len(slow), slow[0])
+                    "on a much slower fallback; int4_asym is the fast layout", len(slow), slow[0])
     weights, info = manifest_entries(ckpt.spec, recipe, quantized, layout="MatMulNBits", accuracy_level=level,
                                      target_device=device)
     return OnnxQuantization(packed=packed, accuracy_level=level, weights=weights, info=info)
@@ -244,38 +245,7 @@ def quantize_for_gguf(ckpt: Checkpoint, quant: str | Path | dict | Recipe, progr
     for name, qt in quantized.items():
         counts[types.get(name, "")] += qt.shape[0] * qt.shape[1]
     main_type = max((t for t in counts if t), key=counts.__getitem__, default=None)
-    weights, info = manifest_entries(ckpt.spec, recipe, quantized, layout="GGUF", gguf_types=types)
+    _, info = manifest_entries(ckpt.spec, recipe, quantized, layout="GGUF", gguf_types=types)
     return GgufQuantization(packed=packed, file_type=main_type and gguf.LlamaFileType[f"MOSTLY_{main_type}"],
                             info=info)
 
-
-def export_quantized(model: str | Path | Checkpoint, out_dir: str | Path, quant: str | Path | dict,
-                     device: str = "cpu", accuracy_level: int | None = None,
-                     stage_boundaries: Sequence[int] = (), force: bool = False,
-                     progress: bool = False, target: str = "onnx") -> Manifest:
-    """Read a checkpoint, quantize it and write an ONNX package or (target "gguf") a GGUF package.
-
-    Args:
-        model: checkpoint path (.gguf or HF folder) or a loaded Checkpoint.
-        out_dir: package folder to create.
-        quant: preset ("int8", "int4", "int4-gptq", "ternary"), recipe file (.json/.toml) or dict;
-            for a GGUF also a llama.cpp type name (q4_k_m, ...).
-        device: target device; sets the MatMulNBits accuracy level (cpu -> 4, int8 compute).
-        accuracy_level: override the device's accuracy level (0 unset .. 4 int8).
-        stage_boundaries, force, progress: as for `write_package`.
-        target: "onnx" or "gguf".
-    Returns:
-        The manifest written.
-    Raises:
-        ValueError: invalid recipe (checked before the checkpoint is read), shapes a format
-            cannot take, or missing calibration data.
-    """
-    if target not in ("onnx", "gguf"):
-        raise ValueError(f"target must be onnx or gguf, got {target!r}")
-    recipe = load_recipe(quant) if target == "onnx" else None
-    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
-    if target == "gguf":
-        return write_package(ckpt, out_dir, force=force, progress=progress, formats=("gguf",),
-                             quantization=quantize_for_gguf(ckpt, quant, progress))
-    quantization = quantize_for_onnx(ckpt, recipe, device, accuracy_level, progress)
-    return write_package(ckpt, out_dir, stage_boundaries, force=force, progress=progress, quantization=quantization)

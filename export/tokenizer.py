@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
@@ -72,7 +73,7 @@ class GGUFTokenizerData:
     add_space_prefix: bool
 
 
-def read_gguf_tokenizer(reader: "gguf.GGUFReader") -> GGUFTokenizerData:
+def read_gguf_tokenizer(reader: gguf.GGUFReader) -> GGUFTokenizerData:
     """Read the tokenizer fields of a GGUF file.
 
     Missing flags take llama.cpp's defaults: BOS and a space prefix for ``"llama"`` vocabularies,
@@ -300,7 +301,8 @@ def gguf_tokenizer_fields(tokenizer: Tokenizer, vocab_size: int, bos_token_id: i
         ValueError: a tokenizer GGUF cannot describe (not byte-level BPE, unknown pre-tokenizer,
             more tokens than the embedding has rows).
     """
-    from gguf import GGUFValueType as T, TokenType
+    from gguf import GGUFValueType as T
+    from gguf import TokenType
 
     data = json.loads(tokenizer.to_str())
     if data["model"].get("type") != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":

@@ -5,5 +5,5 @@ from .base import BLOCK_SIZES, BlockParams, QuantFormat, QuantizedTensor, format
 from .gptq import gptq_quantize
 from .recipe import PRESETS, Calibration, Recipe, TensorRule, load_recipe
 
-__all__ = ["BLOCK_SIZES", "BlockParams", "QuantFormat", "QuantizedTensor", "format_names", "get_format",
-           "register_format", "gptq_quantize", "PRESETS", "Calibration", "Recipe", "TensorRule", "load_recipe"]
+__all__ = ["BLOCK_SIZES", "PRESETS", "BlockParams", "Calibration", "QuantFormat", "QuantizedTensor", "Recipe",
+           "TensorRule", "format_names", "get_format", "gptq_quantize", "load_recipe", "register_format"]

@@ -71,7 +71,7 @@ class QuantizedTensor:
         method: how the codes were chosen ("rtn" round-to-nearest, "gptq", ...).
     """
 
-    fmt: "QuantFormat"
+    fmt: QuantFormat
     shape: tuple[int, int]
     codes: np.ndarray
     scales: np.ndarray

@@ -24,7 +24,7 @@ def _inverse_cholesky_lower(a: np.ndarray) -> np.ndarray:
     """inv(cholesky(a)) for a symmetric positive definite float64 matrix.
 
     torch's LAPACK is used when torch is installed: numpy's bundled OpenBLAS runs potrf with all
-    threads and is 10-100x slower on a small shared machine (measured 1.3 s for 576 x 576).
+    threads, which is far slower on a small shared machine (README: design notes on export and quantization).
     """
     try:
         import torch
@@ -49,7 +49,7 @@ class HessianFactor:
     u: np.ndarray
 
     @classmethod
-    def from_hessian(cls, hessian: np.ndarray, damp: float = 0.01, act_order: bool = True) -> "HessianFactor":
+    def from_hessian(cls, hessian: np.ndarray, damp: float = 0.01, act_order: bool = True) -> HessianFactor:
         """Factor X^T X / n (any positive multiple) of a layer's inputs X [n, in]."""
         h = np.array(hessian, dtype=np.float64)
         if h.ndim != 2 or h.shape[0] != h.shape[1]:

@@ -13,7 +13,7 @@ of the bytes equals `QuantizedTensor.dequantize()` exactly (checked in tests/tes
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType

@@ -19,12 +19,13 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from . import formats  # noqa: F401  (registers the formats)
 from ..runtime.manifest import check_keys, strict_from_dict
+from . import formats  # noqa: F401  (registers the formats)
 from .base import QuantFormat, get_format
 
 FLOAT = "float32"
@@ -56,11 +57,11 @@ class TensorRule:
     scale_dtype: str | None = None
     method: str | None = None
     pattern: str = "*"
-    fallback: "TensorRule | None" = None
+    fallback: TensorRule | None = None
     gguf_type: str | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "rule") -> "TensorRule":
+    def from_dict(cls, data: dict[str, Any], where: str = "rule") -> TensorRule:
         if isinstance(data, dict) and data.get("fallback") is not None:
             fallback = data["fallback"]
             if isinstance(fallback, dict) and "pattern" in fallback:
@@ -103,7 +104,7 @@ class Calibration:
     """Calibration data for GPTQ: `sequences` windows of `tokens` tokens from `data`.
 
     Attributes:
-        data: text file (default: WikiText-2 validation from the shared data folder).
+        data: text file (default: WikiText-2 validation, shipped with edge-run in edgerun.data).
         damp: GPTQ dampening, a fraction of the mean Hessian diagonal added to it.
         act_order: process columns by decreasing Hessian diagonal (groups stay static).
     """
@@ -116,7 +117,7 @@ class Calibration:
     seed: int = 0
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
         cal = _from_dict(cls, data, "calibration")
         if cal.sequences < 1 or cal.tokens < 2:
             raise ValueError(f"calibration needs sequences >= 1 and tokens >= 2, got {cal.sequences} x {cal.tokens}")
@@ -136,14 +137,14 @@ class Recipe:
     calibration: Calibration = field(default_factory=Calibration)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
         if not isinstance(data, dict):
-            raise ValueError(f"a recipe must be an object, got {type(data).__name__}")
+            raise ValueError(f"a recipe must be an object, got {type(data).__name__}")  # noqa: TRY004  (bad data)
         check_keys(cls, data, "recipe", ValueError)
         if "default" not in data:
             raise ValueError('recipe needs a "default" rule, e.g. {"format": "int4_asym", "block_size": 32}')
         if not isinstance(data.get("rules", []), list):
-            raise ValueError(f"recipe rules must be a list, got {type(data['rules']).__name__}")
+            raise ValueError(f"recipe rules must be a list, got {type(data['rules']).__name__}")  # noqa: TRY004
         rules = []
         for k, raw in enumerate(data.get("rules", [])):
             if not isinstance(raw, dict) or "pattern" not in raw:
@@ -195,15 +196,15 @@ def _summarize(names: list[str]) -> str:
 
 
 _INT8 = {"format": "int8_block", "block_size": 32}
-# the embedding / tied LM head share one int8 copy (SmolLM2's source file stores it as Q8_0)
+# the embedding / tied LM head share one int8 copy
 _TABLES = [{"pattern": "embed", **_INT8, "method": "rtn"}, {"pattern": "lm_head", **_INT8, "method": "rtn"}]
-# the tensors most sensitive to 4-bit rounding in a per-tensor scan of SmolLM2-135M: v_proj in
-# every layer and the whole last layer (bench/QUANT.md); 8 bits there cost +0.25 bits per weight
+# the tensors most sensitive to 4-bit rounding, kept at 8 bits: v in every layer and the whole
+# last layer (README: design notes on export and quantization)
 _SENSITIVE = [{"pattern": "layers.*.v", **_INT8}, {"pattern": "layers.{last}.*", **_INT8}]
 _INT4 = {"format": "int4_asym", "block_size": 32}
 PRESETS: dict[str, dict[str, Any]] = {
-    # block 16: at accuracy level 4 activations are quantized per weight block, and 16 keeps the
-    # WikiText-2 perplexity within +0.2% of the reference (block 32: +0.6%, 12% faster decode)
+    # block 16: at accuracy level 4 activations are quantized per weight block, so smaller blocks
+    # keep int8 closer to the reference (README: design notes on export and quantization)
     "int8": {"name": "int8", "default": {"format": "int8_block", "block_size": 16}, "rules": _TABLES},
     "int4": {"name": "int4", "default": _INT4, "rules": _TABLES + _SENSITIVE},
     "int4-gptq": {"name": "int4-gptq", "method": "gptq", "default": _INT4, "rules": _TABLES + _SENSITIVE},
@@ -224,7 +225,7 @@ GGUF_PRESETS: dict[str, dict[str, Any]] = {
 TARGETS = {"onnx": PRESETS, "gguf": GGUF_PRESETS}
 
 
-def load_recipe(spec: "str | Path | dict[str, Any] | Recipe", target: str = "onnx") -> Recipe:
+def load_recipe(spec: str | Path | dict[str, Any] | Recipe, target: str = "onnx") -> Recipe:
     """A preset name (int8, int4, int4-gptq, ternary), a .json / .toml recipe file, a dict, or a Recipe.
 
     Args:

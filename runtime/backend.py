@@ -7,8 +7,9 @@ token by token; they never see what is behind it (onnxruntime sessions, a llama.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -31,6 +32,8 @@ class Cache(Protocol):
 class Backend(Protocol):
     name: str
     library: str  # the library that computes, as messages name it ("onnxruntime", "llama.cpp")
+    manifest: Manifest
+    staged: bool  # True: it is also a StagedBackend (runs stage ranges); False: whole model per call
 
     def new_cache(self, batch: int, max_len: int) -> Cache: ...
 
@@ -39,6 +42,53 @@ class Backend(Protocol):
         """Append `inputs` (int64 [B, S], right-padded; `counts[b]` real tokens in row b) to
         each sequence and return float32 logits [B, N, vocab] at `logits_positions` [B, N]."""
         ...
+
+
+class HiddenStates(Protocol):
+    """Residual stream between stages as a backend returns it (onnxruntime.OrtValue on the onnx
+    backend, possibly on the device): pass it back unchanged to keep it there."""
+
+    def numpy(self) -> np.ndarray: ...  # float32 [B, S, H], copied to the host
+    def shape(self) -> list[int]: ...  # [B, S, H]; a method, as on OrtValue
+
+
+class StagedBackend(Backend, Protocol):
+    """A backend that runs any contiguous run of the package's stages (`manifest.stages`) on its
+    own: early exit and self-speculation need it. Its `staged` is True."""
+
+    def forward(self, inputs: np.ndarray | HiddenStates, cache: Cache, counts: np.ndarray,
+                logits_positions: np.ndarray | None = None, stages: range | None = None,
+                start: np.ndarray | None = None) -> np.ndarray | HiddenStates:
+        """Run new tokens through `stages` (default: all).
+
+        Args:
+            inputs: int64 token ids [B, S] (right-padded) when the run starts at the embedding
+                stage; else hidden states [B, S, H]: HiddenStates from an earlier call, or float32.
+            cache, counts: as in Backend.forward.
+            logits_positions: int64 [B, N] positions to score; used only when the run ends at the
+                head stage (None otherwise).
+            stages: indices into manifest.stages, contiguous and increasing.
+            start: int32 [B] first position of the new tokens per row (default: cache.lengths).
+                When given, the caller owns the offsets and the cache does not advance.
+        Returns:
+            float32 np.ndarray logits [B, N, vocab] when the run ends at the head stage, else
+            HiddenStates [B, S, H]. Only a run that ends at the head with `start` unset advances
+            cache.lengths by `counts`.
+        """
+        ...
+
+
+def require_staged(backend: Backend, feature: str) -> StagedBackend:
+    """`backend` itself when it runs stage ranges (see StagedBackend).
+
+    Raises:
+        ValueError: it runs the whole model in one call; names the backend and the fix.
+    """
+    if not backend.staged:
+        raise ValueError(f"{feature} needs the onnx backend and a package exported with --exit-layers; the "
+                         f"{backend.name} backend ({backend.library}) runs the whole model in one call: "
+                         f"load it with backend='onnx' (--backend onnx)")
+    return backend
 
 
 BackendFactory = Callable[[Path, Manifest, str, "int | None"], Backend]
@@ -59,16 +109,15 @@ class InvariantSteps:
     """A backend whose logits do not depend on how many tokens a step carries.
 
     Both onnxruntime and llama.cpp compute a step of one new token with other CPU kernels than a
-    step of several (a matrix-vector product against a tiled matrix product). The sums round
-    differently, and with quantized weights the activations are re-quantized to 8 bits, which
-    turns those ~1e-5 differences into logits up to ~0.7 apart (measured on SmolLM2 Q8_0, Q4_1,
-    Q4_K_M and ONNX INT4): then greedy speculative output, or a sequence decoded at batch 4, can
-    leave plain batch-1 greedy where two tokens nearly tie. Every kernel measured gives
-    bit-identical results for any step of two or more tokens, so here every row that runs
-    carries at least two: a row with one new token gets a copy of it at the next position
-    (its key/value are dropped again), and a step that scores one position per row also scores
-    a neighbour (the last layer and the LM head only run on scored rows).
-    That costs decode speed (the step computes twice the tokens) and buys exact reproducibility.
+    step of several (a matrix-vector product against a tiled matrix product), and with quantized
+    weights the rounding difference is amplified by re-quantizing activations to 8 bits: then
+    greedy speculative output, or a sequence decoded at batch > 1, can leave plain batch-1 greedy
+    where two tokens nearly tie. Steps of two or more tokens agree bit for bit, so here every row
+    that runs carries at least two: a row with one new token gets a copy of it at the next
+    position (its key/value are dropped again), and a step that scores one position per row also
+    scores a neighbour (the last layer and the LM head only run on scored rows). That costs decode
+    speed (the step computes twice the tokens) and buys exact reproducibility (figures: README,
+    "Design notes: runtime"). Wraps a Backend or a StagedBackend; `staged` is the inner one's.
     """
 
     def __init__(self, backend: Backend):
@@ -120,7 +169,8 @@ def open_backend(name: str, package_dir: Path, manifest: Manifest, device: str,
     if name not in _BACKENDS and name in _MODULES:
         importlib.import_module(_MODULES[name])  # registers itself
     if name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(dict.fromkeys([*_MODULES, *_BACKENDS]))}")
+        raise ValueError(f"unknown backend {name!r}; choose one of: auto, "
+                         f"{', '.join(dict.fromkeys([*_MODULES, *_BACKENDS]))}")
     if name not in manifest.backends:
         raise PackageError(f"package {package_dir} has nothing for the {name} backend (it has: "
                            f"{', '.join(manifest.backends)}); export it with the matching --format")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import Backend, Cache, require_staged
 from .manifest import Manifest, PackageError
 
 
@@ -66,10 +67,14 @@ def exit_points(package_dir: Path, manifest: Manifest, quality: float | None = N
 
 
 class EarlyExitRunner:
-    """Runs one sequence token by token through stages, exiting early, deferring skipped layers."""
+    """Runs one sequence token by token through stages, exiting early, deferring skipped layers.
 
-    def __init__(self, backend, cache, points: list[ExitPoint]):
-        self.backend, self.cache = backend, cache
+    Raises:
+        ValueError: `backend` runs the whole model in one call (not a StagedBackend).
+    """
+
+    def __init__(self, backend: Backend, cache: Cache, points: list[ExitPoint]):
+        self.backend, self.cache = require_staged(backend, "early exit"), cache
         self.points = {p.stage: p for p in points}
         self.num_stages = len(backend.manifest.stages)
         self.head = range(self.num_stages - 1, self.num_stages)
@@ -92,7 +97,7 @@ class EarlyExitRunner:
 
     def step(self, token: int, position: int) -> tuple[np.ndarray, int | None]:
         """Feed `token` at `position`; returns (logits of the next token, exit layer or None)."""
-        hidden = self.backend.forward(np.array([[token]]), self.cache, np.ones(1, np.int32), None, range(0, 1),
+        hidden = self.backend.forward(np.array([[token]]), self.cache, np.ones(1, np.int32), None, range(1),
                                       np.array([position], np.int32)).numpy()
         for stage in range(1, self.num_stages - 1):
             point = self.points.get(stage)

@@ -4,18 +4,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from .manifest import PackageError, read_manifest
-from .backend import open_backend  # imports the backend a package asks for, only that one
+from .backend import open_backend, require_staged  # open_backend imports only the backend a package asks for
+from .draft_policy import AdaptiveDraftLength, DraftPolicy
+from .drafters import Draft, Drafter
 from .early_exit import EarlyExitRunner, ExitPoint, exit_points
+from .manifest import PackageError, read_manifest
 from .sampling import Sampler, SamplingParams
-from .speculative import AdaptiveDraftLength, Draft, Drafter, DraftPolicy, SpeculativeStats, make_drafter, verify
+from .speculative import SPECULATIVE_FORMS, SpeculativeSpec, SpeculativeStats, make_drafter, parse_speculative, verify
 from .textstream import StopMatcher, TextStream
 
 log = logging.getLogger(__name__)
@@ -99,9 +101,9 @@ class Engine:
         batch_invariant: compute every step with at least two tokens per sequence, so logits do
             not depend on the step's shape: greedy speculative output and any batch size then
             reproduce plain batch-1 greedy token for token, on every backend and weight type.
-            Without it, kernels that differ between one new token and several make quantized
-            models' logits differ by up to ~0.7 (float weights: ~1e-5), which changes the output
-            where two tokens nearly tie. Costs decode speed (see the README).
+            Without it, kernels that differ between one new token and several move quantized
+            models' logits enough to change the output where two tokens nearly tie (float
+            weights: only at far closer ties). Costs decode speed (see the README).
     """
 
     def __init__(self, package_dir: str | Path, device: str = "cpu", threads: int | None = None,
@@ -122,11 +124,14 @@ class Engine:
         self.batch_invariant = batch_invariant
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self._kv = None  # the KV cache of the last generation (see fresh_cache)
-        self._drafters: dict[str, Drafter] = {}
+        self._drafters: dict[SpeculativeSpec, Drafter] = {}
         self._warned_inexact = False
         self.threads = threads
         self.stats = SpeculativeStats()  # speculative decoding figures of the last generation
         self.exit_layers: list[int] = []  # layers each token of the last early-exit generation used
+        # opens the model of a `draft:MODEL` drafter (edgerun.load sets one that also takes
+        # checkpoints and known model names; an Engine made directly opens package folders)
+        self.open_model: Callable[..., Engine] = Engine
 
     # -- text <-> tokens -------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -146,7 +151,9 @@ class Engine:
         if not template:
             raise PackageError(f"package {self.package_dir} has no chat template; use generate() "
                                f"with a plain prompt (or `edge-run run --raw`)")
-        token = lambda i: self.tokenizer.id_to_token(i) if i is not None else ""  # noqa: E731
+        def token(i):
+            return self.tokenizer.id_to_token(i) if i is not None else ""
+
         return render_chat_template(template, messages, token(self.manifest.bos_token_id),
                                     token(next(iter(self.manifest.eos_token_ids), None)), add_generation_prompt)
 
@@ -156,8 +163,7 @@ class Engine:
 
         The engine keeps one: a generation at another batch size drops the previous cache before
         making its own, so caches of several sizes (each max_context positions per row, resident
-        once allocated) never add up. Making one takes milliseconds (llama.cpp: ~15 ms at batch 1,
-        ~85 ms at batch 8 on 2 cores).
+        once allocated) never add up; a generation at the same batch size reuses it.
         """
         if self._kv is None or self._kv.batch != batch:
             self._kv = None  # freed (once no generation uses it) before the new one is allocated
@@ -179,7 +185,7 @@ class Engine:
                  stop: Iterable[str] = (), add_special_tokens: bool = True,
                  speculative: str | Drafter | None = None, draft_tokens: int | str | DraftPolicy = "auto",
                  early_exit: float | None = None, exit_threshold: float | None = None,
-                 ) -> Iterator[GenerationResponse]:
+                 ignore_eos: bool = False) -> Iterator[GenerationResponse]:
         """Generate from one prompt or a batch of 1..8 prompts, streaming one response per token.
 
         Args:
@@ -190,19 +196,27 @@ class Engine:
             seed: makes sampling reproducible.
             stop: strings that end generation (not included in the output).
             add_special_tokens: let the tokenizer add BOS etc. when encoding string prompts.
-            speculative: None (plain decoding), "lookup" (prompt lookup), "draft:PATH" (a draft
-                package with the same vocabulary) or a Drafter object. Lossless: greedy output
-                is token-identical, sampling keeps the target distribution.
-            draft_tokens: drafts per round, "auto" (0-16 per round, chosen from the measured
-                acceptance curve and step costs; see speculative.AdaptiveDraftLength), or a
+            speculative: None (plain decoding), "lookup[:MAX_NGRAM[,MIN_NGRAM]]" (prompt lookup),
+                "draft:PATH" (a draft model with the same vocabulary), "self:K" (the first K
+                layers draft; onnx backend, package exported with --exit-layers K), a
+                SpeculativeSpec, or a Drafter subclass instance. Lossless: greedy output is
+                token-identical, sampling keeps the target distribution.
+            draft_tokens: drafts per round, "auto" (0-16 per round, chosen from the observed
+                acceptance curve and step costs; see draft_policy.AdaptiveDraftLength), or a
                 DraftPolicy object of your own (it keeps its state between calls).
             early_exit: stop tokens at the package's exits when their calibrated top-1 agreement
-                with the full model is at least this level (e.g. 0.95); batch 1 only.
+                with the full model is at least this level (e.g. 0.95); batch 1, onnx backend only.
             exit_threshold: a raw confidence threshold for every exit instead of a quality level.
+            ignore_eos: keep generating past end-of-sequence tokens until max_new_tokens or a
+                stop string (benchmarks that need equal token counts).
         Yields:
             GenerationResponse per token; the last one of each prompt carries finish_reason.
+        Raises:
+            ValueError: a bad argument, a bad speculative mode, or early exit / self-speculation
+                on a backend that runs the whole model in one call (llama.cpp).
         """
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        eos = frozenset() if ignore_eos else self.eos_token_ids
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         one = isinstance(prompt, str) or all(isinstance(t, (int, np.integer)) for t in prompt)
@@ -225,20 +239,28 @@ class Engine:
         if early_exit is not None or exit_threshold is not None:
             if speculative is not None or len(prompts) != 1:
                 raise ValueError("early exit runs one prompt without speculative decoding")
+            require_staged(self.backend, "early exit")
             points = exit_points(self.package_dir, self.manifest, early_exit, exit_threshold)
-            return self._generate_early_exit(prompts[0], params, max_new_tokens, list(stop), points)
-        return self._generate(prompts, params, max_new_tokens, list(stop), self._drafter(speculative), policy)
+            return self._generate_early_exit(prompts[0], params, max_new_tokens, list(stop), points, eos)
+        return self._generate(prompts, params, max_new_tokens, list(stop), self._drafter(speculative), policy, eos)
 
-    def _drafter(self, speculative: str | Drafter | None) -> Drafter | None:
-        if speculative is not None and not self._warned_inexact and not self.batch_invariant:
+    def _drafter(self, speculative: str | SpeculativeSpec | Drafter | None) -> Drafter | None:
+        if speculative is None:
+            return None
+        if isinstance(speculative, str):
+            speculative = parse_speculative(speculative)
+        if not isinstance(speculative, (SpeculativeSpec, Drafter)):
+            raise TypeError(f"speculative must be None, a mode string ({SPECULATIVE_FORMS}), a SpeculativeSpec "
+                            f"or a Drafter subclass instance, got {type(speculative).__name__}")
+        if not self._warned_inexact and not self.batch_invariant:
             inexact = inexact_verification_types(self.manifest.weights)
             if inexact:
-                log.warning("%s computes %s weights with other kernels for one new token than for several "
-                            "(logits up to ~0.7 apart measured), so greedy speculative output can differ from "
-                            "plain greedy where two tokens nearly tie; load with batch_invariant=True "
-                            "(--batch-invariant) for token-exact output", self.backend.library, "/".join(inexact))
+                log.warning("%s computes %s weights with other kernels for one new token than for several, "
+                            "so greedy speculative output can differ from plain greedy where two tokens nearly "
+                            "tie; load with batch_invariant=True (--batch-invariant) for token-exact output",
+                            self.backend.library, "/".join(inexact))
             self._warned_inexact = True
-        if not isinstance(speculative, str):
+        if isinstance(speculative, Drafter):
             return speculative
         if speculative not in self._drafters:  # draft models load once per engine
             self._drafters[speculative] = make_drafter(speculative, self, max_context=self.max_context,
@@ -246,10 +268,11 @@ class Engine:
         return self._drafters[speculative]
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, max_new_tokens: int,
-                  stops: list[str], drafter: Drafter | None, policy: DraftPolicy) -> Iterator[GenerationResponse]:
+                  stops: list[str], drafter: Drafter | None, policy: DraftPolicy,
+                  eos: frozenset[int]) -> Iterator[GenerationResponse]:
         seeds = np.random.SeedSequence(params.seed).spawn(len(prompts))
         rows = [_Row(i, p, Sampler(params, self.manifest.model.vocab_size, np.random.default_rng(seed)),
-                     TextStream(self.tokenizer), StopMatcher(stops), self.eos_token_ids, max_new_tokens)
+                     TextStream(self.tokenizer), StopMatcher(stops), eos, max_new_tokens)
                 for i, (p, seed) in enumerate(zip(prompts, seeds))]
         self.stats = stats = SpeculativeStats()
         cache = self.fresh_cache(len(rows))
@@ -261,18 +284,18 @@ class Engine:
         if drafter is None:
             yield from self._decode_plain(rows, cache)
             return
-        classify = getattr(drafter, "classes", lambda contexts: [0] * len(contexts))
         while any(row.active for row in rows):
             # each active row feeds its pending token (the last one, not yet cached) + its drafts
             start = np.array([len(row.tokens) - 1 if row.active else 0 for row in rows], dtype=np.int32)
             cache.rollback(start)
             active = [row for row in rows if row.active]
             t0 = time.perf_counter()  # sorting rows into classes is part of drafting
-            classes = classify([row.tokens for row in active])
+            classes = drafter.classes([row.tokens for row in active])
             ks = dict(zip((row.index for row in active), policy.lengths(classes)))
             limits = [min(ks[row.index], max_new_tokens - row.generated - 1, cache.max_len - int(start[row.index]) - 1)
                       if row.active else 0 for row in rows]
-            drafts = drafter.propose([row.tokens for row in rows], limits) if max(limits) > 0 else [Draft() for _ in rows]
+            drafts = (drafter.propose([row.tokens for row in rows], limits) if max(limits) > 0
+                      else [Draft() for _ in rows])
             t1 = time.perf_counter()
             width = 1 + max(len(d.tokens) for d in drafts)
             tokens = np.zeros((len(rows), width), dtype=np.int64)
@@ -282,7 +305,7 @@ class Engine:
                     counts[row.index] = 1 + len(draft.tokens)
                     tokens[row.index, :counts[row.index]] = [row.tokens[-1], *draft.tokens]
             # a self-speculative drafter verifies with the layers it did not run itself
-            forward = getattr(drafter, "target_forward", self.backend.forward) if width > 1 else self.backend.forward
+            forward = (drafter.target_forward if width > 1 else None) or self.backend.forward
             logits = forward(tokens, cache, counts, np.tile(np.arange(width), (len(rows), 1)))
             t2 = time.perf_counter()
             outcomes = []  # (proposed, accepted) per active row
@@ -322,9 +345,10 @@ class Engine:
             active = [row for row in active if row.active]
 
     def _generate_early_exit(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
-                             stops: list[str], points: list[ExitPoint]) -> Iterator[GenerationResponse]:
+                             stops: list[str], points: list[ExitPoint],
+                             eos: frozenset[int]) -> Iterator[GenerationResponse]:
         row = _Row(0, prompt, Sampler(params, self.manifest.model.vocab_size), TextStream(self.tokenizer),
-                   StopMatcher(stops), self.eos_token_ids, max_new_tokens)
+                   StopMatcher(stops), eos, max_new_tokens)
         cache = self.fresh_cache(1)
         logits = self.prefill([prompt], cache)[0]
         runner = EarlyExitRunner(self.backend, cache, points)
@@ -353,32 +377,16 @@ class Engine:
         return self.backend.forward(tokens, cache, np.array([tokens.shape[1]]), positions)[0]
 
 
-# llama.cpp's CPU kernels are not invariant to the number of new tokens in a step: a chunk of k
-# tokens got logits up to 3e-5 (F32), 0.42 (Q4_1) or 1.4 (Q4_K_M) away from k single steps after a
-# 54-token prompt (0.0 for Q4_1 / Q8_0 after 300 tokens; SmolLM2 exports), and greedy speculation on
-# Q4_1 and Q8_0 files left plain greedy at near-ties; only float weights stayed exact in our runs
+# the CPU kernels are not invariant to the number of new tokens in a step; with float weights the
+# difference stays at rounding level, with quantized ones it can flip near-ties (README, "Design notes: runtime")
 _FLOAT_TYPES = {"float32", "float16", "tied"}
 
 
 def inexact_verification_types(weights: dict[str, str]) -> list[str]:
-    """Weight types whose logits move by up to ~0.7 between a step of one new token and a step of
-    several, unless the engine is batch-invariant (their activations are re-quantized to 8 bits,
-    which turns kernel rounding differences into whole quantization steps). Float weights move by
-    ~1e-5, which changes greedy output only at ties that close."""
+    """Weight types whose logits can move enough to change greedy output at near-ties between a
+    step of one new token and a step of several, unless the engine is batch-invariant (their
+    activations are re-quantized to 8 bits, which turns kernel rounding differences into whole
+    quantization steps). Float weights move only at rounding level."""
     types = {t for value in weights.values() for t in value.split("+")}
     return sorted(types - _FLOAT_TYPES)
 
-
-def load(model: str | Path, device: str = "cpu", threads: int | None = None,
-         max_context: int | None = None, backend: str = "auto", progress: bool = False,
-         kv_cache: str = "f32", batch_invariant: bool = False) -> Engine:
-    """Load a package folder, a checkpoint (.gguf / HF folder) or a known model name.
-
-    A .gguf file (or known model) runs on llama.cpp through a light package pointing at the file;
-    with backend="onnx", and for Hugging Face folders, the checkpoint is exported once to an fp32
-    ONNX package in the cache (see `export.models.resolve_package`).
-    """
-    from ..export.models import resolve_package
-
-    package = resolve_package(model, progress=progress, backend=backend)
-    return Engine(package, device, threads, max_context, backend, kv_cache, batch_invariant)

@@ -17,8 +17,8 @@ class KVCache:
     The buffers are numpy arrays in host memory, wrapped (not copied) by OrtValues, so one row can
     also be bound on its own (`row`) without copying. They stay on the host for every provider:
     GroupQueryAttention, their only reader and writer, runs on onnxruntime's CPU kernel for these
-    float32 graphs (the CUDA kernel takes fp16/bf16 only). On an H100 a CUDA-side cache, copied
-    both ways at every step, decoded 2.4x slower than this one.
+    float32 graphs (the CUDA kernel takes fp16/bf16 only), so a CUDA-side cache would be copied
+    both ways at every step, which costs more than it saves (README, "Design notes: runtime").
     """
 
     def __init__(self, spec: ModelSpec, num_layers: int, batch: int, max_len: int,
@@ -55,7 +55,7 @@ class KVCache:
         """Positions still free per row."""
         return self.max_len - self.lengths
 
-    def row(self, b: int) -> "KVCache":
+    def row(self, b: int) -> KVCache:
         """A batch-1 cache sharing row b's buffers and offset."""
         if b not in self._rows:
             arrays = ([a[b:b + 1] for a in self.arrays[0]], [a[b:b + 1] for a in self.arrays[1]])

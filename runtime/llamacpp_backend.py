@@ -11,9 +11,9 @@ import ctypes
 import logging
 import os
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import llama_cpp as llc
 import numpy as np
@@ -29,15 +29,14 @@ _captured: list[str] | None = None  # collects llama.cpp errors while a model lo
 _last_level = 0
 
 # The KV cache is F32 unless the caller asks for F16 (llama.cpp's default). With F16 the CPU
-# kernels round a chunk of several new tokens differently from one token (measured on the Q4_1
-# SmolLM2: greedy prompt-lookup output left plain greedy's on 2 of 4 edit prompts; 0 of 4 with
-# F32), so only F32 keeps speculative decoding token-exact. F32 costs ~5% decode speed at 600
-# positions and twice the KV memory.
+# kernels round a chunk of several new tokens differently from one token, enough for greedy
+# speculative output to leave plain greedy's, so only F32 keeps speculative decoding token-exact;
+# it costs some decode speed and twice the KV memory (README, "Design notes: runtime").
 _KV_TYPES = {"f32": (llc.GGML_TYPE_F32, 4), "f16": (llc.GGML_TYPE_F16, 2)}
 # Flash attention stays off: llama.cpp's CPU kernel picks one of three paths by shape (query rows
 # >= 64: tiled F32; one row over >= 512 cells: split-KV; else F16 accumulation), so a sequence's
-# logits would depend on what else shares its batch (0.8 logit apart, greedy outputs diverging
-# at batch 4) and on draft length; with it off, batch-4 equals batch-1 token for token.
+# logits would depend on what else shares its batch (enough to change greedy output) and on draft
+# length; with it off, batch-4 equals batch-1 token for token.
 _FLASH_ATTN = llc.LLAMA_FLASH_ATTN_TYPE_DISABLED
 # Batch-invariant steps (see backend.InvariantSteps) also need the CPU kernels that switch by the
 # number of rows off: weight repacking (Q4_0, Q4_K, ... multiplied 4 rows at a time, the rest one
@@ -122,7 +121,7 @@ def _load_model(path: Path, gpu: bool, repack: bool = True) -> int:
     return model
 
 
-def _check_room(cache: "LlamaCppCache", longest: int) -> None:
+def _check_room(cache: LlamaCppCache, longest: int) -> None:
     """Raise when a sequence of `longest` tokens would not fit the cache."""
     if longest > cache.max_len:
         raise ValueError(f"sequence of {longest} tokens exceeds the cache ({cache.max_len}); raise max_context")
@@ -139,7 +138,9 @@ class _Batch:
         self.logits = np.zeros(capacity, np.int8)
         # seq_id[i] points at seq[i]
         self.seq_ptrs = (self.seq.ctypes.data + 4 * np.arange(capacity)).astype(np.uintp)
-        ptr = lambda a, t: a.ctypes.data_as(ctypes.POINTER(t))  # noqa: E731
+        def ptr(a, t):
+            return a.ctypes.data_as(ctypes.POINTER(t))
+
         self.struct = llc.llama_batch(
             n_tokens=0, token=ptr(self.token, ctypes.c_int32), embd=None, pos=ptr(self.pos, ctypes.c_int32),
             n_seq_id=ptr(self.n_seq_id, ctypes.c_int32),
@@ -152,7 +153,7 @@ class LlamaCppCache:
     Rollback removes the sequence's cells from a position on (llama_memory_seq_rm); no copies.
     """
 
-    def __init__(self, backend: "LlamaCppBackend", batch: int, max_len: int):
+    def __init__(self, backend: LlamaCppBackend, batch: int, max_len: int):
         self.batch, self.max_len = batch, max_len
         self.lengths = np.zeros(batch, dtype=np.int32)
         self.backend = backend  # keeps the model alive as long as this context
@@ -210,6 +211,7 @@ class LlamaCppBackend:
 
     name = "llamacpp"
     library = "llama.cpp"
+    staged = False  # the GGUF runs whole: no early exit, no self-speculation
 
     def __init__(self, package_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  kv_cache: str = "f32", batch_invariant: bool = False):
@@ -222,7 +224,7 @@ class LlamaCppBackend:
         if batch_invariant:
             _untile_for_invariance(self.path, _tiled_types(manifest.weights))
             if gpu:
-                log.warning("batch-invariant steps are measured on llama.cpp's CPU kernels only; with GPU "
+                log.warning("batch-invariant steps are verified on llama.cpp's CPU kernels only; with GPU "
                             "offload the GPU library may still pick kernels by shape")
         self.model = _load_model(self.path, gpu, repack=not batch_invariant)
         self._finalizer = weakref.finalize(self, llc.llama_model_free, self.model)
@@ -290,7 +292,7 @@ class LlamaCppBackend:
         """The decode step (one token per active row, its logits): forward() for this one case.
 
         It runs once per generated token, right after llama_decode has streamed the weights
-        through every CPU cache, when each distinct numpy code path costs tens of microseconds
+        through every CPU cache, when each distinct numpy code path costs far more than usual
         (ufuncs with scalars most): so plain Python over the <= 8 rows, and one numpy copy.
         """
         rows, batch = len(counts), cache._batch

@@ -55,7 +55,7 @@ class ModelSpec:
     tie_embeddings: bool = True
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         return strict_from_dict(cls, data, "model spec")
 
     def kv_bytes_per_token(self, itemsize: int = 4) -> int:
@@ -79,7 +79,7 @@ class Stage:
     has_head: bool
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Stage":
+    def from_dict(cls, data: dict[str, Any]) -> Stage:
         return strict_from_dict(cls, data, "stage")
 
 
@@ -108,7 +108,7 @@ class Manifest:
     exits: tuple[dict[str, Any], ...] = ()
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
         data = dict(data)
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:

@@ -20,17 +20,18 @@ class OnnxBackend:
 
     name = "onnx"
     library = "onnxruntime"
+    staged = True  # a StagedBackend (see backend.py): forward takes stage ranges
 
     def __init__(self, package_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  kv_cache: str = "f32", batch_invariant: bool = False):
-        """`batch_invariant`: nothing to choose here; the CPU kernels measured switch only between
+        """`batch_invariant`: nothing to choose here; onnxruntime's CPU kernels switch only between
         one row and several, which backend.InvariantSteps covers."""
         if kv_cache != "f32":
             raise ValueError(f"the onnx backend keeps an f32 KV cache (the graphs' dtype), not {kv_cache}; "
                              f"use --kv-cache f16 with --backend llamacpp")
         self.manifest, self.device = manifest, resolve_device(device)
         if batch_invariant and self.device.ort_device != "cpu":
-            log.warning("batch-invariant steps are measured on onnxruntime's CPU kernels only; on %s the "
+            log.warning("batch-invariant steps are verified on onnxruntime's CPU kernels only; on %s the "
                         "library may still pick kernels by shape", self.device.ort_device)
         opts = session_options(threads, spinning=len(manifest.stages) == 1)
         self.sessions = []

@@ -45,7 +45,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SamplingParams":
+    def from_dict(cls, data: dict) -> SamplingParams:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown sampling settings {sorted(unknown)}")
@@ -99,7 +99,7 @@ def distribution(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray
     elif k < scaled.size:
         ids = np.argpartition(-scaled, k - 1)[:k]
         ids = ids[np.argsort(-scaled[ids], kind="stable")]
-    else:  # no cut: the whole vocabulary in id order (sorting 49k logits per token costs milliseconds)
+    else:  # no cut: the whole vocabulary in id order (sorting the vocabulary every token is slow)
         probs = np.exp(scaled - scaled.max())
         return np.arange(scaled.size), probs / probs.sum()
     probs = np.exp(scaled[ids] - scaled[ids[0]])

@@ -1,19 +1,33 @@
 """Shared fixtures: the real default model (pulled through pip), its package, tiny models."""
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 
-DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "bench" / "experiments"
+
+
+def experiment(name: str) -> ModuleType:
+    """A research script of bench/experiments (not installed) imported from the checkout, with its
+    folder on sys.path as when it runs as `python bench/experiments/NAME.py` (they import each other)."""
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))
+    module = importlib.import_module(name)
+    assert Path(module.__file__).resolve().parent == EXPERIMENTS, f"{name} resolved to {module.__file__}"
+    return module
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The default model's GGUF, pulled into the edge-run cache (a no-op when already there)."""
-    from edgerun.export.models import pull
+    from edgerun.hub import pull
 
     return pull("smollm2-135m")
 
@@ -21,10 +35,10 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_package(smollm2_gguf, tmp_path_factory) -> Path:
     """fp32 ONNX graphs plus the F32 GGUF of the same weights (backend "auto" picks onnx)."""
-    from edgerun.export.package import export
+    from edgerun.export.pipeline import ExportOptions, export
 
     out = tmp_path_factory.mktemp("pkg") / "smollm2-fp32"
-    export(smollm2_gguf, out, formats=("onnx", "gguf"))
+    export(smollm2_gguf, out, ExportOptions(formats=("onnx", "gguf")))
     return out
 
 
@@ -37,9 +51,13 @@ def smollm2_engine(smollm2_package):
 
 @pytest.fixture(scope="session")
 def mt_bench_prompts() -> list[str]:
-    """First turn of one MT-Bench question per category (8 prompts)."""
-    rows = [json.loads(line) for line in (DATA / "mt_bench_8.jsonl").read_text().splitlines()]
-    return [r["turns"][0] for r in rows]
+    """First turn of the first MT-Bench question of each category (8 prompts)."""
+    from edgerun import data
+
+    first: dict[str, str] = {}
+    for r in data.mt_bench():
+        first.setdefault(r["category"], r["turns"][0])
+    return list(first.values())
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import build_tiny_llama
 
 import edgerun
 from edgerun.cli import main
-from edgerun.export.package import export
-from edgerun.export.quantize import export_quantized
+from edgerun.export.pipeline import ExportOptions, export
 from edgerun.runtime import llamacpp_backend
 from edgerun.runtime.backend import InvariantSteps
 
@@ -35,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("home")  # a private edge-run cache per tes
 def quantized(request, tiny256, tmp_path_factory) -> Path:
     target, preset = request.param.split("-")
     out = tmp_path_factory.mktemp("q") / request.param
-    export_quantized(tiny256, out, preset, target=target)
+    export(tiny256, out, ExportOptions(formats=(target,), quant=preset))
     return out
 
 
@@ -72,7 +70,8 @@ def test_batch_rows_equal_single_rows_and_greedy_speculation_equals_plain(quanti
     together = list(engine.generate(prompts, max_new_tokens=12))
     assert [[r.token for r in together if r.index == i] for i in range(3)] == alone
     for p, expected in zip(prompts, alone):
-        assert [r.token for r in engine.generate(p, max_new_tokens=12, speculative="lookup", draft_tokens=3)] == expected
+        got = [r.token for r in engine.generate(p, max_new_tokens=12, speculative="lookup", draft_tokens=3)]
+        assert got == expected
 
 
 def test_lone_row_scores_one_position_and_cache_advances_by_real_tokens(quantized):
@@ -97,7 +96,8 @@ def run(chunk):
     out = []
     for i in range(0, len(more), chunk):
         part = more[i:i + chunk]
-        out.extend(engine.backend.forward(np.array([part]), cache, np.array([len(part)]), np.arange(len(part))[None])[0])
+        out.extend(engine.backend.forward(np.array([part]), cache, np.array([len(part)]),
+                                          np.arange(len(part))[None])[0])
     return np.array(out)
 single = run(1)
 print(json.dumps({{"env": os.environ.get("GGML_CPU_TILED_MM"),
@@ -122,15 +122,14 @@ def test_k_quants_after_llamacpp_ran_are_a_clear_error(monkeypatch, tmp_path):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_every_drafter_through_staged_graphs(tmp_path, batch):
     """Self-speculation runs stage prefixes and suffixes from hidden states: padded too."""
-    export(build_tiny_llama(tmp_path / "hf_target", seed=1), tmp_path / "target", stage_boundaries=[2],
-           separate_head=True)
+    export(build_tiny_llama(tmp_path / "hf_target", seed=1), tmp_path / "target",
+           ExportOptions(stage_boundaries=(2,), separate_head=True))
     export(build_tiny_llama(tmp_path / "hf_draft", seed=2, num_hidden_layers=2), tmp_path / "draft")
     target = edgerun.Engine(tmp_path / "target", max_context=96, batch_invariant=True)
-    target.eos_token_ids = frozenset()
     prompts = [PROMPT, MORE, PROMPT[4:]][:batch]
 
     def tokens(**kw):
-        out = list(target.generate(prompts, max_new_tokens=24, **kw))
+        out = list(target.generate(prompts, max_new_tokens=24, ignore_eos=True, **kw))
         return [[r.token for r in out if r.index == i] for i in range(batch)]
 
     plain = tokens()

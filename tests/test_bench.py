@@ -153,31 +153,34 @@ def small_tokenizer():
 
 
 @pytest.fixture()
-def data_dir(tmp_path):
+def data_dir(tmp_path, monkeypatch):
+    """A small data folder in place of the shipped data ($EDGE_RUN_DATA, set for the test)."""
     (tmp_path / "wikitext-2").mkdir()
     (tmp_path / "wikitext-2" / "test.txt").write_text(" = Title = \n" + "Some words of text here . " * 400)
     (tmp_path / "prompts").mkdir()
     rows = [{"question_id": i, "category": "c", "turns": [f"Question number {i} about foxes?", "x"]} for i in range(5)]
     (tmp_path / "prompts" / "mt_bench.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.setenv("EDGE_RUN_DATA", str(tmp_path))
     return tmp_path
 
 
 def test_prompts_have_exact_lengths(small_tokenizer, data_dir):
     from edgerun.bench.prompts import make_prompts, perplexity_windows
 
-    wiki = make_prompts(small_tokenizer, "wikitext", 32, 3, data_dir=data_dir)
+    wiki = make_prompts(small_tokenizer, "wikitext", 32, 3)
     assert [len(p) for p in wiki] == [32, 32, 32] and len({tuple(p) for p in wiki}) == 3
-    template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
-    chat = make_prompts(small_tokenizer, "mt_bench", 40, 2, chat_template=template, data_dir=data_dir)
+    template = ("{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}"
+                "{% if add_generation_prompt %}<bot>{% endif %}")
+    chat = make_prompts(small_tokenizer, "mt_bench", 40, 2, chat_template=template)
     assert [len(p) for p in chat] == [40, 40] and chat[0] != chat[1]
     head = small_tokenizer.encode("<user>", add_special_tokens=False).ids
     tail = small_tokenizer.encode("</user><bot>", add_special_tokens=False).ids
     assert chat[0][:len(head)] == head and chat[0][-len(tail):] == tail
-    assert [len(w) for w in perplexity_windows(small_tokenizer, 2, 16, data_dir)] == [16, 16]
+    assert [len(w) for w in perplexity_windows(small_tokenizer, 2, 16)] == [16, 16]
     with pytest.raises(ValueError, match="cannot hold the chat template"):
-        make_prompts(small_tokenizer, "mt_bench", 3, 1, chat_template=template, data_dir=data_dir)
+        make_prompts(small_tokenizer, "mt_bench", 3, 1, chat_template=template)
     with pytest.raises(ValueError, match="unknown prompt set"):
-        make_prompts(small_tokenizer, "poems", 8, 1, data_dir=data_dir)
+        make_prompts(small_tokenizer, "poems", 8, 1)
 
 
 # -- worker protocol and failure reporting -------------------------------------------------
@@ -291,16 +294,17 @@ def test_smoke_run_against_installed_peers(smollm2_gguf, smollm2_package, tmp_pa
 
 
 def test_speculative_bench_compares_both_engines_and_checks_exactness(data_dir, tmp_path, monkeypatch):
-    """bench.speculative on a tiny INT4 package: every runner on both prompt sets, the invariant
-    engine's lookup identical to its plain run, end-to-end and decode-only ratios, the JSON report."""
+    """bench.speculative_runs (edge-run bench --speculative) on a tiny INT4 package: every runner on
+    both prompt sets, the invariant engine's lookup identical to its plain run, end-to-end and
+    decode-only ratios, the JSON report."""
     from conftest import build_tiny_llama
 
-    from edgerun.bench import speculative
-    from edgerun.export.quantize import export_quantized
+    from edgerun.bench import speculative_runs as speculative
+    from edgerun.export.pipeline import ExportOptions, export
 
-    monkeypatch.setenv("EDGE_RUN_DATA", str(data_dir))
     monkeypatch.setenv("EDGE_RUN_HOME", str(tmp_path / "home"))
-    export_quantized(build_tiny_llama(tmp_path / "hf", seed=3, max_position_embeddings=2048), tmp_path / "int4", "int4")
+    export(build_tiny_llama(tmp_path / "hf", seed=3, max_position_embeddings=2048), tmp_path / "int4",
+           ExportOptions(quant="int4"))
     report = speculative.main([str(tmp_path / "int4"), "--drafters", "lookup", "--n", "1", "--new-tokens", "12",
                                "--threads", "1", "--batch-invariant", "--draft-tokens", "auto", "3",
                                "--json", str(tmp_path / "r.json")])
@@ -312,33 +316,35 @@ def test_speculative_bench_compares_both_engines_and_checks_exactness(data_dir, 
     assert inv["identical"] is True and inv["baseline"] == "plain [inv]"
     assert inv["speedup"] > 0 and inv["decode_speedup"] > 0 and inv["speedup_over_default_plain"] > 0
     saved = json.loads((tmp_path / "r.json").read_text())["results"]
-    assert [(r["drafter"], r.get("speedup")) for r in saved] == [(r["drafter"], r.get("speedup")) for r in report["results"]]
+    assert ([(r["drafter"], r.get("speedup")) for r in saved]
+            == [(r["drafter"], r.get("speedup")) for r in report["results"]])
     with pytest.raises(SystemExit):  # argparse names the bad length
         speculative.main([str(tmp_path / "int4"), "--draft-tokens", "0"])
 
 
 def test_speculative_bench_runs_end_at_the_end_of_turn_unless_told(data_dir, tmp_path, monkeypatch):
     """Runs stop at the model's EOS as a user's do (plain and speculative alike); --ignore-eos
-    generates --new-tokens every run. The tiny model's EOS is set to its 4th greedy MT-Bench token."""
-    import edgerun
-    from conftest import build_tiny_llama
+    generates --new-tokens every run. The tiny model's EOS is set to its 4th greedy MT-Bench token.
+    Run through bench/experiments/speculative.py (the shipped runs plus its own flags)."""
+    from conftest import build_tiny_llama, experiment
 
-    from edgerun.bench import speculative
-    from edgerun.export.package import export
+    from edgerun import hub
+    from edgerun.bench.speculative_runs import prompt_sets
+    from edgerun.export.pipeline import export
 
-    monkeypatch.setenv("EDGE_RUN_DATA", str(data_dir))
+    speculative = experiment("speculative")
     export(build_tiny_llama(tmp_path / "hf", seed=4, max_position_embeddings=2048), tmp_path / "pkg")
-    load = edgerun.load
+    load = hub.load
 
     def load_with_eos(*args, **kwargs):
         engine = load(*args, **kwargs)
-        prompt = engine.apply_chat_template([{"role": "user", "content": speculative.prompt_sets(1)["mt_bench"][0]}])
-        engine.eos_token_ids = frozenset()
-        tokens = [r.token for r in engine.generate(engine.encode(prompt, add_special_tokens=False), max_new_tokens=4)]
+        prompt = engine.apply_chat_template([{"role": "user", "content": prompt_sets(1)["mt_bench"][0]}])
+        tokens = [r.token for r in engine.generate(engine.encode(prompt, add_special_tokens=False), max_new_tokens=4,
+                                                   ignore_eos=True)]
         engine.eos_token_ids = frozenset(tokens[3:])
         return engine
 
-    monkeypatch.setattr(edgerun, "load", load_with_eos)
+    monkeypatch.setattr(hub, "load", load_with_eos)
     common = [str(tmp_path / "pkg"), "--drafters", "lookup", "--n", "1", "--new-tokens", "12", "--threads", "1"]
     ended = {(r["prompts"], r["drafter"]): r for r in speculative.main(common)["results"]}
     assert ended[("mt_bench", "plain")]["tokens_per_run"] <= 4
@@ -349,14 +355,13 @@ def test_speculative_bench_runs_end_at_the_end_of_turn_unless_told(data_dir, tmp
 
 
 def test_step_cost_times_every_width_against_one_token(data_dir, tmp_path, monkeypatch):
-    """bench.step_cost on a tiny package: a row per width (width 1 added as the reference), the
-    ratio of width 1 is 1, the JSON report; bad values end in argparse's error."""
-    from conftest import build_tiny_llama
+    """bench/experiments/step_cost.py on a tiny package: a row per width (width 1 added as the
+    reference), the ratio of width 1 is 1, the JSON report; bad values end in argparse's error."""
+    from conftest import build_tiny_llama, experiment
 
-    from edgerun.bench import step_cost
-    from edgerun.export.package import export
+    from edgerun.export.pipeline import export
 
-    monkeypatch.setenv("EDGE_RUN_DATA", str(data_dir))
+    step_cost = experiment("step_cost")
     export(build_tiny_llama(tmp_path / "hf", seed=5, max_position_embeddings=2048), tmp_path / "pkg")
     results = step_cost.main([str(tmp_path / "pkg"), "--prompt-tokens", "40", "--widths", "4", "2",
                               "--repeats", "2", "--threads", "1", "--json", str(tmp_path / "r.json")])
@@ -381,21 +386,41 @@ def test_json_reports_are_written_whole_or_not_at_all(tmp_path):
     assert json.loads(target.read_text()) == {"a": 1} and not list(tmp_path.glob("*.partial"))
 
 
-def test_bench_scripts_fail_in_one_line(tmp_path):
+@pytest.mark.parametrize("command, prog", [
+    (["bench/experiments/speculative.py"], "python bench/experiments/speculative.py"),  # from the checkout
+    (["-m", "edgerun.bench.speculative_runs"], "python -m edgerun.bench.speculative_runs"),  # shipped
+])
+def test_bench_scripts_fail_in_one_line(tmp_path, command, prog):
     """A bench script run as a command on a missing package: one line on stderr, exit status 1,
     no report written."""
     import subprocess
     import sys
 
+    from conftest import REPO
+
     out = tmp_path / "r.json"
-    done = subprocess.run([sys.executable, "-m", "edgerun.bench.speculative", str(tmp_path / "missing"),
-                           "--json", str(out)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, *command, str(tmp_path / "missing"), "--json", str(out)],
+                          capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 1 and not out.exists() and not list(tmp_path.glob("*.partial"))
-    lines = [l for l in done.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("python -m edgerun.bench.speculative: error: ")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: ")
     assert "missing" in lines[0]
-    bad_option = subprocess.run([sys.executable, "-m", "edgerun.bench.speculative", str(tmp_path / "missing"),
-                                 "--draft-tokens", "0"], capture_output=True, text=True)
-    lines = [l for l in bad_option.stderr.splitlines() if l.strip()]
+    bad_option = subprocess.run([sys.executable, *command, str(tmp_path / "missing"), "--draft-tokens", "0"],
+                                capture_output=True, text=True, cwd=REPO)
+    lines = [line for line in bad_option.stderr.splitlines() if line.strip()]
     assert bad_option.returncode == 2 and len(lines) == 1 and "--draft-tokens takes integers" in lines[0]
-    assert lines[0].startswith("python -m edgerun.bench.speculative: error: ")
+    assert lines[0].startswith(f"{prog}: error: ")
+
+
+@pytest.mark.parametrize("name", ["speculative", "llamacpp_overhead", "early_exit", "decode_speed", "step_cost",
+                                  "step_invariance", "quant_table", "prune_sweep"])
+def test_experiments_run_from_the_checkout_and_are_not_installed(name):
+    """Research scripts live in bench/experiments: importable from the checkout (as they run, by
+    path), never part of the installed edgerun.bench package."""
+    import importlib.util
+
+    from conftest import REPO, experiment
+
+    assert callable(experiment(name).main)
+    assert importlib.util.find_spec(f"edgerun.bench.{name}") is None
+    assert "experiments" not in (REPO / "pyproject.toml").read_text()

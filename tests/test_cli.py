@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import build_tiny_llama
 
 import edgerun
 import edgerun.cli
 from edgerun.cli import build_parser, main
-from edgerun.export.package import export
+from edgerun.export.pipeline import export
 from edgerun.runtime.engine import DEFAULT_MAX_CONTEXT
 from edgerun.runtime.manifest import Manifest, read_manifest
 

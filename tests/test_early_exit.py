@@ -5,7 +5,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 from conftest import build_tiny_llama
 
 import edgerun
@@ -25,21 +24,20 @@ def exit_engine(tmp_path_factory):
     windows = [rng.integers(3, ckpt.spec.vocab_size, 48).tolist() for _ in range(8)]
     exits = fit_exits(ckpt, [2, 4], windows)
     write_package(ckpt, root / "pkg", stage_boundaries=[2, 4], separate_head=True, exits=exits)
-    engine = edgerun.Engine(root / "pkg", max_context=128)
-    engine.eos_token_ids = frozenset()
-    return engine
+    return edgerun.Engine(root / "pkg", max_context=128)
 
 
 def test_never_exit_equals_plain_decoding(exit_engine):
-    plain = [r.token for r in exit_engine.generate(PROMPT, max_new_tokens=24)]
-    never = list(exit_engine.generate(PROMPT, max_new_tokens=24, exit_threshold=1.01))
+    # random weights: ignore_eos runs every generation to its full length
+    plain = [r.token for r in exit_engine.generate(PROMPT, max_new_tokens=24, ignore_eos=True)]
+    never = list(exit_engine.generate(PROMPT, max_new_tokens=24, exit_threshold=1.01, ignore_eos=True))
     assert [r.token for r in never] == plain
     assert all(r.exit_layer is None for r in never)
     assert exit_engine.exit_layers == [6] * 24
 
 
 def test_always_exit_reports_the_first_exit(exit_engine):
-    responses = list(exit_engine.generate(PROMPT, max_new_tokens=12, exit_threshold=0.0))
+    responses = list(exit_engine.generate(PROMPT, max_new_tokens=12, exit_threshold=0.0, ignore_eos=True))
     layers = [r.exit_layer for r in responses]
     assert layers[0] is None  # the first token comes from the prefill
     # every exit passes threshold 0; the probe gate (95% recall) may send a few tokens deeper
@@ -93,8 +91,25 @@ def test_bad_early_exit_requests(exit_engine, tmp_path):
         plain.generate(PROMPT, early_exit=0.9)
 
 
+def test_staged_decoding_on_llamacpp_is_a_clear_error(tmp_path):
+    """llama.cpp runs the whole GGUF per call: early exit and self-speculation say so up front."""
+    write_package(load_checkpoint(build_tiny_llama(tmp_path / "hf", num_hidden_layers=4)), tmp_path / "pkg",
+                  stage_boundaries=[2], separate_head=True, formats=("onnx", "gguf"))
+    engine = edgerun.Engine(tmp_path / "pkg", backend="llamacpp", max_context=32)
+    fix = r"the llamacpp backend \(llama.cpp\) runs the whole model in one call: load it with backend='onnx'"
+    with pytest.raises(ValueError, match="early exit needs the onnx backend.*" + fix):
+        engine.generate(PROMPT, early_exit=0.9)
+    with pytest.raises(ValueError, match=r"self-speculation \(self:2\) needs the onnx backend.*" + fix):
+        engine.generate(PROMPT, speculative="self:2")
+    with pytest.raises(ValueError, match=fix):
+        EarlyExitRunner(engine.backend, engine.backend.new_cache(1, 32), [])
+
+
 def test_oracle_bound_uses_the_first_agreeing_exit(exit_engine):
-    from edgerun.bench.early_exit import exit_top1, oracle_layers
+    from conftest import experiment
+
+    early_exit = experiment("early_exit")  # bench/experiments/early_exit.py
+    exit_top1, oracle_layers = early_exit.exit_top1, early_exit.oracle_layers
 
     tokens = PROMPT + [11, 12, 13, 14, 15]
     exits, full = exit_top1(exit_engine, tokens)

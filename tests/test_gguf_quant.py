@@ -12,14 +12,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
 from conftest import build_tiny_llama
 
 import edgerun
 from edgerun.cli import main
 from edgerun.export.checkpoint import load_checkpoint
 from edgerun.export.package import write_package
-from edgerun.export.quantize import export_quantized, llama_quant_types, quantize_checkpoint
+from edgerun.export.pipeline import ExportOptions, export
+from edgerun.export.quantize import llama_quant_types, quantize_checkpoint
 from edgerun.quant import get_format
 from edgerun.quant.pack_gguf import gguf_type_for, pack_gguf
 from edgerun.quant.recipe import load_recipe
@@ -74,7 +74,7 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("preset", ["int8", "int4", "ternary"])
 def test_preset_gguf_holds_exactly_our_quantized_weights_and_runs(tiny256, tmp_path, preset):
     ckpt = load_checkpoint(tiny256)
-    manifest = export_quantized(ckpt, tmp_path / "q", preset, target="gguf")
+    manifest = export(ckpt, tmp_path / "q", ExportOptions(formats=("gguf",), quant=preset))
     recipe = load_recipe(preset, target="gguf")
     expected = quantize_checkpoint(ckpt, recipe, target="gguf")
     back = load_checkpoint(tmp_path / "q" / "model.gguf")  # gguf-py dequantizes; Q/K permutation undone
@@ -97,7 +97,7 @@ def test_preset_gguf_holds_exactly_our_quantized_weights_and_runs(tiny256, tmp_p
 
 def test_ternary_preset_falls_back_where_rows_are_not_256(tiny_narrow, tmp_path):
     """Rows of 64 cannot be TQ2_0: the preset's fallback (Q4_0) takes them, as llama.cpp does."""
-    manifest = export_quantized(tiny_narrow, tmp_path / "t", "ternary", target="gguf")
+    manifest = export(tiny_narrow, tmp_path / "t", ExportOptions(formats=("gguf",), quant="ternary"))
     types = manifest.quantization["gguf_types"]
     assert types["layers.0.down"] == "Q4_0" and types["layers.0.q"] == "Q4_0"  # in = 96 / 64 < 256
     assert types["embed"] == "Q8_0"
@@ -122,7 +122,7 @@ def test_ternary_checkpoint_round_trips_losslessly_through_gguf(tiny256, tmp_pat
             ckpt.weights[name] = (codes * scales).reshape(w.shape).astype(np.float32)
     recipe = {"name": "bitnet", "default": {"format": "ternary", "block_size": 256, "gguf_type": ggml_type},
               "rules": [{"pattern": "embed", "format": "float32"}, {"pattern": "lm_head", "format": "float32"}]}
-    export_quantized(ckpt, tmp_path / "t", recipe, target="gguf")
+    export(ckpt, tmp_path / "t", ExportOptions(formats=("gguf",), quant=recipe))
     reader = gguf.GGUFReader(tmp_path / "t" / "model.gguf")
     assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and t.data.ndim == 2} == {ggml_type}
     back = load_checkpoint(tmp_path / "t" / "model.gguf")
@@ -162,7 +162,7 @@ def test_bad_gguf_quant_flags_are_clear_errors(tiny_narrow, tmp_path, capsys, ar
 def test_gguf_rows_that_are_not_whole_blocks_are_a_clear_error(tiny_narrow, tmp_path):
     recipe = {"name": "tq", "default": {"format": "ternary", "block_size": 256}}
     with pytest.raises(ValueError, match=r"embed \(320, 64\): block size 256 of ternary\(b256\) exceeds the row"):
-        export_quantized(tiny_narrow, tmp_path / "x", recipe, target="gguf")
+        export(tiny_narrow, tmp_path / "x", ExportOptions(formats=("gguf",), quant=recipe))
     with pytest.raises(ValueError, match=r"layers.0.q \(576, 576\): GGUF TQ2_0 needs rows that are a multiple of 256"):
         gguf_type_for(get_format("ternary", 256), (576, 576), "layers.0.q")  # SmolLM2's shapes
     with pytest.raises(ValueError, match=r"no GGUF type holds int8_block\(b16\)"):
@@ -175,7 +175,8 @@ def test_gguf_rows_that_are_not_whole_blocks_are_a_clear_error(tiny_narrow, tmp_
 def test_accuracy_level_flag_reaches_the_graph(tiny_narrow, tmp_path):
     import onnx
 
-    assert main(["export", str(tiny_narrow), "--quant", "int8", "--accuracy-level", "1", "-o", str(tmp_path / "a")]) == 0
+    assert main(["export", str(tiny_narrow), "--quant", "int8", "--accuracy-level", "1",
+                 "-o", str(tmp_path / "a")]) == 0
     manifest = read_manifest(tmp_path / "a")
     assert manifest.quantization["accuracy_level"] == 1
     graph = onnx.load(str(tmp_path / "a" / "stage0.onnx"), load_external_data=False).graph
@@ -193,12 +194,12 @@ def test_llama_quant_types_lists_k_quants():
 # -- the real model -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_q8_0_gguf_agrees_with_float(smollm2_gguf, smollm2_engine, tmp_path):
-    export_quantized(smollm2_gguf, tmp_path / "q8", "int8", target="gguf")
+    export(smollm2_gguf, tmp_path / "q8", ExportOptions(formats=("gguf",), quant="int8"))
     engine = edgerun.Engine(tmp_path / "q8", max_context=1024)
     assert engine.backend.name == "llamacpp"
-    from edgerun.bench.decode_speed import find_data_dir
+    from edgerun import data
 
-    text = (find_data_dir() / "wikitext-2" / "test.txt").read_text()[:20000]
+    text = data.wikitext("test")[:20000]
     tokens = smollm2_engine.encode(text)[:512]
     agreement = float((engine.logits(tokens).argmax(-1) == smollm2_engine.logits(tokens).argmax(-1)).mean())
     print(f"\nQ8_0 GGUF (ours) on llama.cpp: top-1 agreement with the fp32 reference over {len(tokens)} "
@@ -239,7 +240,8 @@ def test_healed_model_refuses_gguf_instead_of_dropping_the_correction(tiny_narro
 def test_malformed_recipe_file_for_gguf_names_the_file_only(tiny_narrow, tmp_path, capsys):
     recipe = tmp_path / "r.json"
     recipe.write_text('{"default": {"format": "int4_asym"')
-    assert main(["export", str(tiny_narrow), "--format", "gguf", "--quant", str(recipe), "-o", str(tmp_path / "x")]) == 1
+    assert main(["export", str(tiny_narrow), "--format", "gguf", "--quant", str(recipe),
+                 "-o", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert f"recipe {recipe} is not valid JSON" in err and "llama.cpp types" not in err
     assert not (tmp_path / "x").exists()

@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from conftest import build_tiny_llama
 
 import edgerun
-from edgerun.export.package import export
+from edgerun.export.pipeline import ExportOptions, export
 
 TOKENS = [5, 17, 42, 99, 3, 250, 7, 61, 12, 200, 33]
 PROMPTS = [[5, 17, 42], [99, 3, 250, 7, 61, 12], [200, 33]]
@@ -43,7 +42,7 @@ needs_llama_gpu = pytest.mark.skipif(
 def tiny_both(tmp_path_factory) -> Path:
     hf = build_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny", seed=5)
     out = tmp_path_factory.mktemp("pkg") / "tiny-both"
-    export(hf, out, formats=("onnx", "gguf"))
+    export(hf, out, ExportOptions(formats=("onnx", "gguf")))
     return out
 
 

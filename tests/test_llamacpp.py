@@ -12,15 +12,15 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
 from conftest import build_tiny_llama, torch_logits
 
 import edgerun
 from edgerun.cli import main
 from edgerun.export.checkpoint import Checkpoint, load_checkpoint
 from edgerun.export.gguf_writer import write_gguf
-from edgerun.export.models import resolve_package
-from edgerun.export.package import export, write_package
+from edgerun.export.package import write_package
+from edgerun.export.pipeline import ExportOptions, export
+from edgerun.hub import resolve_package
 from edgerun.runtime.manifest import PackageError, read_manifest
 
 TOKENS = [5, 17, 42, 99, 3, 250, 7, 61, 12, 200, 33]
@@ -38,7 +38,7 @@ def tiny_hf(tmp_path_factory) -> Path:
 def tiny_both(tiny_hf, tmp_path_factory) -> Path:
     """ONNX graphs and an F32 GGUF of the same tiny model in one package."""
     out = tmp_path_factory.mktemp("pkg") / "tiny-both"
-    export(tiny_hf, out, formats=("onnx", "gguf"))
+    export(tiny_hf, out, ExportOptions(formats=("onnx", "gguf")))
     return out
 
 
@@ -62,7 +62,7 @@ def _step(engine, cache, tokens, positions=None):
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_gguf_export_logits_match_onnx_and_transformers(tmp_path, tie):
     folder = build_tiny_llama(tmp_path / "hf", tie=tie, seed=3)
-    export(folder, tmp_path / "pkg", formats=("onnx", "gguf"))
+    export(folder, tmp_path / "pkg", ExportOptions(formats=("onnx", "gguf")))
     ours = edgerun.Engine(tmp_path / "pkg", backend="llamacpp").logits(TOKENS)
     onnx = edgerun.Engine(tmp_path / "pkg", backend="onnx").logits(TOKENS)
     np.testing.assert_allclose(ours, onnx, atol=1e-4, rtol=0)
@@ -70,7 +70,7 @@ def test_gguf_export_logits_match_onnx_and_transformers(tmp_path, tie):
 
 
 def test_package_with_only_a_gguf(tiny_hf, tmp_path):
-    manifest = export(tiny_hf, tmp_path / "pkg", formats=("gguf",))
+    manifest = export(tiny_hf, tmp_path / "pkg", ExportOptions(formats=("gguf",)))
     assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == ["manifest.json", "model.gguf", "tokenizer.json"]
     assert manifest.stages == () and manifest.gguf == "model.gguf" and manifest.backends == ("llamacpp",)
     engine = edgerun.Engine(tmp_path / "pkg")  # auto: the only backend it has
@@ -138,14 +138,13 @@ def test_batch_of_unequal_prompts_equals_single_rows(tiny_llama, tiny_onnx):
 
 def test_context_limit_ends_with_length(tiny_both):
     engine = edgerun.Engine(tiny_both, backend="llamacpp", max_context=16)
-    engine.eos_token_ids = frozenset()
-    responses = list(engine.generate(TOKENS, max_new_tokens=50))
+    responses = list(engine.generate(TOKENS, max_new_tokens=50, ignore_eos=True))
     assert len(TOKENS) + len(responses) == 17
     assert responses[-1].finish_reason == "length"
 
 
 def test_f16_export_runs_close_to_f32(tiny_hf, tiny_llama, tmp_path):
-    export(tiny_hf, tmp_path / "f16", formats=("gguf",), gguf_dtype="f16")
+    export(tiny_hf, tmp_path / "f16", ExportOptions(formats=("gguf",), gguf_dtype="f16"))
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "f16" / "model.gguf").tensors}
     assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
     assert read_manifest(tmp_path / "f16").weights["attention"] == "float16"
@@ -235,7 +234,8 @@ def _rename_architecture(src: Path, dest: Path, arch: str) -> Path:
 
 def test_unknown_architecture_is_a_clear_error(tiny_both, tmp_path):
     path = _rename_architecture(tiny_both / "model.gguf", tmp_path / "odd.gguf", "frobnicator")
-    with pytest.raises(PackageError, match=r"llama\.cpp cannot load .*odd\.gguf.*unknown model architecture: 'frobnicator'"):
+    with pytest.raises(PackageError,
+                       match=r"llama\.cpp cannot load .*odd\.gguf.*unknown model architecture: 'frobnicator'"):
         edgerun.load(path)
 
 
@@ -321,9 +321,9 @@ def test_q4_1_gguf_batch4_equals_batch1_and_agrees_with_float(smollm2_gguf, smol
     for row, tokens in enumerate(group):
         assert [r.token for r in batched if r.index == row] == \
             [r.token for r in engine.generate(tokens, max_new_tokens=32)]
-    from edgerun.bench.decode_speed import find_data_dir
+    from edgerun import data
 
-    text = (find_data_dir() / "wikitext-2" / "test.txt").read_text()[:20000]
+    text = data.wikitext("test")[:20000]
     tokens = smollm2_engine.encode(text)[:512]
     reference = smollm2_engine.logits(tokens).argmax(-1)  # fp32 ONNX of the dequantized Q4_1 weights
     agreement = float((engine.logits(tokens).argmax(-1) == reference).mean())
@@ -356,7 +356,8 @@ def test_lookup_speculation_on_the_f32_gguf_equals_plain(smollm2_llama, chat_pro
 
 def test_kv_cache_type_choice(tiny_both):
     half = edgerun.Engine(tiny_both, backend="llamacpp", max_context=64, kv_cache="f16")
-    assert half.backend.kv_bytes_per_token * 2 == edgerun.Engine(tiny_both, backend="llamacpp").backend.kv_bytes_per_token
+    assert (half.backend.kv_bytes_per_token * 2
+            == edgerun.Engine(tiny_both, backend="llamacpp").backend.kv_bytes_per_token)
     np.testing.assert_allclose(half.logits(TOKENS), edgerun.Engine(tiny_both, backend="llamacpp").logits(TOKENS),
                                atol=5e-2, rtol=0)
     with pytest.raises(ValueError, match="onnx backend keeps an f32 KV cache"):

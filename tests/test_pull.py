@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import edgerun.export.models as models
+import edgerun.hub as models
 from edgerun.cli import main
-from edgerun.export.models import KnownModel, cache_home, model_path, pull
+from edgerun.hub import KnownModel, cache_home, model_path, pull
 from edgerun.runtime.manifest import PackageError
 
 MEMBER = "fake_model/tiny.gguf"

@@ -8,15 +8,15 @@ import gguf
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from conftest import build_tiny_llama
+from onnx import TensorProto, helper, numpy_helper
 
 import edgerun
 from edgerun.export.calibrate import _llama_sequential, rms_norm
 from edgerun.export.checkpoint import load_checkpoint
-from edgerun.export.package import export, write_package
-from edgerun.export.quantize import export_quantized, quantize_checkpoint
+from edgerun.export.package import write_package
+from edgerun.export.pipeline import ExportOptions, export
+from edgerun.export.quantize import quantize_checkpoint
 from edgerun.quant import Recipe, get_format, gptq_quantize, load_recipe
 from edgerun.quant.pack_gguf import gguf_types_for, pack_gguf
 from edgerun.quant.pack_ort import pack_matmulnbits
@@ -85,7 +85,8 @@ def test_ternary_bytes_equal_ggml_reference_on_grid(ggml_type):
 def _session(nodes, inputs, inits):
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
                               initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -223,14 +224,16 @@ def test_ternary_checkpoint_round_trips_losslessly(tmp_path):
     for name, w in list(ckpt.weights.items()):
         if name.startswith("layers.") and w.ndim == 2:
             ckpt.weights[name] = (rng.integers(-1, 2, w.shape) * np.float32(rng.uniform(0.01, 0.1))).astype(np.float32)
-    recipe = load_recipe({"name": "bitnet", "default": {"format": "ternary", "block_size": 32, "scale_dtype": "float32"},
-                          "rules": [{"pattern": "embed", "format": "float32"}, {"pattern": "lm_head", "format": "float32"}]})
+    recipe = load_recipe({"name": "bitnet",
+                          "default": {"format": "ternary", "block_size": 32, "scale_dtype": "float32"},
+                          "rules": [{"pattern": "embed", "format": "float32"},
+                                    {"pattern": "lm_head", "format": "float32"}]})
     quantized = quantize_checkpoint(ckpt, recipe)
     assert len(quantized) == 7 * ckpt.spec.num_layers
     for name, qt in quantized.items():
         np.testing.assert_array_equal(qt.dequantize(), ckpt.weights[name], err_msg=name)
     write_package(ckpt, tmp_path / "float")
-    export_quantized(ckpt, tmp_path / "ternary", recipe, accuracy_level=1)
+    export(ckpt, tmp_path / "ternary", ExportOptions(quant=recipe, accuracy_level=1))
     ours = edgerun.Engine(tmp_path / "ternary").logits(TOKENS)
     np.testing.assert_allclose(ours, edgerun.Engine(tmp_path / "float").logits(TOKENS), atol=1e-5, rtol=0)
 
@@ -266,7 +269,8 @@ def test_bad_formats_and_tensors_are_clear_errors():
         get_format("int8_channel", 32)
     with pytest.raises(ValueError, match="scale dtype 'bfloat16'"):
         get_format("int4_sym", 32, "bfloat16")
-    with pytest.raises(ValueError, match=r"block size 128 .* exceeds the row length 64; use a block size of 16, 32, 64"):
+    with pytest.raises(ValueError,
+                       match=r"block size 128 .* exceeds the row length 64; use a block size of 16, 32, 64"):
         get_format("int4_sym", 128).quantize(np.ones((4, 64), np.float32), "layers.0.q")
     with pytest.raises(ValueError, match="only 2-D"):
         get_format("int4_sym").quantize(np.ones(64, np.float32))
@@ -353,7 +357,7 @@ def _kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
 
 def test_int8_package_runs_close_to_float(tiny):
     hf, folder, ref = tiny
-    manifest = export_quantized(hf, folder / "int8", "int8")
+    manifest = export(hf, folder / "int8", ExportOptions(quant="int8"))
     engine = edgerun.Engine(folder / "int8")
     logits = engine.logits(TOKENS)
     assert _kl(ref, logits) < 1e-3 and np.abs(logits - ref).max() < 0.05 * np.abs(ref).max()
@@ -376,9 +380,11 @@ def test_mixed_recipe_separate_qkv_untied_and_staged(tmp_path):
                         {"pattern": "layers.*.gate", "format": "int4_min"},
                         {"pattern": "lm_head", "format": "float32"},
                         {"pattern": "embed", "format": "int8_channel"}]}
-    manifest = export_quantized(hf, tmp_path / "mixed", recipe, stage_boundaries=[2])
-    assert manifest.weights["attention"] == "int4_asym(b16)+int8_block(b32)" and manifest.weights["lm_head"] == "float32"
-    assert manifest.weights["mlp"] == "int4_min(b32)+int8_block(b32)" and manifest.weights["embedding"] == "int8_channel(channel)"
+    manifest = export(hf, tmp_path / "mixed", ExportOptions(quant=recipe, stage_boundaries=(2,)))
+    assert manifest.weights["attention"] == "int4_asym(b16)+int8_block(b32)"
+    assert manifest.weights["lm_head"] == "float32"
+    assert manifest.weights["mlp"] == "int4_min(b32)+int8_block(b32)"
+    assert manifest.weights["embedding"] == "int8_channel(channel)"
     ref = edgerun.Engine(tmp_path / "float").logits(TOKENS)
     assert _kl(ref, edgerun.Engine(tmp_path / "mixed").logits(TOKENS)) < 5e-3
 
@@ -386,7 +392,7 @@ def test_mixed_recipe_separate_qkv_untied_and_staged(tmp_path):
 def test_gptq_package_from_calibration_text(tiny):
     hf, folder, ref = tiny
     recipe = dict(load_recipe("int4-gptq").to_dict(), calibration={"sequences": 4, "tokens": 64})
-    manifest = export_quantized(hf, folder / "gptq", recipe)
+    manifest = export(hf, folder / "gptq", ExportOptions(quant=recipe))
     assert manifest.quantization["tensors"]["layers.0.q"] == "int4_asym(b32)[gptq]"
     assert manifest.quantization["tensors"]["embed"] == "int8_block(b32)[rtn]"
     assert _kl(ref, edgerun.Engine(folder / "gptq").logits(TOKENS)) < 0.05
@@ -395,13 +401,13 @@ def test_gptq_package_from_calibration_text(tiny):
 def test_bad_recipe_fails_before_anything_is_written(tiny, tmp_path):
     hf, _, _ = tiny
     with pytest.raises(ValueError, match=r"embed \(320, 64\): block size 128 .* exceeds the row length 64"):
-        export_quantized(hf, tmp_path / "out", {"default": {"format": "int4_sym", "block_size": 128}})
+        export(hf, tmp_path / "out", ExportOptions(quant={"default": {"format": "int4_sym", "block_size": 128}}))
     with pytest.raises(ValueError, match=r"layers.0.q \(64, 64\): block size 128"):
-        export_quantized(hf, tmp_path / "out", {"default": {"format": "int4_sym", "block_size": 128},
-                                                "rules": [{"pattern": "embed", "format": "float32"},
-                                                          {"pattern": "lm_head", "format": "float32"}]})
+        export(hf, tmp_path / "out", ExportOptions(quant={"default": {"format": "int4_sym", "block_size": 128},
+                                                          "rules": [{"pattern": "embed", "format": "float32"},
+                                                                    {"pattern": "lm_head", "format": "float32"}]}))
     with pytest.raises(ValueError, match="embedding cannot be int4_min.*integer zero points"):
-        export_quantized(hf, tmp_path / "out", {"default": {"format": "int4_min"}})
+        export(hf, tmp_path / "out", ExportOptions(quant={"default": {"format": "int4_min"}}))
     assert not (tmp_path / "out").exists()
 
 
@@ -428,7 +434,7 @@ def test_eval_reports_perplexity_kl_and_bits(tiny, tmp_path):
 
     hf, folder, _ = tiny
     if not (folder / "int8").exists():
-        export_quantized(hf, folder / "int8", "int8")
+        export(hf, folder / "int8", ExportOptions(quant="int8"))
     (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
     out = tmp_path / "eval.json"
     assert main([str(folder / "int8"), str(folder / "float"), "--reference", str(folder / "float"),
@@ -447,7 +453,7 @@ def test_eval_reports_perplexity_kl_and_bits(tiny, tmp_path):
 def test_int8_smollm2_perplexity_within_half_a_percent(smollm2_gguf, smollm2_package, tmp_path):
     from edgerun.bench.eval import evaluate
 
-    export_quantized(smollm2_gguf, tmp_path / "int8", "int8")
+    export(smollm2_gguf, tmp_path / "int8", ExportOptions(quant="int8"))
     report = evaluate([str(tmp_path / "int8")], reference=str(smollm2_package), windows=4)
     ref, (int8,) = report["reference"], report["results"]
     assert int8["perplexity"] < ref["perplexity"] * 1.005 and int8["top1"] > 0.9

@@ -88,10 +88,10 @@ def test_stop_string_ends_generation(smollm2_engine):
 def exit_engine(smollm2_gguf, tmp_path_factory):
     """The same model exported with an exit after layer 10 and a separate head stage."""
     import edgerun
-    from edgerun.export.package import export
+    from edgerun.export.pipeline import ExportOptions, export
 
     out = tmp_path_factory.mktemp("pkg") / "smollm2-exit10"
-    export(smollm2_gguf, out, stage_boundaries=[10], separate_head=True)
+    export(smollm2_gguf, out, ExportOptions(stage_boundaries=(10,), separate_head=True))
     return edgerun.Engine(out, max_context=512)
 
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import build_tiny_llama
 
 import edgerun
-from edgerun.export.package import export
+from edgerun.export.pipeline import ExportOptions, export
+from edgerun.runtime.draft_policy import AdaptiveDraftLength
+from edgerun.runtime.drafters import Draft, Drafter, LookupDrafter, ModelDrafter
 from edgerun.runtime.sampling import Sampler, SamplingParams
-from edgerun.runtime.speculative import (AdaptiveDraftLength, Draft, LookupDrafter, ModelDrafter,
-                                         make_drafter, verify)
+from edgerun.runtime.speculative import SpeculativeSpec, make_drafter, parse_speculative, verify
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 61], [12, 200, 33], [8, 9, 10, 8, 9, 10, 8, 9, 10, 8, 9]]
 
@@ -19,15 +19,15 @@ PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 61], [12, 200, 33], [8, 9, 10, 8, 9, 10, 8
 def tiny_pair(tmp_path_factory):
     """Target and a different draft (other random weights, same tokenizer)."""
     root = tmp_path_factory.mktemp("spec")
-    export(build_tiny_llama(root / "hf_target", seed=1), root / "target", stage_boundaries=[2], separate_head=True)
+    export(build_tiny_llama(root / "hf_target", seed=1), root / "target",
+           ExportOptions(stage_boundaries=(2,), separate_head=True))
     export(build_tiny_llama(root / "hf_draft", seed=2, num_hidden_layers=2), root / "draft")
-    target = edgerun.Engine(root / "target", max_context=96)
-    target.eos_token_ids = frozenset()  # random weights: always compare full lengths
-    return target, root / "draft"
+    return edgerun.Engine(root / "target", max_context=96), root / "draft"
 
 
 def _tokens(engine, prompts, **kw):
-    responses = list(engine.generate(prompts, max_new_tokens=40, **kw))
+    # random weights: ignore_eos always compares full lengths
+    responses = list(engine.generate(prompts, max_new_tokens=40, ignore_eos=True, **kw))
     return [[r.token for r in responses if r.index == i] for i in range(len(prompts))]
 
 
@@ -118,6 +118,55 @@ def test_unknown_mode_and_bad_draft_tokens(tiny_pair):
         target.generate(PROMPTS[0], speculative="magic")
     with pytest.raises(ValueError, match="draft_tokens"):
         target.generate(PROMPTS[0], speculative="lookup", draft_tokens=0)
+
+
+@pytest.mark.parametrize("text, spec", [
+    ("lookup", SpeculativeSpec("lookup", ())), ("lookup:4", SpeculativeSpec("lookup", (4,))),
+    ("lookup:4,2", SpeculativeSpec("lookup", (4, 2))), ("self:3", SpeculativeSpec("self", 3)),
+    ("draft:C:/models/x", SpeculativeSpec("draft", "C:/models/x")),
+])
+def test_speculative_modes_parse(text, spec):
+    assert parse_speculative(text) == spec
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("magic", "unknown speculative mode 'magic'"), ("lookup:", "lookup takes MAX_NGRAM"),
+    ("lookup:2,3", "1 <= MIN_NGRAM <= MAX_NGRAM"), ("lookup:0", "lookup takes"), ("lookup:3,1,1", "lookup takes"),
+    ("lookup:x", "lookup takes"), ("self:", "self:K needs"), ("self:0", "K >= 1"), ("self:two", "self:K needs"),
+    ("draft:", "draft:PATH needs"), ("Lookup", "unknown speculative mode"),
+])
+def test_bad_speculative_modes_name_the_value_and_the_forms(text, expected):
+    with pytest.raises(ValueError, match="draft:PATH or self:K") as info:
+        parse_speculative(text)
+    assert expected in str(info.value) and repr(text) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_rejects_a_bad_speculative_mode_before_loading(capsys, tmp_path):
+    from edgerun.cli import main
+
+    assert main(["run", str(tmp_path / "no-such-model"), "hi", "--speculative", "self:x"]) != 0
+    err = capsys.readouterr().err
+    assert "bad speculative mode 'self:x'" in err and "no-such-model" not in err
+
+
+class _Repeat(Drafter):
+    """A drafter of one's own: proposes the last token again; only `propose` is written."""
+
+    def propose(self, contexts, lengths):
+        return [Draft([context[-1]] * k) for context, k in zip(contexts, lengths)]
+
+
+def test_a_drafter_subclass_uses_the_defaults(tiny_pair):
+    target, _ = tiny_pair
+    drafter = _Repeat()
+    assert drafter.classes([[1], [2, 3]]) == [0, 0] and drafter.target_forward is None
+    plain = _tokens(target, PROMPTS)
+    assert _tokens(target, PROMPTS, speculative=drafter, draft_tokens=2) == plain
+    assert target.stats.proposed > 0
+    with pytest.raises(TypeError, match="Drafter subclass"):
+        target.generate(PROMPTS[0], speculative=object())
+    with pytest.raises(NotImplementedError, match="propose"):
+        Drafter().propose([[1]], [1])
 
 
 def test_lookup_copies_after_latest_match():

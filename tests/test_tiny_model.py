@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import build_tiny_llama, torch_logits
 
 import edgerun
-from edgerun.export.package import export
+from edgerun.export.pipeline import ExportOptions, export
 from edgerun.runtime.manifest import read_manifest
 
 TOKENS = [5, 17, 42, 99, 3, 250, 7, 61, 12, 200, 33]
@@ -38,7 +37,7 @@ def test_logits_match_transformers(tmp_path, tie):
 
 
 def test_stage_split_equals_single_graph(tiny_hf, tiny_engine, tmp_path):
-    export(tiny_hf, tmp_path / "staged", stage_boundaries=[1, 3])
+    export(tiny_hf, tmp_path / "staged", ExportOptions(stage_boundaries=(1, 3)))
     staged = edgerun.Engine(tmp_path / "staged")
     assert [(s.first_layer, s.end_layer) for s in staged.manifest.stages] == [(0, 1), (1, 3), (3, 4)]
     np.testing.assert_allclose(staged.logits(TOKENS), tiny_engine.logits(TOKENS), atol=1e-5, rtol=0)
@@ -89,11 +88,8 @@ def test_greedy_generation_matches_transformers(tiny_hf, tiny_engine):
     model = transformers.LlamaForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
     ref = model.generate(torch.tensor([TOKENS]), max_new_tokens=20, do_sample=False,
                          eos_token_id=None, pad_token_id=0)[0, len(TOKENS):].tolist()
-    tiny_engine.eos_token_ids = frozenset()  # random weights: compare the full 20 tokens
-    try:
-        ours = [r.token for r in tiny_engine.generate(TOKENS, max_new_tokens=20)]
-    finally:
-        tiny_engine.eos_token_ids = frozenset(tiny_engine.manifest.eos_token_ids)
+    # random weights: compare the full 20 tokens
+    ours = [r.token for r in tiny_engine.generate(TOKENS, max_new_tokens=20, ignore_eos=True)]
     assert ours == ref
 
 
@@ -105,15 +101,14 @@ def test_chat_template_from_tokenizer_config(tiny_engine):
 
 def test_context_limit_ends_with_length(tiny_engine):
     engine = edgerun.Engine(tiny_engine.package_dir, max_context=16)
-    engine.eos_token_ids = frozenset()
-    responses = list(engine.generate(TOKENS, max_new_tokens=50))
+    responses = list(engine.generate(TOKENS, max_new_tokens=50, ignore_eos=True))
     assert len(TOKENS) + len(responses) == 17  # 16 cached positions + the last sampled token
     assert responses[-1].finish_reason == "length"
 
 
 def test_prefix_of_layers_then_rest_equals_full_run(tiny_hf, tmp_path):
     """Run layers 0..k, hand the hidden states on, run k+1..L: same logits as one pass."""
-    export(tiny_hf, tmp_path / "staged", stage_boundaries=[2])
+    export(tiny_hf, tmp_path / "staged", ExportOptions(stage_boundaries=(2,)))
     engine = edgerun.Engine(tmp_path / "staged")
     ids = np.asarray([TOKENS], dtype=np.int64)
     positions = np.arange(len(TOKENS))[None]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import unicodedata
 from pathlib import Path
 
@@ -13,12 +11,6 @@ import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 
 from edgerun.export.tokenizer import GGUFTokenizerData, build_tokenizer, read_gguf_tokenizer
-
-_REPO = Path(__file__).resolve().parents[1]
-_DATA_DIRS = [Path(p) for p in [os.environ.get("EDGERUN_DATA_DIR", "")] if p] + [
-    _REPO / "shared" / "data",
-    _REPO.parent / "shared" / "data",
-]
 
 SPECIAL_STRINGS = [
     "<|im_start|>user\nHi<|im_end|>\n",
@@ -45,37 +37,27 @@ TRICKY_STRINGS = [
 ]
 
 
-def _data_file(*parts: str) -> Path | None:
-    return next((root.joinpath(*parts) for root in _DATA_DIRS if root.joinpath(*parts).is_file()), None)
-
-
 def _corpus() -> dict[str, list[str]]:
     """A few hundred WikiText-2 lines, all MT-Bench turns and references, and hand-made strings.
 
-    The shared data sets sit beside the repository (``../shared/data``, or ``$EDGERUN_DATA_DIR``);
-    from a clean clone only the 8 MT-Bench prompts in ``tests/data`` and the hand-made strings are used.
+    Both data sets ship with edge-run (edgerun.data).
     """
+    from edgerun import data as shipped
+
     corpus = {"special": SPECIAL_STRINGS, "tricky": TRICKY_STRINGS}
-    wikitext = _data_file("wikitext-2", "test.txt")
-    if wikitext is not None:
-        lines = wikitext.read_text(encoding="utf-8").split("\n")
-        corpus["wikitext"] = [line for line in lines if line.strip()][:400]
-    mt_bench = _data_file("prompts", "mt_bench.jsonl") or Path(__file__).parent / "data" / "mt_bench_8.jsonl"
-    if mt_bench.is_file():
-        rows = mt_bench.read_text(encoding="utf-8").splitlines()
-        questions = [json.loads(row) for row in rows if row.strip()]
-        corpus["mt_bench"] = [text for q in questions for text in q["turns"] + (q.get("reference") or [])]
+    corpus["wikitext"] = [line for line in shipped.wikitext("test").split("\n") if line.strip()][:400]
+    corpus["mt_bench"] = [text for q in shipped.mt_bench() for text in q["turns"] + (q.get("reference") or [])]
     return corpus
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _smollm2(path: Path) -> tuple[GGUFTokenizerData, Tokenizer]:
     gguf = pytest.importorskip("gguf")
     data = read_gguf_tokenizer(gguf.GGUFReader(path))
     return data, build_tokenizer(data)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _transformers_reference(path: Path) -> tuple[Tokenizer, Tokenizer]:
     """transformers' GGUF tokenizer as loaded, and with SmolLM2's own pre-tokenizer.
 

@@ -5,8 +5,9 @@ Each family module registers a `Family` describing how its checkpoints map onto 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -84,4 +85,4 @@ def layer_names(names: dict[str, str], num_layers: int) -> dict[str, str]:
     return out
 
 
-from . import llama  # noqa: E402,F401  (registers the llama family)
+from . import llama  # noqa: E402, F401  (registers the llama family; must follow the registry definitions above)

@@ -38,7 +38,9 @@ def _require(meta: dict[str, Any], key: str, where: str) -> Any:
 
 def spec_from_gguf(meta: dict[str, Any]) -> ModelSpec:
     """Map GGUF `llama.*` metadata (prefix stripped) onto a ModelSpec."""
-    g = lambda key: _require(meta, key, "GGUF metadata")  # noqa: E731
+    def g(key):
+        return _require(meta, key, "GGUF metadata")
+
     heads = int(g("attention.head_count"))
     hidden = int(g("embedding_length"))
     head_dim = int(meta.get("attention.key_length", hidden // heads))
@@ -63,7 +65,9 @@ def spec_from_gguf(meta: dict[str, Any]) -> ModelSpec:
 
 def spec_from_hf(config: dict[str, Any]) -> ModelSpec:
     """Map a Hugging Face `config.json` onto a ModelSpec."""
-    g = lambda key: _require(config, key, "config.json")  # noqa: E731
+    def g(key):
+        return _require(config, key, "config.json")
+
     if config.get("rope_scaling"):
         raise PackageError(f"rope_scaling {config['rope_scaling']} is not supported yet")
     heads = int(g("num_attention_heads"))

@@ -1,6 +1,6 @@
 """Early-exit decoding against plain decoding of the same package: speed and agreement.
 
-    python -m edgerun.bench.early_exit PACKAGE --quality 0.99 0.95 0.9 0.8 --new-tokens 64
+    python bench/experiments/early_exit.py PACKAGE --quality 0.99 0.95 0.9 0.8 --new-tokens 64
 
 PACKAGE needs exits (`edge-run export MODEL --exit-layers 10,15,20,25 -o PACKAGE`). Each MT-Bench
 prompt (one per category) runs plain and at every quality level back to back; reported: speedup
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .speculative import prompt_sets
-from . import command, parser
+from edgerun.bench import command, parser
+from edgerun.bench.speculative_runs import prompt_sets
 
 
 def exit_top1(engine, tokens: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Teacher-forced top-1 of every exit (adapter + head) and of the full model, per position."""
-    from ..runtime.early_exit import apply_adapter, exit_points
+    from edgerun.runtime.early_exit import apply_adapter, exit_points
 
     backend, n = engine.backend, len(tokens)
     points = {p.stage: p for p in exit_points(engine.package_dir, engine.manifest, threshold=1.0)}
@@ -57,9 +57,9 @@ def oracle_layers(exits: dict[int, np.ndarray], full: np.ndarray, num_layers: in
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    import edgerun
+    from edgerun.hub import load
 
-    p = parser("python -m edgerun.bench.early_exit", __doc__)
+    p = parser("python bench/experiments/early_exit.py", __doc__)
     p.add_argument("package")
     p.add_argument("--quality", type=float, nargs="+", default=[0.99, 0.95, 0.9, 0.8])
     p.add_argument("--n", type=int, default=8)
@@ -67,15 +67,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
-    engine = edgerun.load(args.package, max_context=2048)
-    engine.eos_token_ids = frozenset()  # equal lengths in every setting
+    engine = load(args.package, max_context=2048)
     prompts = [engine.encode(engine.apply_chat_template([{"role": "user", "content": t}]), add_special_tokens=False)
                for t in prompt_sets(args.n)["mt_bench"]]
     settings = [("plain", {})] + [(f"q={q}", {"early_exit": q}) for q in args.quality]
 
     def run(tokens, kw):
         start = time.perf_counter()
-        out = [r.token for r in engine.generate(tokens, max_new_tokens=args.new_tokens, **kw)]
+        # ignore_eos: equal lengths in every setting
+        out = [r.token for r in engine.generate(tokens, max_new_tokens=args.new_tokens, ignore_eos=True, **kw)]
         return out, time.perf_counter() - start
 
     for _, kw in settings:
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for name, row in totals.items():
         results.append({"setting": name, "speedup": totals["plain"]["s"] / row["s"],
-                        "layers_per_token": float(np.mean(row["layers"])), "top1_agreement": float(np.mean(row["agree"]))})
+                        "layers_per_token": float(np.mean(row["layers"])),
+                        "top1_agreement": float(np.mean(row["agree"]))})
         print(f"{name:8} x{results[-1]['speedup']:.3f}  layers/token {results[-1]['layers_per_token']:.1f}  "
               f"top-1 agreement {results[-1]['top1_agreement']:.3f}")
     for q, used in oracle.items():
@@ -117,4 +118,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    command(main, "python -m edgerun.bench.early_exit")
+    command(main, "python bench/experiments/early_exit.py")

@@ -1,6 +1,6 @@
 """Step cost by width: how long one decode step of w new tokens takes after a prompt.
 
-    python -m edgerun.bench.step_cost PACKAGE [PACKAGE ...] --prompt-tokens 300 --widths 1 2 4 8 16
+    python bench/experiments/step_cost.py PACKAGE [PACKAGE ...] --prompt-tokens 300 --widths 1 2 4 8 16
 
 Speculative decoding verifies a pending token plus k drafts in one step of k + 1 tokens, so what
 it gains depends on how much a wide step costs against a step of one. After a WikiText-2 prompt,
@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from .decode_speed import find_data_dir
-from .report import write_json
-from . import command, parser
+from edgerun import data
+from edgerun.bench import command, parser
+from edgerun.bench.report import write_json
+from edgerun.version import __version__
 
 
 def measure(engine, prompt_tokens: int, widths: list[int], repeats: int) -> dict[int, list[float]]:
     """Seconds per step of each width, `repeats` each, after a `prompt_tokens`-token prompt."""
-    text = (find_data_dir() / "wikitext-2" / "test.txt").read_text()[:40000]
+    text = data.wikitext("test")[:40000]
     tokens = engine.encode(text)
     if len(tokens) < prompt_tokens + max(widths):
         raise ValueError(f"--prompt-tokens {prompt_tokens} + width {max(widths)} is more than the "
@@ -45,9 +45,9 @@ def measure(engine, prompt_tokens: int, widths: list[int], repeats: int) -> dict
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    import edgerun
+    from edgerun.hub import load
 
-    p = parser("python -m edgerun.bench.step_cost", __doc__)
+    p = parser("python bench/experiments/step_cost.py", __doc__)
     p.add_argument("packages", nargs="+", help="packages, .gguf files or known model names")
     p.add_argument("--prompt-tokens", type=int, default=300)
     p.add_argument("--widths", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     widths = sorted(set(args.widths) | {1})  # width 1 is the reference of the ratios
     results = []
     for package in args.packages:
-        engine = edgerun.load(package, threads=args.threads, max_context=args.prompt_tokens + max(widths) + 1)
+        engine = load(package, threads=args.threads, max_context=args.prompt_tokens + max(widths) + 1)
         times = measure(engine, args.prompt_tokens, widths, args.repeats)
         base = statistics.median(times[1])
         print(f"\n{package} ({engine.backend.name}), {args.prompt_tokens}-token prompt, {args.repeats} repeats")
@@ -79,4 +79,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    command(main, "python -m edgerun.bench.step_cost")
+    command(main, "python bench/experiments/step_cost.py")

@@ -1,11 +1,11 @@
 """Reproduce the SmolLM2-135M quantization table (bench/QUANT.md) in one command.
 
-    python -m edgerun.bench.quant_table --out /tmp/quant-table [--windows 40] [--no-speed]
-    python -m edgerun.bench.quant_table --format gguf --out /tmp/quant-gguf   # llama.cpp files
+    python bench/experiments/quant_table.py --out /tmp/quant-table [--windows 40] [--no-speed]
+    python bench/experiments/quant_table.py --format gguf --out /tmp/quant-gguf   # llama.cpp files
 
 Exports the fp32 reference and every variant below into --out (existing packages are kept),
 scores them in one `bench.eval` run against the reference (so its distributions are computed
-once), then times decoding side by side with `bench.decode_speed` (GPTQ packages have exactly
+once), then times decoding side by side with decode_speed.py (GPTQ packages have exactly
 the layout of their RTN twins, so only one of each pair is timed). About 45 minutes on 2 cores.
 With --format gguf the variants are GGUF files run by llama.cpp: our Q8_0 / Q4_1 / TQ2_0 packing
 (RTN and GPTQ) next to files made by llama.cpp's own quantizer, against an F32 GGUF reference.
@@ -13,9 +13,10 @@ With --format gguf the variants are GGUF files run by llama.cpp: our Q8_0 / Q4_1
 from __future__ import annotations
 
 from pathlib import Path
-from . import command, parser
 
-RECIPES = Path(__file__).resolve().parent / "recipes"
+from edgerun.bench import command, parser
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # package name -> preset or recipe file (bench/recipes, read from the checkout)
 VARIANTS = {
     "int8": "int8",
@@ -38,15 +39,15 @@ GGUF_TIMED = ["fp32", "int8", "int4", "ternary", "llama-q8_0", "llama-q4_1", "ll
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..export.checkpoint import load_checkpoint
-    from ..export.models import pull
-    from ..export.package import write_package
-    from ..export.quantize import export_quantized
-    from . import decode_speed
-    from .eval import evaluate, format_table
-    from .report import write_json
+    import decode_speed  # bench/experiments/decode_speed.py, beside this script
 
-    p = parser("python -m edgerun.bench.quant_table", __doc__)
+    from edgerun.bench.eval import evaluate, format_table
+    from edgerun.bench.report import write_json
+    from edgerun.export.checkpoint import load_checkpoint
+    from edgerun.export.pipeline import ExportOptions, export
+    from edgerun.hub import pull
+
+    p = parser("python bench/experiments/quant_table.py", __doc__)
     p.add_argument("--out", type=Path, required=True, help="folder for the packages and results")
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
@@ -58,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     variants, timed = (VARIANTS, TIMED) if args.format == "onnx" else (GGUF_VARIANTS, GGUF_TIMED)
     ckpt = load_checkpoint(pull("smollm2-135m", progress=True))
     if not (args.out / "fp32" / "manifest.json").is_file():
-        write_package(ckpt, args.out / "fp32", progress=True, formats=(args.format,))
+        export(ckpt, args.out / "fp32", ExportOptions(formats=(args.format,)), progress=True)
     for name, quant in variants.items():
         if not (args.out / name / "manifest.json").is_file():
             recipe = quant if "." not in quant else RECIPES / quant
             if isinstance(recipe, Path) and not recipe.is_file():
                 raise FileNotFoundError(f"{recipe} is missing; run this from a checkout of edge-run")
-            export_quantized(ckpt, args.out / name, recipe, progress=True, target=args.format)
+            export(ckpt, args.out / name, ExportOptions(formats=(args.format,), quant=recipe), progress=True)
     report = evaluate([str(args.out / n) for n in variants], reference=str(args.out / "fp32"),
                       windows=args.windows, threads=args.threads, progress=True)
     print(format_table(report))
@@ -76,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    command(main, "python -m edgerun.bench.quant_table")
+    command(main, "python bench/experiments/quant_table.py")

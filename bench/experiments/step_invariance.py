@@ -1,6 +1,6 @@
 """Step-shape invariance: do a model's logits depend on how many tokens a decode step carries?
 
-    python -m edgerun.bench.step_invariance PACKAGE [PACKAGE ...] --prompt-tokens 54 --chunks 1 2 4 8
+    python bench/experiments/step_invariance.py PACKAGE [PACKAGE ...] --prompt-tokens 54 --chunks 1 2 4 8
 
 After a WikiText-2 prompt, the next 12 tokens are fed as single steps and as chunks of k tokens;
 printed is the largest |logit difference| from the single steps, for the default engine and for
@@ -13,11 +13,12 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
-from .decode_speed import find_data_dir
-from . import command, parser
+from edgerun import data
+from edgerun.bench import command, parser
 
 CONTINUATION = 12
 
@@ -34,10 +35,10 @@ def _logits(engine, prompt: list[int], more: list[int], chunk: int) -> np.ndarra
 
 
 def probe(package: str, prompt_tokens: int, chunks: list[int], invariant: bool, threads: int | None) -> dict:
-    import edgerun
+    from edgerun.hub import load
 
-    engine = edgerun.load(package, threads=threads, batch_invariant=invariant)
-    text = (find_data_dir() / "wikitext-2" / "test.txt").read_text()[5000:20000]
+    engine = load(package, threads=threads, batch_invariant=invariant)
+    text = data.wikitext("test")[5000:20000]
     tokens = engine.encode(text)[:prompt_tokens + CONTINUATION]
     prompt, more = tokens[:prompt_tokens], tokens[prompt_tokens:]
     single = _logits(engine, prompt, more, 1)
@@ -47,7 +48,7 @@ def probe(package: str, prompt_tokens: int, chunks: list[int], invariant: bool, 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = parser("python -m edgerun.bench.step_invariance", __doc__)
+    p = parser("python bench/experiments/step_invariance.py", __doc__)
     p.add_argument("packages", nargs="+", help="packages, .gguf files or known model names")
     p.add_argument("--prompt-tokens", type=int, default=54)
     p.add_argument("--chunks", type=int, nargs="+", default=[2, 3, 4, 5, 8, 12])
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for package in args.packages:
         for invariant in (False, True):
-            cmd = [sys.executable, "-m", "edgerun.bench.step_invariance", package, "--one",
+            cmd = [sys.executable, str(Path(__file__).resolve()), package, "--one",
                    "--prompt-tokens", str(args.prompt_tokens), "--chunks", *map(str, args.chunks)]
             cmd += ["--invariant"] if invariant else []
             cmd += ["--threads", str(args.threads)] if args.threads else []
@@ -79,4 +80,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    command(main, "python -m edgerun.bench.step_invariance")
+    command(main, "python bench/experiments/step_invariance.py")
