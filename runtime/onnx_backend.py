@@ -45,15 +45,23 @@ class OnnxBackend:
                     ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
                 raise PackageError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
         self.bindings = [s.io_binding() for s in self.sessions]
-        self._bound: list[KVCache | None] = [None] * len(self.sessions)  # cache bound to each binding
+        self._bound: list[tuple | None] = [None] * len(self.sessions)  # (cache, its version) bound to each binding
+        # the head stage writes logits into a host buffer bound once per shape: no per-run output
+        # allocation, and no wrapping of every bound output (the KV cache's too) to read it back
+        self._logits: list[np.ndarray | None] = [None] * len(self.sessions)
+        # small host inputs (token ids, lengths, positions) likewise: bound once per shape, then
+        # rewritten in place, so a decode step binds nothing
+        self._inputs: list[dict[str, tuple[np.ndarray, ort.OrtValue]]] = [{} for _ in self.sessions]
 
     def _main_output(self, stage) -> tuple[str, str]:
         """Name and device of a stage's main output: logits come to the host, hidden stays put."""
         return ("logits", "cpu") if stage.has_head else ("hidden_out", self.device.ort_device)
 
-    def _bind_cache(self, stage, io, cache: KVCache) -> None:
+    def _bind_cache(self, k: int, cache: KVCache) -> None:
         """Bind past and present of every layer to the same buffer: the graph updates it in place."""
+        stage, io = self.manifest.stages[k], self.bindings[k]
         io.clear_binding_outputs()
+        self._logits[k] = None
         io.bind_output(*self._main_output(stage))
         for local, layer in enumerate(range(stage.first_layer, stage.end_layer)):
             for kind, buffers in (("key", cache.keys), ("value", cache.values)):
@@ -107,6 +115,7 @@ class OnnxBackend:
         advance = start is None and self.manifest.stages[stages[-1]].has_head
         start = cache.lengths if start is None else np.asarray(start, dtype=np.int32)
         batch, seq = inputs.shape[:2] if isinstance(inputs, np.ndarray) else inputs.shape()[:2]
+        cache.reserve(int(start.max()) + seq)  # grows the buffers (or says the context is full)
         if batch > 1 and seq > 1 and start.any():
             # onnxruntime's CPU GroupQueryAttention rejects several new tokens on top of a cache
             # at batch > 1, so such steps (batched speculative verification) run row by row; that
@@ -116,26 +125,29 @@ class OnnxBackend:
                 cache.advance(counts)
             return logits
         seqlens = (start + (seq - 1)).astype(np.int32)
-        if int(seqlens.max()) >= cache.max_len + 1:
-            raise ValueError(f"sequence of {int(seqlens.max()) + 1} tokens exceeds the cache "
-                             f"({cache.max_len}); raise max_context")
         total = np.array(int(seqlens.max()) + 1, dtype=np.int32)
         out = inputs
         for k in stages:
             stage, io = self.manifest.stages[k], self.bindings[k]
             name = "input_ids" if stage.embeds else "hidden_in"
             if isinstance(out, np.ndarray):
-                io.bind_cpu_input(name, np.ascontiguousarray(out, dtype=np.int64 if stage.embeds else np.float32))
+                self._bind_host(k, name, out, np.int64 if stage.embeds else np.float32)
             else:
                 io.bind_ortvalue_input(name, out)
-            io.bind_cpu_input("seqlens_k", seqlens)
-            io.bind_cpu_input("total_sequence_length", total)
+                self._inputs[k].pop(name, None)
+            self._bind_host(k, "seqlens_k", seqlens, np.int32)
+            self._bind_host(k, "total_sequence_length", total, np.int32)
             if stage.has_head:
-                io.bind_cpu_input("logits_positions", np.ascontiguousarray(logits_positions[..., None], dtype=np.int64))
-            if self._bound[k] is not cache:
-                self._bind_cache(stage, io, cache)
-                self._bound[k] = cache
-            # ORT allocates the main output per run (its shape varies); re-binding replaces it in place
+                self._bind_host(k, "logits_positions", logits_positions[..., None], np.int64)
+            bound = self._bound[k]
+            if bound is None or bound[0] is not cache or bound[1] != cache.version:
+                self._bind_cache(k, cache)
+                self._bound[k] = (cache, cache.version)
+            if stage.has_head:
+                logits = self._logits_buffer(k, (batch, logits_positions.shape[1], self.manifest.model.vocab_size))
+                self.sessions[k].run_with_iobinding(io)
+                continue
+            # ORT allocates the hidden output per run (its shape varies); re-binding replaces it in place
             io.bind_output(*self._main_output(stage))
             self.sessions[k].run_with_iobinding(io)
             out = io.get_outputs()[0]
@@ -143,7 +155,26 @@ class OnnxBackend:
             return out
         if advance:
             cache.advance(counts)
-        return out.numpy()
+        return logits.copy()  # the buffer is rewritten by the next step
+
+    def _bind_host(self, k: int, name: str, values, dtype) -> None:
+        """Give stage k's input `name` these values through a host buffer bound once per shape."""
+        held = self._inputs[k].get(name)
+        if held is not None and held[0].shape == np.shape(values):
+            held[0][...] = values
+            return
+        buffer = np.array(values, dtype=dtype, order="C")
+        value = ort.OrtValue.ortvalue_from_numpy(buffer)
+        self.bindings[k].bind_ortvalue_input(name, value)
+        self._inputs[k][name] = (buffer, value)
+
+    def _logits_buffer(self, k: int, shape: tuple[int, ...]) -> np.ndarray:
+        """Stage k's logits buffer of `shape`, bound as its output (rebound only when the shape changes)."""
+        buffer = self._logits[k]
+        if buffer is None or buffer.shape != shape:
+            buffer = self._logits[k] = np.empty(shape, np.float32)
+            self.bindings[k].bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(buffer))
+        return buffer
 
 
 register_backend("onnx", OnnxBackend)
