@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime
 
 from .. import data
+from ..runtime.manifest import package_file
 from ..version import __version__
 from . import command, parser
 from .prompts import perplexity_windows
@@ -30,7 +31,7 @@ from .report import write_json
 from .weights import disk_bytes, initializer_bytes
 
 WEIGHT_PREFIXES = ("embed", "lm_head", "layers.", "final_norm")
-LINEAR_PARTS = ("q", "k", "v", "o", "gate", "up", "down", "qkv")
+LINEAR_PARTS = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
 
 
 @dataclass
@@ -68,8 +69,8 @@ def _onnx_weight_bytes(folder: Path, manifest) -> tuple[int, int]:
     import onnx
 
     total = linear = 0
-    for stage in manifest.stages:
-        model = onnx.load(str(folder / stage.file), load_external_data=False)
+    for k, stage in enumerate(manifest.stages):
+        model = onnx.load(str(package_file(folder, stage.file, f"stages[{k}].file")), load_external_data=False)
         for init in model.graph.initializer:
             if not init.name.startswith(WEIGHT_PREFIXES) or init.data_type == onnx.TensorProto.INT64:
                 continue

@@ -91,6 +91,19 @@ def _qkv_inputs(g: _Graph, h: str, w: dict[str, np.ndarray], p: str) -> list[str
     return [_linear(g, h, w, n) for n in names]
 
 
+def _gate_up(g: _Graph, h: str, w: dict[str, np.ndarray], p: str) -> tuple[str, str]:
+    """The MLP's gate and up projections: one packed MatMulNBits split in two where both share a
+    layout (one kernel call and one activation quantization instead of two), else two."""
+    names = [p + "gate", p + "up"]
+    parts = [g.packed.get(n) for n in names]
+    if all(parts) and can_concat(parts):
+        both = g.nbits(h, p + "gate_up", concat_rows(parts))
+        sizes = g.const(p + "gate_up.split", np.array([parts[0].N, parts[1].N], dtype=np.int64))
+        gate, up = g.op("Split", [both, sizes], n_out=2, axis=-1)
+        return gate, up
+    return _linear(g, h, w, names[0]), _linear(g, h, w, names[1])
+
+
 def _embed(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray]) -> str:
     """Token embeddings [B, S, H]: Gather over the float table, or GatherBlockQuantized over the
     MatMulNBits bytes [V, k_blocks, blob] of a packed table (quantize_axis 2)."""
@@ -163,8 +176,7 @@ def _layer(g: _Graph, spec: ModelSpec, w: dict[str, np.ndarray], i: int, local: 
     outputs += [f"present_key_{local}", f"present_value_{local}"]
     a = _linear(g, attn[0], w, p + "o")
     h, residual = _rms(g, spec, residual, a, g.const(p + "ffn_norm", w[p + "ffn_norm"]))
-    gate = _linear(g, h, w, p + "gate")
-    up = _linear(g, h, w, p + "up")
+    gate, up = _gate_up(g, h, w, p)
     silu = g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0]
     return residual, _linear(g, g.op("Mul", [silu, up])[0], w, p + "down")
 
