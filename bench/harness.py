@@ -148,6 +148,7 @@ class EngineRun:
     info: dict = field(default_factory=dict)
     records: dict[str, list[dict]] = field(default_factory=dict)
     peak_rss_mb: float | None = None
+    batch1_peak_rss_mb: float | None = None  # over batch-1 requests only
     perplexity: float | None = None
     worker: Worker | None = None
 
@@ -336,7 +337,9 @@ def measure(runs: list[EngineRun], cases: list[Case], repeats: int, threads: int
                     run.fail(f"{case.name}: {e}")
                     say(f"[red]failed[/] {run.spec.label}: {run.error}")
                     continue
-                run.peak_rss_mb = answer["peak_rss_mb"]
+                run.peak_rss_mb = max(run.peak_rss_mb or 0.0, answer["peak_rss_mb"])  # each answer: its own peak
+                if case.batch == 1:
+                    run.batch1_peak_rss_mb = max(run.batch1_peak_rss_mb or 0.0, answer["peak_rss_mb"])
                 if repeat >= 0:
                     # CPU the engine got / CPU it could use: well below 1 when other work took the cores
                     figures["cpu_share"] = answer["cpu_s"] / (answer["wall_s"] * threads)
@@ -375,7 +378,7 @@ def engine_result(run: EngineRun, cases: list[Case], machine_bw: float) -> dict:
         "label": run.spec.label, "engine": run.spec.engine, "precision": run.spec.precision,
         "precision_class": precision_class(run.spec.precision), "ours": run.spec.ours,
         "options": run.spec.options, "model": run.model, "status": run.status, "error": run.error,
-        "info": run.info, "peak_rss_mb": run.peak_rss_mb,
+        "info": run.info, "peak_rss_mb": run.peak_rss_mb, "batch1_peak_rss_mb": run.batch1_peak_rss_mb,
         "file_mb": run.info["file_bytes"] / 1e6 if "file_bytes" in run.info else None,
         "weight_mb_per_token": weight_bytes / 1e6 if weight_bytes else None,
         "bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,

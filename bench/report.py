@@ -64,8 +64,8 @@ def resource_rows(report: dict, rich: bool = True) -> tuple[list[str], list[list
     """Header and rows of the throughput / memory / bandwidth / quality table."""
     batches = report["settings"]["batch"]
     machine_gb_s = report["machine"]["read_bandwidth"]["bytes_per_s"] / 1e9
-    header = ["engine", *[f"batch {b} tok/s" for b in batches], "peak RSS MB", "file MB", "weights MB/token",
-              f"GB/s read (of {machine_gb_s:.0f})", "CPU share", "ppl"]
+    header = ["engine", *[f"batch {b} tok/s" for b in batches], "batch-1 peak RSS MB", "peak RSS MB", "file MB",
+              "weights MB/token", f"GB/s read (of {machine_gb_s:.0f})", "CPU share", "ppl"]
     rows = []
     for e in report["engines"]:
         if e["status"] != "ok":
@@ -74,7 +74,8 @@ def resource_rows(report: dict, rich: bool = True) -> tuple[list[str], list[list
         rows.append([e["label"], *[_cell(e["results"].get(f"batch_{b}", {}).get("decode_tok_s")
                                          if "unsupported" not in e["results"].get(f"batch_{b}", {})
                                          else {"unsupported": True}, 1, rich) for b in batches],
-                     _num(e["peak_rss_mb"], ".0f"), _num(e["file_mb"], ".0f"), _num(e["weight_mb_per_token"], ".0f"),
+                     _num(e.get("batch1_peak_rss_mb"), ".0f"), _num(e["peak_rss_mb"], ".0f"),
+                     _num(e["file_mb"], ".0f"), _num(e["weight_mb_per_token"], ".0f"),
                      _num(e["bandwidth_gb_s"], ".1f") + share, _num(_cpu_share(e), ".0%"),
                      _num(e["perplexity"], ".2f")])
     return header, rows
@@ -202,6 +203,9 @@ def plot(report: dict, path: Path) -> str:
     else:
         drawn += "; no speed-vs-quality scatter: no perplexity measured (pass --ppl-windows N)"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # whole or not at all: a kill mid-write leaves only the .partial file
+    tmp = Path(path).with_name(Path(path).name + ".partial")
+    fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    tmp.replace(path)
     plt.close(fig)
     return drawn

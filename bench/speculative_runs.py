@@ -14,7 +14,11 @@ per drafter and prompt set: decode tokens/s (median over prompts of generated to
 after the first token), speedup = plain time / speculative time summed over prompts, from the
 call to the last token (prompt, a draft model's own prefill and first token included; "decode
 only" counts from the first token on), acceptance rate, mean accepted tokens per verification,
-histogram of accepted lengths, and whether every output equalled plain greedy. With
+histogram of accepted lengths, and whether every output equalled plain greedy. Speculation runs
+as `edge-run run --speculative` does: exact by default (with quantized weights, invariant steps;
+on llama.cpp from a second engine loaded with speculative=True), so against the default engine's
+fast plain decoding "identical" can be False at near-ties (README, "Exactness"); with
+--inexact-speculation every drafter also runs with exact=False (tagged [inexact]). With
 --batch-invariant, a second engine of the same target with batch_invariant=True runs plain and
 every drafter in the same rounds; its runs are compared with its own plain run (exactness) and
 with the default engine's plain run (what invariance costs or gains overall).
@@ -107,18 +111,23 @@ def _median(values: list[float]) -> float:
 
 
 def engine_runners(engines: dict[str, object], drafters: list[str], draft_tokens: list[int | str],
-                   ignore_eos: bool) -> Runners:
-    """Plain and every drafter x draft length on each engine (tagged by its key in `engines`)."""
+                   ignore_eos: bool, speculating: dict[str, object] | None = None) -> Runners:
+    """Plain and every drafter x draft length on each engine (tagged by its key in `engines`);
+    a tag's drafters run on `speculating[tag]` when given (an engine loaded for exact speculation),
+    and a tag ending in "[inexact]" runs them with exact=False after the plain run of tag "" ."""
     runners: Runners = {}
     for tag, engine in engines.items():
-        plain = f"plain{tag}"
-        runners[plain] = (lambda t, n, e=engine: timed_run(e, t, n, ignore_eos=ignore_eos), None, None)
+        plain = "plain" if tag.endswith("[inexact]") else f"plain{tag}"
+        if plain not in runners:
+            runners[plain] = (lambda t, n, e=engine: timed_run(e, t, n, ignore_eos=ignore_eos), None, None)
+        spec = (speculating or {}).get(tag, engine)
+        kw = {"exact": False} if tag.endswith("[inexact]") else {}
         for d in drafters:
             for k in draft_tokens:  # "auto" keeps the drafter's name; a fixed length is named
                 name = f"{d}{'' if k == 'auto' else f' k={k}'}{tag}"
-                runners[name] = (lambda t, n, d=d, e=engine, k=k: timed_run(e, t, n, speculative=d, draft_tokens=k,
-                                                                           ignore_eos=ignore_eos),
-                                 plain, engine)
+                runners[name] = (lambda t, n, d=d, e=spec, k=k, kw=kw: timed_run(e, t, n, speculative=d, draft_tokens=k,
+                                                                                ignore_eos=ignore_eos, **kw),
+                                 plain, spec)
     return runners
 
 
@@ -194,6 +203,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="also run plain and every drafter on a batch-invariant engine (tagged [inv]), "
                         "interleaved with the default engine's runs")
+    p.add_argument("--inexact-speculation", action="store_true",
+                   help="also run every drafter with exact=False on the default engine (tagged [inexact])")
     p.add_argument("--json", type=Path, default=None)
 
 
@@ -212,15 +223,21 @@ def run(args: argparse.Namespace, draft_tokens: list[int | str], extra: Extra | 
     """The runs `add_arguments`' flags describe; prints a table per prompt set, returns the report
     (also written to --json)."""
     from ..hub import load
+    from ..runtime.backend import inexact_verification_types
 
     engine = load(args.target, threads=args.threads, max_context=2048)
-    engines = {"": engine}
+    engines, speculating = {"": engine}, {}
+    if getattr(engine.backend, "invariant_at_load", False) and inexact_verification_types(engine.manifest.weights):
+        # exact speculation there needs kernels chosen at load, as `edge-run run --speculative` loads them
+        speculating[""] = load(args.target, threads=args.threads, max_context=2048, speculative=True)
+    if args.inexact_speculation:
+        engines[" [inexact]"] = engine
     if args.batch_invariant:
         engines[" [inv]"] = load(args.target, threads=args.threads, max_context=2048, batch_invariant=True)
     sets = prompt_sets(args.n)
     prompts_by_set = {name: [engine.encode(engine.apply_chat_template([{"role": "user", "content": t}]),
                                            add_special_tokens=False) for t in sets[name]] for name in args.prompts}
-    runners = engine_runners(engines, args.drafters, draft_tokens, args.ignore_eos)
+    runners = engine_runners(engines, args.drafters, draft_tokens, args.ignore_eos, speculating)
     title = f"target {args.target}"
     if extra is not None:
         more, note = extra(prompts_by_set, frozenset() if args.ignore_eos else engine.eos_token_ids)

@@ -59,6 +59,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
+def reset_peak_rss() -> None:
+    """Start the high-water mark afresh from the current RSS (Linux: /proc/self/clear_refs "5");
+    elsewhere the mark keeps covering the whole process."""
+    clear = Path("/proc/self/clear_refs")
+    if clear.exists():
+        clear.write_text("5")
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -255,6 +263,7 @@ def handle(state: dict, request: dict) -> dict:
     if engine is None:
         raise ValueError(f"op {op!r} before a successful load")
     if op == "generate":
+        reset_peak_rss()  # the answer's peak is this request's: batch-1 memory apart from batch runs
         cpu, wall = time.process_time(), time.perf_counter()
         stamps, first = engine.generate(request["prompts"], int(request["new_tokens"]))
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall

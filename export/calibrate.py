@@ -116,8 +116,16 @@ def _llama_sequential(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: n
         for name in names:
             qt = quantize(name, weights[name], get_hessian)
             w = weights[name] if qt is None else qt.dequantize()
-            outs.append((flat @ w.T).reshape(*x.shape[:-1], -1))
+            out = flat @ w.T
+            if name + "_bias" in weights:  # q/k/v biases (spec.attention_bias)
+                out = out + weights[name + "_bias"]
+            outs.append(out.reshape(*x.shape[:-1], -1))
         return outs
+
+    def head_norm(x: np.ndarray, name: str) -> np.ndarray:
+        """Per-head RMSNorm of projected q or k [n, T, heads * D] (spec.qk_norm), before rotary."""
+        per_head = x.reshape(*x.shape[:-1], -1, spec.head_dim)
+        return rms_norm(per_head, weights[name], spec.rms_norm_eps).reshape(x.shape)
 
     def cut(x: np.ndarray, i: int) -> np.ndarray:
         """A healed cut's correction before layer i (or the final norm), as the graphs apply it."""
@@ -131,6 +139,8 @@ def _llama_sequential(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: n
         x = cut(x, i)
         h = rms_norm(x, weights[p + "attn_norm"], spec.rms_norm_eps)
         q, k, v = project(h, [p + "q", p + "k", p + "v"])
+        if spec.qk_norm:
+            q, k = head_norm(q, p + "q_norm"), head_norm(k, p + "k_norm")
         (attn,) = project(_attention(spec, q, k, v, cos, sin), [p + "o"])
         x = x + attn
         h = rms_norm(x, weights[p + "ffn_norm"], spec.rms_norm_eps)
@@ -147,7 +157,8 @@ def _llama_sequential(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: n
     return x
 
 
-SEQUENTIAL = {"llama": _llama_sequential}
+# architectures whose blocks _llama_sequential runs (their differences are ModelSpec flags)
+SEQUENTIAL = {"llama": _llama_sequential, "qwen2": _llama_sequential, "qwen3": _llama_sequential}
 
 
 def quantize_calibrated(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: np.ndarray,

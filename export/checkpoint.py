@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,17 +147,30 @@ def _generic_spec(arch: str, meta: dict[str, Any]) -> ModelSpec:
     )
 
 
+@contextmanager
+def _metadata_errors(path: Path) -> Iterator[None]:
+    """Turn what a metadata value of the wrong type or size raises into a PackageError naming `path`."""
+    try:
+        yield
+    except PackageError as e:
+        raise PackageError(f"{path}: {e}") from None
+    except (TypeError, ValueError, KeyError, ArithmeticError) as e:  # int("x"), hidden // 0, a missing key
+        raise PackageError(f"{path}: its metadata does not describe a model ({type(e).__name__}: {e}); "
+                           f"the file is corrupt") from None
+
+
 def _load_gguf(path: Path, with_weights: bool = True) -> Checkpoint:
     import gguf
 
     from .tokenizer import build_tokenizer, read_gguf_tokenizer
 
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
+        with np.errstate(all="raise"):  # an offset that overflows is corruption, not a warning on stderr
+            reader = gguf.GGUFReader(path)
+            fields = {k: f.contents() for k, f in reader.fields.items()}
+    except (ValueError, IndexError, KeyError, OSError, EOFError, ArithmeticError, RecursionError) as e:
         raise PackageError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
                            f"download it again") from None
-    fields = {k: f.contents() for k, f in reader.fields.items()}
     arch = str(fields.get("general.architecture"))
     family = find_family(arch)
     if family is None and with_weights:
@@ -164,21 +178,32 @@ def _load_gguf(path: Path, with_weights: bool = True) -> Checkpoint:
     meta = {k[len(arch) + 1:]: v for k, v in fields.items() if k.startswith(f"{arch}.")}
     meta["tokenizer.ggml.tokens"] = fields.get("tokenizer.ggml.tokens", [])
     meta["tensor_names"] = {t.name for t in reader.tensors}
-    spec = family.spec_from_gguf(meta) if family else _generic_spec(arch, meta)
+    with _metadata_errors(path):
+        spec = family.spec_from_gguf(meta) if family else _generic_spec(arch, meta)
     tensors = {t.name: t for t in reader.tensors}
 
     def convert(canonical: str, t: Any) -> np.ndarray:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        w = w.reshape([int(d) for d in reversed(t.shape)])
+        try:
+            with np.errstate(all="ignore"):  # non-finite values are refused below, not warned about
+                w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            w = w.reshape([int(d) for d in reversed(t.shape)])
+        except (ValueError, NotImplementedError, TypeError, IndexError, ArithmeticError) as e:
+            raise PackageError(f"{path}: tensor {t.name} cannot be read ({type(e).__name__}: {e}); "
+                               f"the file is corrupt or uses a type this gguf package lacks") from None
+        if not np.isfinite(w).all():
+            raise PackageError(f"{path}: tensor {t.name} holds NaN or infinite values; the file is corrupt")
         return family.from_gguf_tensor(canonical, w, spec)
 
     weights = _collect(family, spec, tensors, family.gguf_names, convert) if with_weights else {}
     try:
         tok = read_gguf_tokenizer(reader)
         tokenizer = build_tokenizer(tok)
-    except ValueError as e:
-        raise PackageError(f"{path}: cannot rebuild its tokenizer: {e}") from None
-    eos = [tok.eos_token_id, fields.get("tokenizer.ggml.eot_token_id")]
+    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for a vocabulary it cannot use)
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise PackageError(f"{path}: cannot rebuild its tokenizer: {reason}") from None
+    with _metadata_errors(path):
+        eos = tuple(dict.fromkeys(int(e) for e in (tok.eos_token_id, fields.get("tokenizer.ggml.eot_token_id"))
+                                  if e is not None))
     carried = {k: (fields[k], tuple(f.types)) for k, f in reader.fields.items()
                if k.startswith(_CARRIED_PREFIXES) and k not in _NOT_CARRIED}
     return Checkpoint(
@@ -187,7 +212,7 @@ def _load_gguf(path: Path, with_weights: bool = True) -> Checkpoint:
         tokenizer=tokenizer,
         chat_template=fields.get("tokenizer.chat_template"),
         bos_token_id=tok.bos_token_id,
-        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+        eos_token_ids=eos,
         add_bos_token=tok.add_bos_token,
         source={"path": str(path.resolve()), "format": "gguf", "sha256": sha256_file(path),
                 "dtypes": sorted({t.tensor_type.name for t in reader.tensors})},
@@ -231,11 +256,15 @@ def _safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
 def _load_hf(folder: Path) -> Checkpoint:
     config = _read_json(folder / "config.json")
     family = get_family(str(config.get("model_type")))
-    spec = family.spec_from_hf(config)
+    with _metadata_errors(folder / "config.json"):
+        spec = family.spec_from_hf(config)
     tensors = dict(_safetensors(folder))
     dtypes = sorted({str(a.dtype) for a in tensors.values()})
-    weights = _collect(family, spec, tensors, family.hf_names,
-                       lambda _, a: np.ascontiguousarray(a, dtype=np.float32))
+    def convert(canonical: str, a: np.ndarray) -> np.ndarray:
+        w = np.ascontiguousarray(a, dtype=np.float32)
+        return family.from_hf_tensor(canonical, w, spec) if family.from_hf_tensor else w
+
+    weights = _collect(family, spec, tensors, family.hf_names, convert)
     tok_config = _read_json(folder / "tokenizer_config.json")
     try:
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))

@@ -10,6 +10,7 @@ layout back. Quantized tensors are packed elsewhere (`quant/`) and handed over a
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -24,6 +25,7 @@ import numpy as np
 from ..runtime.manifest import PackageError
 from .checkpoint import Checkpoint
 from .families import get_family, layer_names
+from .onnx_graph import inverse_frequencies
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, file_type: gguf.Lla
     writer.add_rope_freq_base(spec.rope_theta)
     writer.add_rope_dimension_count(spec.head_dim)
     writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
+    if spec.sliding_window:  # llama.cpp derives which layers slide, and their rope base, from the architecture
+        writer.add_sliding_window(spec.sliding_window)
     writer.add_vocab_size(spec.vocab_size)
     writer.add_file_type(int(file_type))
     for key, (value, types) in _tokenizer_fields(ckpt).items():
@@ -97,6 +101,10 @@ def _tensors(ckpt: Checkpoint, dtype: type, packed: Mapping[str, PackedTensor]) 
     """GGUF name -> (array, raw_dtype or None) for every weight, in file order."""
     family = get_family(ckpt.spec.architecture)
     names = layer_names(family.gguf_names, ckpt.spec.num_layers)
+    scale = ckpt.spec.attention_scale
+    if scale is not None and not np.isclose(scale, ckpt.spec.head_dim ** -0.5):
+        raise PackageError(f"attention scale {scale:g} (not 1/sqrt(head_dim)) has no GGUF key llama.cpp reads; "
+                           f"export --format onnx")
     unknown = sorted(set(packed) - set(names))
     if unknown:
         raise ValueError(f"packed tensors {unknown[:4]} name no weight of this model")
@@ -106,6 +114,9 @@ def _tensors(ckpt: Checkpoint, dtype: type, packed: Mapping[str, PackedTensor]) 
                            f"the model without them; healed cut corrections (--heal) run in ONNX packages only: "
                            f"export --format onnx, or leave out --heal")
     out = {}
+    if ckpt.spec.rope_scaling:  # llama.cpp divides each rope frequency by its factor in `rope_freqs`
+        plain = inverse_frequencies(dataclasses.replace(ckpt.spec, rope_scaling=None))
+        out["rope_freqs.weight"] = ((plain / inverse_frequencies(ckpt.spec)).astype(np.float32), None)
     for canonical, gguf_name in names.items():
         if canonical in packed:
             out[gguf_name] = (packed[canonical].data, packed[canonical].ggml_type)

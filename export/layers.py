@@ -42,7 +42,8 @@ class LayerRunner:
         self._kv = np.zeros((1, self.spec.num_kv_heads, max_tokens, self.spec.head_dim), np.float32)
 
     def embed(self, tokens: Sequence[int]) -> np.ndarray:
-        return self.weights["embed"][np.asarray(tokens)][None]  # [1, T, H]
+        table = self.weights["embed"]  # [1, T, H], scaled as the graphs scale it (spec.embed_scale)
+        return (table[np.asarray(tokens)][None] * np.float32(self.spec.embed_scale)).astype(np.float32)
 
     def _feeds(self, hidden: np.ndarray) -> dict:
         t = hidden.shape[1]

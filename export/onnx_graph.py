@@ -18,6 +18,7 @@ Stage I/O (B batch, S new tokens, N scored positions):
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -32,9 +33,33 @@ OPSET = 21
 MS_DOMAIN = "com.microsoft"
 
 
+def inverse_frequencies(spec: ModelSpec) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim/2], with the spec's rope scaling applied.
+
+    Raises:
+        ValueError: a rope scaling type the graphs do not implement.
+    """
+    inv_freq = 1.0 / spec.rope_theta ** (np.arange(0, spec.head_dim, 2, dtype=np.float64) / spec.head_dim)
+    scaling = spec.rope_scaling or {"rope_type": "default"}
+    kind = scaling.get("rope_type")
+    if kind == "default":
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"rope scaling {kind!r} is not implemented (have: default, llama3)")
+    # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between
+    factor, low, high = (float(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    old_context = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return np.where(medium, blended, scaled)
+
+
 def rotary_cache(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin tables [context_length, head_dim/2] for rotate-half RoPE."""
-    inv_freq = 1.0 / spec.rope_theta ** (np.arange(0, spec.head_dim, 2, dtype=np.float64) / spec.head_dim)
+    inv_freq = inverse_frequencies(spec)
     angles = np.outer(np.arange(spec.context_length, dtype=np.float64), inv_freq)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
@@ -91,6 +116,31 @@ def _qkv_inputs(g: _Graph, h: str, w: dict[str, np.ndarray], p: str) -> list[str
     return [_linear(g, h, w, n) for n in names]
 
 
+def _attention_inputs(g: _Graph, spec: ModelSpec, h: str, w: dict[str, np.ndarray], p: str) -> list[str]:
+    """GroupQueryAttention's query/key/value inputs, with what the spec adds after the projections:
+    q/k/v biases (GQA takes none) and per-head q/k RMSNorm (before GQA's rotary, as in transformers)."""
+    qkv = _qkv_inputs(g, h, w, p)
+    if spec.attention_bias:
+        if qkv[1] == "":  # one packed projection: one packed bias
+            bias = np.concatenate([w[p + "q_bias"], w[p + "k_bias"], w[p + "v_bias"]])
+            qkv = [g.op("Add", [qkv[0], g.const(p + "qkv_bias", bias)])[0], "", ""]
+        else:
+            qkv = [g.op("Add", [x, g.const(p + n, w[p + n])])[0] for x, n in zip(qkv, ("q_bias", "k_bias", "v_bias"))]
+    if spec.qk_norm:
+        if qkv[1] == "":
+            q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+            sizes = g.const("qkv_split", np.array([q_size, kv_size, kv_size], dtype=np.int64))
+            qkv = g.op("Split", [qkv[0], sizes], n_out=3, axis=-1)
+        heads = g.const("per_head_shape", np.array([0, 0, -1, spec.head_dim], dtype=np.int64))
+        flat = g.const("merged_heads_shape", np.array([0, 0, -1], dtype=np.int64))
+        for k, n in ((0, "q_norm"), (1, "k_norm")):
+            per_head = g.op("Reshape", [qkv[k], heads])[0]  # [B, S, heads, head_dim]
+            normed = g.op("SimplifiedLayerNormalization", [per_head, g.const(p + n, w[p + n])], axis=-1,
+                          epsilon=spec.rms_norm_eps, stash_type=1)[0]
+            qkv[k] = g.op("Reshape", [normed, flat])[0]
+    return qkv
+
+
 def _gate_up(g: _Graph, h: str, w: dict[str, np.ndarray], p: str) -> tuple[str, str]:
     """The MLP's gate and up projections: one packed MatMulNBits split in two where both share a
     layout (one kernel call and one activation quantization instead of two), else two."""
@@ -109,6 +159,18 @@ def _embed(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray]) -> str:
     MatMulNBits bytes [V, k_blocks, blob] of a packed table (quantize_axis 2)."""
     if "embed" not in g.packed:
         return g.op("Gather", [g.const("embed", weights["embed"]), "input_ids"])[0]
+    return _gather_packed(g, spec)
+
+
+def _embed_scaled(g: _Graph, spec: ModelSpec, weights: dict[str, np.ndarray]) -> str:
+    """Token embeddings times `spec.embed_scale` (Gemma), which cannot be folded into a tied table."""
+    x = _embed(g, spec, weights)
+    if spec.embed_scale == 1.0:
+        return x
+    return g.op("Mul", [x, g.const("embed_scale", np.array(spec.embed_scale, dtype=np.float32))])[0]
+
+
+def _gather_packed(g: _Graph, spec: ModelSpec) -> str:
     w = g.packed["embed"]
     nb = w.qweight.shape[1]
     scales = g.op("Reshape", [g.const("embed.scales", w.scales),
@@ -165,20 +227,36 @@ def _layer(g: _Graph, spec: ModelSpec, w: dict[str, np.ndarray], i: int, local: 
     p = f"layers.{i}."
     residual, pending = _cut(g, w, i, residual, pending)
     h, residual = _rms(g, spec, residual, pending, g.const(p + "attn_norm", w[p + "attn_norm"]))
+    sliding = i in spec.sliding_layers
+    rope = "_local" if sliding and spec.rope_local_theta is not None else ""
+    extra = {"local_window_size": spec.sliding_window} if sliding else {}
+    if spec.attention_scale is not None:
+        extra["scale"] = spec.attention_scale
     attn = g.op(
         "GroupQueryAttention",
-        [*_qkv_inputs(g, h, w, p), f"past_key_{local}", f"past_value_{local}", "seqlens_k",
-         "total_sequence_length", "cos_cache", "sin_cache"],
+        [*_attention_inputs(g, spec, h, w, p), f"past_key_{local}", f"past_value_{local}", "seqlens_k",
+         "total_sequence_length", f"cos_cache{rope}", f"sin_cache{rope}"],
         n_out=3, domain=MS_DOMAIN, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
-        do_rotary=1, rotary_interleaved=0)
+        do_rotary=1, rotary_interleaved=0, **extra)
     g.nodes.append(helper.make_node("Identity", [attn[1]], [f"present_key_{local}"]))
     g.nodes.append(helper.make_node("Identity", [attn[2]], [f"present_value_{local}"]))
     outputs += [f"present_key_{local}", f"present_value_{local}"]
-    a = _linear(g, attn[0], w, p + "o")
+    a = _post_norm(g, spec, w, p + "post_attn_norm", _linear(g, attn[0], w, p + "o"))
     h, residual = _rms(g, spec, residual, a, g.const(p + "ffn_norm", w[p + "ffn_norm"]))
     gate, up = _gate_up(g, h, w, p)
-    silu = g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0]
-    return residual, _linear(g, g.op("Mul", [silu, up])[0], w, p + "down")
+    if spec.activation == "gelu_tanh":
+        act = g.op("Gelu", [gate], approximate="tanh")[0]
+    else:
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0]
+    return residual, _post_norm(g, spec, w, p + "post_ffn_norm", _linear(g, g.op("Mul", [act, up])[0], w, p + "down"))
+
+
+def _post_norm(g: _Graph, spec: ModelSpec, w: dict[str, np.ndarray], name: str, x: str) -> str:
+    """RMSNorm of a block's attention or MLP output before the residual add (spec.post_norms, Gemma)."""
+    if not spec.post_norms:
+        return x
+    return g.op("SimplifiedLayerNormalization", [x, g.const(name, w[name])], axis=-1,
+                epsilon=spec.rms_norm_eps, stash_type=1)[0]
 
 
 def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: int, end_layer: int,
@@ -210,8 +288,12 @@ def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: in
         cos, sin = rotary_cache(spec)
         g.const("cos_cache", cos)
         g.const("sin_cache", sin)
+        if spec.rope_local_theta is not None and set(spec.sliding_layers) & set(range(first_layer, end_layer)):
+            cos, sin = rotary_cache(dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_scaling=None))
+            g.const("cos_cache_local", cos)
+            g.const("sin_cache_local", sin)
     if embeds:
-        residual = _embed(g, spec, weights)
+        residual = _embed_scaled(g, spec, weights)
     else:
         residual = "hidden_in"
     pending, present = None, []

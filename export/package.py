@@ -276,7 +276,8 @@ def _write_manifest(folder: Path, ckpt: Checkpoint, **fields: Any) -> Manifest:
         extra={"transforms": ckpt.transforms} if ckpt.transforms else {},
         **fields,
     )
-    manifest.validate()
+    # the checks a reader runs, so that a checkpoint with bad metadata makes no package (naming the checkpoint)
+    Manifest.from_dict(manifest.to_dict(), f"the manifest made from {ckpt.source.get('path')}")
     manifest.write(folder)
     return manifest
 

@@ -68,7 +68,10 @@ class LayerScores:
         bottom.set_ylabel("ppl increase if removed")
         bottom.set_xlabel("block")
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        # whole or not at all: a kill mid-write leaves only the .partial file
+        tmp = Path(path).with_name(Path(path).name + ".partial")
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+        tmp.replace(path)
         plt.close(fig)
 
 
@@ -142,7 +145,9 @@ def prune(ckpt: Checkpoint, drop: Sequence[int], heal_windows: Sequence[Sequence
             weights[f"cut.{at}.bias"] = coef[-1].astype(np.float32)
             residual = np.linalg.norm(with_bias(x) @ coef - y) / np.linalg.norm(y - x)
             heal.append({"removed": [start, end], "at_layer": at, "relative_residual": round(float(residual), 4)})
-    spec = dataclasses.replace(ckpt.spec, num_layers=len(kept))
+    spec = dataclasses.replace(ckpt.spec, num_layers=len(kept),  # a kept sliding-window layer stays one
+                               sliding_layers=tuple(new for new, old in enumerate(kept)
+                                                    if old in ckpt.spec.sliding_layers))
     original = ckpt.kept_layers or tuple(range(n))
     transforms = [*ckpt.transforms, {"prune": {"removed": [original[i] for i in drop], "healing": heal or None}}]
     return dataclasses.replace(ckpt, spec=spec, weights=weights, kept_layers=tuple(original[i] for i in kept),

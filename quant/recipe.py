@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..runtime.manifest import check_keys, strict_from_dict
+from ..runtime.manifest import check_keys, show, strict_from_dict
 from . import formats  # noqa: F401  (registers the formats)
 from .base import QuantFormat, get_format
 
@@ -33,8 +33,8 @@ METHODS = ("rtn", "gptq")
 
 
 def _from_dict(cls: type, data: Any, where: str) -> Any:
-    """Recipe parts: the manifest's strict from_dict, raising ValueError."""
-    return strict_from_dict(cls, data, where, error=ValueError)
+    """Recipe parts: the manifest's strict from_dict (unknown keys, value types), raising ValueError."""
+    return strict_from_dict(cls, data, where, error=ValueError, typed=True)
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,8 @@ class Recipe:
         rules = []
         for k, raw in enumerate(data.get("rules", [])):
             if not isinstance(raw, dict) or "pattern" not in raw:
-                raise ValueError(f"recipe rule {k} ({raw!r}) needs a 'pattern' glob such as 'layers.*.down'")
-            rules.append(TensorRule.from_dict(raw, f"rule {k} ({raw['pattern']!r})"))
+                raise ValueError(f"recipe rule {k} ({show(raw)}) needs a 'pattern' glob such as 'layers.*.down'")
+            rules.append(TensorRule.from_dict(raw, f"rule {k} ({show(raw['pattern'], 40)})"))
         if isinstance(data["default"], dict) and "pattern" in data["default"]:
             raise ValueError("the default rule applies to every unmatched tensor; remove its 'pattern'")
         method = data.get("method", "rtn")
@@ -243,15 +243,20 @@ def load_recipe(spec: str | Path | dict[str, Any] | Recipe, target: str = "onnx"
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"--quant {spec!r} is neither a preset ({', '.join(presets)}) nor a recipe file")
-    text = path.read_text()
+    kind = "TOML" if path.suffix == ".toml" else "JSON"
     try:
-        if path.suffix == ".toml":
+        text = path.read_text(encoding="utf-8")
+        if kind == "TOML":
             import tomllib
 
-            data = tomllib.loads(text)
+            data = tomllib.loads(text)  # its errors give the line and column
         else:
             data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise ValueError(f"recipe {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
-    data.setdefault("name", path.stem)
-    return Recipe.from_dict(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, TOMLDecodeError, UnicodeDecodeError, deep nesting
+        raise ValueError(f"recipe {path} is not valid {kind}: {e}") from None
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
+    try:
+        return Recipe.from_dict(data)
+    except ValueError as e:  # name the file; the message names the rule and the key
+        raise ValueError(f"recipe {path}: {e}") from None

@@ -32,8 +32,13 @@ class Cache(Protocol):
 class Backend(Protocol):
     name: str
     library: str  # the library that computes, as messages name it ("onnxruntime", "llama.cpp")
+    weight_bytes: int  # the package's weight bytes as stored (what one step reads, at most)
     manifest: Manifest
     staged: bool  # True: it is also a StagedBackend (runs stage ranges); False: whole model per call
+    # True: its shape-invariant kernels are chosen when the model loads (llama.cpp), so only a
+    # batch-invariant load can verify drafts exactly; absent or False: InvariantSteps can wrap it
+    # for one generation (onnxruntime)
+    invariant_at_load: bool
 
     def new_cache(self, batch: int, max_len: int) -> Cache: ...
 
@@ -103,6 +108,18 @@ def register_backend(name: str, factory: BackendFactory) -> None:
 
 
 KV_CACHE_TYPES = ("f32", "f16")
+# the CPU kernels are not invariant to the number of new tokens in a step; with float weights the
+# difference stays at rounding level, with quantized ones it can flip near-ties (README, "Exactness")
+_FLOAT_TYPES = {"float32", "float16", "tied"}
+
+
+def inexact_verification_types(weights: dict[str, str]) -> list[str]:
+    """Weight types whose logits can move enough to change greedy output at near-ties between a
+    step of one new token and a step of several, unless the steps run in the invariant form
+    (their activations are re-quantized to 8 bits, which turns kernel rounding differences into
+    whole quantization steps). Float weights move only at rounding level."""
+    types = {t for value in weights.values() for t in value.split("+")}
+    return sorted(types - _FLOAT_TYPES)
 
 
 class InvariantSteps:
@@ -148,18 +165,27 @@ class InvariantSteps:
         if lone:
             return out[:, :1]
         if logits_positions is None and width == 1 and short.any():  # hidden states of the one position asked
-            return out[:, :1] if isinstance(out, np.ndarray) else \
-                type(out).ortvalue_from_numpy(np.ascontiguousarray(out.numpy()[:, :1]))
+            if isinstance(out, np.ndarray):
+                return out[:, :1]
+            # into memory the OrtValue owns: one that wraps a numpy array (ortvalue_from_numpy) frees it
+            # with the Python object, under any `.numpy()` view a caller still holds
+            hidden = np.ascontiguousarray(out.numpy()[:, :1])
+            owned = type(out).ortvalue_from_shape_and_type(list(hidden.shape), hidden.dtype)
+            owned.update_inplace(hidden)
+            return owned
         return out
 
 
 def open_backend(name: str, package_dir: Path, manifest: Manifest, device: str,
-                 threads: int | None, kv_cache: str = "f32", batch_invariant: bool = False) -> Backend:
+                 threads: int | None, kv_cache: str = "f32", batch_invariant: bool = False,
+                 speculative: bool = False) -> Backend:
     """Create backend `name` ("auto": the package's first) for a package.
 
     `kv_cache` is the KV cache's element type: "f32", or "f16" (llama.cpp only; half the memory).
     `batch_invariant`: logits independent of the step's shape (see InvariantSteps), so greedy
     speculative decoding and any batch size reproduce plain batch-1 greedy output exactly.
+    `speculative`: the caller will verify drafts exactly; a backend that chooses its invariant
+    kernels at load (`invariant_at_load`) then loads batch-invariant when the weights need it.
 
     Raises:
         PackageError: the package has no artifact for that backend, or the name is unknown.
@@ -176,6 +202,8 @@ def open_backend(name: str, package_dir: Path, manifest: Manifest, device: str,
                            f"{', '.join(manifest.backends)}); export it with the matching --format")
     if kv_cache not in KV_CACHE_TYPES:
         raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache!r}")
+    if speculative and getattr(_BACKENDS[name], "invariant_at_load", False):
+        batch_invariant = batch_invariant or bool(inexact_verification_types(manifest.weights))
     if not batch_invariant:
         return _BACKENDS[name](package_dir, manifest, device, threads, kv_cache=kv_cache)
     return InvariantSteps(_BACKENDS[name](package_dir, manifest, device, threads, kv_cache=kv_cache,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import Cache, require_staged
-from .early_exit import apply_adapter
+from .early_exit import apply_adapter, read_exit_file
 from .sampling import Sampler, SamplingParams
 
 
@@ -26,12 +26,17 @@ class Draft:
 
 class Drafter:
     """Proposes draft tokens. Subclass it for a drafter of your own and pass the object as
-    `generate(..., speculative=drafter)`: implement `propose`; `start`, `classes` and
-    `target_forward` have defaults."""
+    `generate(..., speculative=drafter)`: implement `propose`; `start`, `classes`, `use_backend`
+    and `target_forward` have defaults."""
 
     # Verifies in place of the backend's forward (same 4 arguments and logits [B, N, vocab]) when
     # the drafter already ran part of the target (self-speculation); None: the backend's forward.
     target_forward: Callable[[np.ndarray, Cache, np.ndarray, np.ndarray], np.ndarray] | None = None
+
+    def use_backend(self, backend) -> None:
+        """Called before `start` with the backend the target's steps run on in this generation
+        (its invariant form when exact speculation needs it): a drafter that runs the target's
+        own layers runs them there. Default: nothing."""
 
     def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams, cache: Cache | None = None) -> None:
         """Called once per generation with each row's prompt, the sampling settings and the
@@ -241,10 +246,14 @@ class SelfDrafter(Drafter):
         self.engine = engine
         files = [e["file"] for e in engine.manifest.exits if e["layer"] == layer]
         # an exit adapter fitted at export (see export.exits) makes the drafts agree far more often
-        self.adapter = np.load(engine.package_dir / files[0])["adapter"] if files else None
+        hidden = engine.manifest.model.hidden_size
+        self.adapter = read_exit_file(engine.package_dir, files[0], hidden)["adapter"] if files else None
         self.prefix = range(prefix[0] + 1)
         self.suffix = range(prefix[0] + 1, len(stages))
         self.head = range(len(stages) - 1, len(stages))
+
+    def use_backend(self, backend) -> None:
+        self.backend = backend  # the drafted layers' KV must come from the same kernels as verification's
 
     def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams, cache: Cache | None = None) -> None:
         self.params, self.cache = params, cache

@@ -9,13 +9,14 @@ every cached K/V equals what the full model computes for the same tokens.
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .backend import Backend, Cache, require_staged
-from .manifest import Manifest, PackageError
+from .manifest import Manifest, PackageError, package_file
 
 
 def threshold_for(curve: dict[str, list], quality: float) -> float:
@@ -44,6 +45,26 @@ class ExitPoint:
     probe_floor: float = -np.inf
 
 
+def read_exit_file(package_dir: Path, name: str, hidden: int) -> dict[str, np.ndarray]:
+    """An exit's "adapter" [H + 1, H] and "probe" [H + 1] from its .npz (checked to lie inside the package).
+
+    Raises:
+        PackageError: the file leads outside the package, is missing or unreadable, or holds other arrays.
+    """
+    path = package_file(package_dir, name, "exits[].file")
+    shapes = {"adapter": (hidden + 1, hidden), "probe": (hidden + 1,)}
+    try:
+        with np.load(path) as npz:  # allow_pickle stays False: loading runs no code
+            arrays = {key: np.asarray(npz[key], dtype=np.float32) for key in shapes}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise PackageError(f"{path} is not a valid exit file ({type(e).__name__}: {e}); "
+                           f"re-export the package") from None
+    for key, shape in shapes.items():
+        if arrays[key].shape != shape:
+            raise PackageError(f"{path}: {key} has shape {arrays[key].shape}, expected {shape}; re-export the package")
+    return arrays
+
+
 def exit_points(package_dir: Path, manifest: Manifest, quality: float | None = None,
                 threshold: float | None = None) -> list[ExitPoint]:
     """The package's exits with thresholds for a quality level (or one raw threshold)."""
@@ -60,7 +81,7 @@ def exit_points(package_dir: Path, manifest: Manifest, quality: float | None = N
         curve = entry["curve"]
         tau = threshold if threshold is not None else threshold_for(curve, quality)
         floors = [f for t, f in zip(curve["threshold"], curve["probe_floor"]) if t >= tau]
-        arrays = np.load(Path(package_dir) / entry["file"])
+        arrays = read_exit_file(package_dir, entry["file"], manifest.model.hidden_size)
         points.append(ExitPoint(starts[entry["layer"]], entry["layer"], arrays["adapter"], tau,
                                 arrays["probe"], min(floors) if floors else -np.inf))
     return sorted(points, key=lambda p: p.stage)

@@ -4,20 +4,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
-from .backend import open_backend, require_staged  # open_backend imports only the backend a package asks for
+# open_backend imports only the backend a package asks for
+from .backend import Backend, InvariantSteps, inexact_verification_types, open_backend, require_staged
 from .draft_policy import AdaptiveDraftLength, DraftPolicy
 from .drafters import Draft, Drafter
 from .early_exit import EarlyExitRunner, ExitPoint, exit_points
-from .manifest import PackageError, read_manifest
+from .manifest import MANIFEST_NAME, PackageError, check_memory, read_manifest
+from .memory import MemoryMeter, MemoryUse
+from .requests import RequestHandle, StreamResponse
 from .sampling import Sampler, SamplingParams
+from .scheduler import Scheduler, scheduler_for
 from .speculative import SPECULATIVE_FORMS, SpeculativeSpec, SpeculativeStats, make_drafter, parse_speculative, verify
+from .text import read_tokenizer, render_chat_template
 from .textstream import StopMatcher, TextStream
 
 log = logging.getLogger(__name__)
@@ -43,23 +47,6 @@ class GenerationResponse:
     finish_reason: str | None = None
     from_draft: bool = False
     exit_layer: int | None = None
-
-
-def render_chat_template(template: str, messages: list[dict], bos_token: str, eos_token: str,
-                         add_generation_prompt: bool = True) -> str:
-    """Render a Hugging Face chat template (jinja2 sandbox, with `raise_exception`, as HF does)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment  # only chat needs jinja2
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=bos_token, eos_token=eos_token)
-
-
-def _raise(message: str) -> None:
-    from jinja2 import TemplateError
-
-    raise TemplateError(message)
 
 
 class _Row:
@@ -99,33 +86,38 @@ class Engine:
         max_context: KV cache length per sequence (default: min(model context, 2048)).
         kv_cache: "f32" (default), or "f16" on llama.cpp for half the KV memory.
         batch_invariant: compute every step with at least two tokens per sequence, so logits do
-            not depend on the step's shape: greedy speculative output and any batch size then
-            reproduce plain batch-1 greedy token for token, on every backend and weight type.
-            Without it, kernels that differ between one new token and several move quantized
+            not depend on the step's shape: any batch size, plain or speculative, then reproduces
+            plain batch-1 greedy of such an engine token for token, on every backend and weight
+            type. Without it, kernels that differ between one new token and several move quantized
             models' logits enough to change the output where two tokens nearly tie (float
             weights: only at far closer ties). Costs decode speed (see the README).
+        speculative: this engine will decode speculatively (True, or the mode you will use). A
+            backend that chooses its invariant kernels at load (llama.cpp) then loads them when
+            the weights are quantized, so speculation can be exact (see `generate`'s `exact`);
+            plain decoding on it is then invariant too. onnxruntime needs no hint.
     """
 
     def __init__(self, package_dir: str | Path, device: str = "cpu", threads: int | None = None,
                  max_context: int | None = None, backend: str = "auto", kv_cache: str = "f32",
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, speculative: bool | str = False):
+        self._memory = MemoryMeter()  # before anything of the engine is loaded
         self.package_dir = Path(package_dir)
         self.manifest = read_manifest(self.package_dir)
         spec = self.manifest.model
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
             raise ValueError(f"max_context must be an integer >= 2, got {max_context!r}")
         self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, spec.context_length)
-        tokenizer_path = self.package_dir / self.manifest.tokenizer
-        if not tokenizer_path.is_file():
-            raise PackageError(f"package {self.package_dir} lacks {self.manifest.tokenizer}; re-export it")
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self._kv_itemsize = 2 if kv_cache == "f16" else 4
+        self.check_kv_memory(1)  # before any weights load
+        self.tokenizer = read_tokenizer(self.package_dir, self.manifest.tokenizer, spec.vocab_size)
         self.backend = open_backend(backend, self.package_dir, self.manifest, device, threads, kv_cache,
-                                    batch_invariant)
-        self.batch_invariant = batch_invariant
+                                    batch_invariant, bool(speculative))
+        self._memory.loaded(self.backend.weight_bytes)
+        self.batch_invariant = isinstance(self.backend, InvariantSteps)
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self._kv = None  # the KV cache of the last generation (see fresh_cache)
         self._drafters: dict[SpeculativeSpec, Drafter] = {}
-        self._warned_inexact = False
+        self._invariant: InvariantSteps | None = None  # the backend's invariant form, for exact speculation
         self.threads = threads
         self.stats = SpeculativeStats()  # speculative decoding figures of the last generation
         self.exit_layers: list[int] = []  # layers each token of the last early-exit generation used
@@ -154,10 +146,27 @@ class Engine:
         def token(i):
             return self.tokenizer.id_to_token(i) if i is not None else ""
 
-        return render_chat_template(template, messages, token(self.manifest.bos_token_id),
-                                    token(next(iter(self.manifest.eos_token_ids), None)), add_generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return render_chat_template(template, messages, token(self.manifest.bos_token_id),
+                                        token(next(iter(self.manifest.eos_token_ids), None)), add_generation_prompt)
+        except TemplateError as e:  # name the file the template came from
+            raise TemplateError(f"{e} (chat_template of {self.package_dir / MANIFEST_NAME})") from None
 
     # -- generation ------------------------------------------------------------------------
+    def check_kv_memory(self, batch: int) -> None:
+        """Refuse a KV cache of `batch` rows that needs more memory than the machine has available.
+
+        Raises:
+            ValueError: naming the cache's size, the memory available and the fix.
+        """
+        spec = self.manifest.model
+        check_memory(spec.kv_bytes(batch, self.max_context + 1, self._kv_itemsize),
+                     f"a KV cache of {batch} x {self.max_context} positions ({spec.num_layers} layers x "
+                     f"{spec.num_kv_heads} KV heads x {spec.head_dim} x {self._kv_itemsize} bytes, K and V)",
+                     "lower max_context (--max-context)" + (" or the batch size" if batch > 1 else ""))
+
     def fresh_cache(self, batch: int):
         """An emptied KV cache for `batch` rows (generation, or a draft model's drafting).
 
@@ -167,17 +176,19 @@ class Engine:
         """
         if self._kv is None or self._kv.batch != batch:
             self._kv = None  # freed (once no generation uses it) before the new one is allocated
+            self.check_kv_memory(batch)
             self._kv = self.backend.new_cache(batch, self.max_context)
         self._kv.reset()
         return self._kv
 
-    def prefill(self, prompts: Sequence[Sequence[int]], cache) -> np.ndarray:
-        """Run right-padded prompts through the model; returns the last position's logits [B, V]."""
+    def prefill(self, prompts: Sequence[Sequence[int]], cache, backend: Backend | None = None) -> np.ndarray:
+        """Run right-padded prompts through the model (`backend`, default the engine's); returns the
+        last position's logits [B, V]."""
         lengths = np.array([len(p) for p in prompts])
         tokens = np.zeros((len(prompts), int(lengths.max())), dtype=np.int64)
         for row, prompt in enumerate(prompts):
             tokens[row, :len(prompt)] = prompt
-        return self.backend.forward(tokens, cache, lengths, (lengths - 1)[:, None])[:, 0]
+        return (backend or self.backend).forward(tokens, cache, lengths, (lengths - 1)[:, None])[:, 0]
 
     def generate(self, prompt: str | Sequence[str] | Sequence[int], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -185,7 +196,7 @@ class Engine:
                  stop: Iterable[str] = (), add_special_tokens: bool = True,
                  speculative: str | Drafter | None = None, draft_tokens: int | str | DraftPolicy = "auto",
                  early_exit: float | None = None, exit_threshold: float | None = None,
-                 ignore_eos: bool = False) -> Iterator[GenerationResponse]:
+                 ignore_eos: bool = False, exact: bool = True) -> Iterator[GenerationResponse]:
         """Generate from one prompt or a batch of 1..8 prompts, streaming one response per token.
 
         Args:
@@ -199,8 +210,9 @@ class Engine:
             speculative: None (plain decoding), "lookup[:MAX_NGRAM[,MIN_NGRAM]]" (prompt lookup),
                 "draft:PATH" (a draft model with the same vocabulary), "self:K" (the first K
                 layers draft; onnx backend, package exported with --exit-layers K), a
-                SpeculativeSpec, or a Drafter subclass instance. Lossless: greedy output is
-                token-identical, sampling keeps the target distribution.
+                SpeculativeSpec, or a Drafter subclass instance. Lossless: sampling keeps the
+                target distribution, and greedy output is token-identical to plain greedy of a
+                batch-invariant engine (with float weights, also of this one; see `exact`).
             draft_tokens: drafts per round, "auto" (0-16 per round, chosen from the observed
                 acceptance curve and step costs; see draft_policy.AdaptiveDraftLength), or a
                 DraftPolicy object of your own (it keeps its state between calls).
@@ -209,11 +221,18 @@ class Engine:
             exit_threshold: a raw confidence threshold for every exit instead of a quality level.
             ignore_eos: keep generating past end-of-sequence tokens until max_new_tokens or a
                 stop string (benchmarks that need equal token counts).
+            exact: with speculative decoding on quantized weights, run this generation's steps
+                (prefill included) in the batch-invariant form, so the verified logits do not
+                depend on how many drafts a step carries. False: the fast one-token kernels
+                where a step has one token, as plain decoding uses; greedy output can then leave
+                every plain reference where two tokens nearly tie (README, "Exactness").
+                Plain decoding always uses the fast kernels of a default engine.
         Yields:
             GenerationResponse per token; the last one of each prompt carries finish_reason.
         Raises:
-            ValueError: a bad argument, a bad speculative mode, or early exit / self-speculation
-                on a backend that runs the whole model in one call (llama.cpp).
+            ValueError: a bad argument, a bad speculative mode, early exit / self-speculation
+                on a backend that runs the whole model in one call (llama.cpp), or exact
+                speculation on a quantized llama.cpp engine not loaded for it.
         """
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         eos = frozenset() if ignore_eos else self.eos_token_ids
@@ -242,7 +261,26 @@ class Engine:
             require_staged(self.backend, "early exit")
             points = exit_points(self.package_dir, self.manifest, early_exit, exit_threshold)
             return self._generate_early_exit(prompts[0], params, max_new_tokens, list(stop), points, eos)
-        return self._generate(prompts, params, max_new_tokens, list(stop), self._drafter(speculative), policy, eos)
+        steps = self._step_backend(speculative is not None, exact)
+        return self._generate(prompts, params, max_new_tokens, list(stop), self._drafter(speculative), policy, eos,
+                              steps)
+
+    def _step_backend(self, speculating: bool, exact: bool) -> Backend:
+        """The backend a generation's steps run on: the engine's, or for exact speculation on
+        quantized weights its invariant form over the same sessions (no second model load)."""
+        if not speculating or not exact or self.batch_invariant:
+            return self.backend
+        inexact = inexact_verification_types(self.manifest.weights)
+        if not inexact:
+            return self.backend
+        if getattr(self.backend, "invariant_at_load", False):
+            raise ValueError(f"exact speculative decoding of {'/'.join(inexact)} weights on {self.backend.library} "
+                             f"needs its batch-invariant kernels, chosen at load: load with speculative=True "
+                             f"(edgerun.load(..., speculative=True); the CLI does it for --speculative), or pass "
+                             f"exact=False to accept output that can differ from plain greedy")
+        if self._invariant is None:
+            self._invariant = InvariantSteps(self.backend)
+        return self._invariant
 
     def _drafter(self, speculative: str | SpeculativeSpec | Drafter | None) -> Drafter | None:
         if speculative is None:
@@ -252,14 +290,6 @@ class Engine:
         if not isinstance(speculative, (SpeculativeSpec, Drafter)):
             raise TypeError(f"speculative must be None, a mode string ({SPECULATIVE_FORMS}), a SpeculativeSpec "
                             f"or a Drafter subclass instance, got {type(speculative).__name__}")
-        if not self._warned_inexact and not self.batch_invariant:
-            inexact = inexact_verification_types(self.manifest.weights)
-            if inexact:
-                log.warning("%s computes %s weights with other kernels for one new token than for several, "
-                            "so greedy speculative output can differ from plain greedy where two tokens nearly "
-                            "tie; load with batch_invariant=True (--batch-invariant) for token-exact output",
-                            self.backend.library, "/".join(inexact))
-            self._warned_inexact = True
         if isinstance(speculative, Drafter):
             return speculative
         if speculative not in self._drafters:  # draft models load once per engine
@@ -269,15 +299,17 @@ class Engine:
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, max_new_tokens: int,
                   stops: list[str], drafter: Drafter | None, policy: DraftPolicy,
-                  eos: frozenset[int]) -> Iterator[GenerationResponse]:
+                  eos: frozenset[int], backend: Backend | None = None) -> Iterator[GenerationResponse]:
+        backend = backend or self.backend  # this generation's steps (see _step_backend)
         seeds = np.random.SeedSequence(params.seed).spawn(len(prompts))
         rows = [_Row(i, p, Sampler(params, self.manifest.model.vocab_size, np.random.default_rng(seed)),
                      TextStream(self.tokenizer), StopMatcher(stops), eos, max_new_tokens)
                 for i, (p, seed) in enumerate(zip(prompts, seeds))]
         self.stats = stats = SpeculativeStats()
         cache = self.fresh_cache(len(rows))
-        logits = self.prefill(prompts, cache)
+        logits = self.prefill(prompts, cache, backend)
         if drafter is not None:
+            drafter.use_backend(backend)
             drafter.start(prompts, params, cache)  # a draft model's prefill is part of the prompt's cost
         for row in rows:
             yield row.emit(row.sampler(logits[row.index]), False, cache.max_len)
@@ -305,7 +337,7 @@ class Engine:
                     counts[row.index] = 1 + len(draft.tokens)
                     tokens[row.index, :counts[row.index]] = [row.tokens[-1], *draft.tokens]
             # a self-speculative drafter verifies with the layers it did not run itself
-            forward = (drafter.target_forward if width > 1 else None) or self.backend.forward
+            forward = (drafter.target_forward if width > 1 else None) or backend.forward
             logits = forward(tokens, cache, counts, np.tile(np.arange(width), (len(rows), 1)))
             t2 = time.perf_counter()
             outcomes = []  # (proposed, accepted) per active row
@@ -369,6 +401,10 @@ class Engine:
         """Convenience: the whole generated text for one prompt."""
         return "".join(r.text for r in self.generate(prompt, **kwargs))
 
+    def memory(self) -> MemoryUse:
+        """Resident memory now, split into weights, KV cache, runtime, activations and the process."""
+        return self._memory.use(self._kv.nbytes if self._kv is not None else 0)
+
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits [len(tokens), vocab] of a whole sequence in one pass (fresh cache)."""
         cache = self.backend.new_cache(1, len(tokens) + 1)
@@ -376,17 +412,34 @@ class Engine:
         positions = np.arange(tokens.shape[1], dtype=np.int64)[None]
         return self.backend.forward(tokens, cache, np.array([tokens.shape[1]]), positions)[0]
 
+    # -- concurrent requests: continuous batching (scheduler.py) -------------------------------
+    def scheduler(self, **settings) -> Scheduler:
+        """The engine's scheduler for concurrent requests, started on first use.
 
-# the CPU kernels are not invariant to the number of new tokens in a step; with float weights the
-# difference stays at rounding level, with quantized ones it can flip near-ties (README, "Design notes: runtime")
-_FLOAT_TYPES = {"float32", "float16", "tied"}
+        Args:
+            settings: Scheduler arguments (max_batch=8, prefill_chunk, max_queue, prompt_cache_bytes,
+                speculative="lookup", ...) when starting it; none: the running one, else the defaults.
+        Raises:
+            ValueError: other settings while one runs (close() it first).
+        """
+        return scheduler_for(self, **settings)
 
+    def submit(self, prompt: str | Sequence[int], **kwargs) -> RequestHandle:
+        """Queue one request for the scheduler (thread-safe); returns its handle at once.
 
-def inexact_verification_types(weights: dict[str, str]) -> list[str]:
-    """Weight types whose logits can move enough to change greedy output at near-ties between a
-    step of one new token and a step of several, unless the engine is batch-invariant (their
-    activations are re-quantized to 8 bits, which turns kernel rounding differences into whole
-    quantization steps). Float weights move only at rounding level."""
-    types = {t for value in weights.values() for t in value.split("+")}
-    return sorted(types - _FLOAT_TYPES)
+        Keyword arguments as Scheduler.submit (max_new_tokens, temperature, top_k, top_p,
+        repetition_penalty, seed, stop, logprobs, ...). Iterate the handle (`for` or `async for`)
+        for StreamResponses, `cancel()` it from any thread, or `result()` it. While the scheduler
+        runs it owns the backend: do not call generate() at the same time.
+        """
+        return scheduler_for(self).submit(prompt, **kwargs)
 
+    async def agenerate(self, prompt: str | Sequence[int], **kwargs) -> AsyncIterator[StreamResponse]:
+        """`async for r in engine.agenerate(prompt, ...)`: submit() as an async generator; closing
+        it or cancelling its task cancels the request (its row is freed before the next step)."""
+        handle = self.submit(prompt, **kwargs)
+        try:
+            async for response in handle:
+                yield response
+        finally:
+            handle.cancel()

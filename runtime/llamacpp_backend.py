@@ -212,6 +212,7 @@ class LlamaCppBackend:
     name = "llamacpp"
     library = "llama.cpp"
     staged = False  # the GGUF runs whole: no early exit, no self-speculation
+    invariant_at_load = True  # repacking and the tiled kernel are chosen with the model (see backend.py)
 
     def __init__(self, package_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  kv_cache: str = "f32", batch_invariant: bool = False):
@@ -219,6 +220,7 @@ class LlamaCppBackend:
         repacking, no tiled K-quant kernel); backend.InvariantSteps does the rest."""
         self.manifest = manifest
         self.path = _gguf_path(package_dir, manifest)
+        self.weight_bytes = self.path.stat().st_size
         self.threads = threads or physical_cores()
         gpu = llamacpp_offload(device, bool(llc.llama_supports_gpu_offload()))
         if batch_invariant:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,65 @@ import onnxruntime as ort
 from ..devices.providers import providers_for, resolve_device, session_options
 from .backend import register_backend
 from .kv_cache import KVCache
-from .manifest import Manifest, PackageError
+from .manifest import Manifest, ModelSpec, PackageError, Stage, package_file
+from .memory import release_mapped_pages
 
 log = logging.getLogger(__name__)
+
+
+def stage_graph(package_dir: Path, k: int, stage: Stage, spec: ModelSpec) -> Path:
+    """Stage `k`'s graph file, checked before onnxruntime opens it: it and every external data file
+    it names lie inside the package, and its inputs and outputs fit the manifest.
+
+    Raises:
+        PackageError: the graph is missing or unreadable, leads outside the package, or does not
+            fit the manifest (layers, KV heads, head size, hidden size, vocabulary).
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    name = stage.file
+    path = package_file(package_dir, name, f"stages[{k}].file")
+    if not path.is_file():
+        raise PackageError(f"package {package_dir} lacks {name}; re-export it")
+    try:
+        model = onnx.load(str(path), load_external_data=False)  # the graph alone: weights are external
+    except (DecodeError, ValueError, OSError) as e:
+        raise PackageError(f"{path} is not a valid ONNX graph ({e}); re-export the package") from None
+    graphs = [model.graph]
+    for graph in graphs:  # subgraphs (If/Loop bodies) are appended as they are found
+        tensors = list(graph.initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                tensors += [attr.t, *attr.tensors]
+                graphs += ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+        for tensor in tensors:
+            for entry in tensor.external_data:
+                if entry.key == "location":  # relative to the graph's folder
+                    package_file(package_dir, str(Path(name).parent / entry.value),
+                                 f"{name}'s external data of {tensor.name!r}")
+    _check_io(path, model.graph, stage, spec)
+    return path
+
+
+def _check_io(path: Path, graph, stage: Stage, spec: ModelSpec) -> None:
+    """The graph's inputs and outputs against the manifest (a mismatch would fail at the first step)."""
+    fixed = {"past_key": {1: ("num_kv_heads", spec.num_kv_heads), 3: ("head_dim", spec.head_dim)},
+             "logits": {2: ("vocab_size", spec.vocab_size)}, "hidden": {2: ("hidden_size", spec.hidden_size)}}
+    fixed["past_value"] = fixed["present_key"] = fixed["present_value"] = fixed["past_key"]
+    names = {v.name for v in graph.input} | {v.name for v in graph.output}
+    layers = sum(v.name.startswith("past_key_") for v in graph.input)
+    embeds, head = "input_ids" in names, "logits" in names
+    if layers != stage.end_layer - stage.first_layer or embeds != stage.embeds or head != stage.has_head:
+        raise PackageError(f"{path} does not fit its manifest: it runs {layers} layers, embeds: {embeds}, head: "
+                           f"{head}; the manifest says layers [{stage.first_layer}, {stage.end_layer}), embeds: "
+                           f"{stage.embeds}, head: {stage.has_head}; re-export the package")
+    for value in [*graph.input, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        for axis, (field, expected) in fixed.get(re.sub(r"_(\d+|in|out)$", "", value.name), {}).items():
+            if axis < len(dims) and dims[axis].dim_value and dims[axis].dim_value != expected:
+                raise PackageError(f"{path} does not fit its manifest: {value.name} has {dims[axis].dim_value} at "
+                                   f"axis {axis}, the manifest's model.{field} is {expected}; re-export the package")
 
 
 class OnnxBackend:
@@ -35,16 +92,18 @@ class OnnxBackend:
                         "library may still pick kernels by shape", self.device.ort_device)
         opts = session_options(threads, spinning=len(manifest.stages) == 1)
         self.sessions = []
-        for stage in manifest.stages:
-            path = Path(package_dir) / stage.file
-            if not path.is_file():
-                raise PackageError(f"package {package_dir} lacks {stage.file}; re-export it")
+        for k, stage in enumerate(manifest.stages):
+            path = stage_graph(package_dir, k, stage, manifest.model)
             try:
                 self.sessions.append(ort.InferenceSession(str(path), opts, providers=providers_for(self.device)))
             except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail,
                     ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
                 raise PackageError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
         self.bindings = [s.io_binding() for s in self.sessions]
+        files = [Path(package_dir) / stage.file for stage in manifest.stages]
+        data = [f.with_name(f.name + ".data") for f in files]
+        self.weight_bytes = sum(f.stat().st_size for f in files + data if f.is_file())
+        release_mapped_pages([f for f in data if f.is_file()])  # keeps only the pre-packed copies resident
         self._bound: list[tuple | None] = [None] * len(self.sessions)  # (cache, its version) bound to each binding
         # the head stage writes logits into a host buffer bound once per shape: no per-run output
         # allocation, and no wrapping of every bound output (the KV cache's too) to read it back

@@ -136,3 +136,15 @@ def torch_logits(folder: Path, tokens: list[int]) -> np.ndarray:
     model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tmp_path_factory) -> Path:
+    """A tiny random Llama (with a chat template) as an fp32 package: scheduler and server tests."""
+    from edgerun.export.pipeline import ExportOptions, export
+
+    # larger initial weights than HF's default: varied text instead of one repeated token
+    folder = build_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-serve", seed=5, initializer_range=0.2)
+    out = tmp_path_factory.mktemp("pkg") / "tiny-serve-fp32"
+    export(folder, out, ExportOptions(formats=("onnx", "gguf")))  # backend auto: onnx; F32 GGUF for llama.cpp
+    return out

@@ -4,6 +4,8 @@ Tiny quantized models on both backends check that single steps, chunks of any si
 give bit-identical logits and leave the cache as plain steps do; a fresh process checks the
 K-quant case (llama.cpp reads its tiled-kernel switch once per process); the real Q4_1 model
 checks that greedy prompt-lookup and batch-4 output equal plain batch-1 greedy token for token.
+Speculation on quantized weights is exact by default (invariant steps for that generation on
+onnxruntime, a load-time hint on llama.cpp) while plain decoding keeps the one-token kernels.
 """
 from __future__ import annotations
 
@@ -138,14 +140,103 @@ def test_every_drafter_through_staged_graphs(tmp_path, batch):
         assert target.stats.rounds > 0
 
 
-def test_quantized_target_warns_only_without_the_flag(quantized, caplog):
-    for invariant, expected in ((False, 1), (True, 0)):
-        caplog.clear()
-        engine = edgerun.Engine(quantized, max_context=64, batch_invariant=invariant)
-        for _ in range(2):  # once per engine
-            list(engine.generate(PROMPT, max_new_tokens=4, speculative="lookup"))
-        warned = [r for r in caplog.records if "--batch-invariant" in r.getMessage()]
-        assert len(warned) == expected, invariant
+@pytest.fixture(scope="module")
+def tiny_draft(tiny256, tmp_path_factory) -> Path:
+    """The tiny model's fp32 ONNX package: drafts that mostly, not always, pass on a quantized target."""
+    out = tmp_path_factory.mktemp("d") / "fp32"
+    export(tiny256, out, ExportOptions())
+    return out
+
+
+def _spy(monkeypatch, backend) -> list[tuple[list[int], int]]:
+    """Every call to this backend object's forward: (tokens per row, positions scored per row)."""
+    calls, forward = [], backend.forward
+
+    def spy(inputs, cache, counts, logits_positions=None, *args, **kwargs):
+        calls.append((np.asarray(counts).tolist(), None if logits_positions is None else logits_positions.shape[1]))
+        return forward(inputs, cache, counts, logits_positions, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "forward", spy)
+    return calls
+
+
+def _greedy(engine, prompt, **kw) -> list[int]:
+    return [r.token for r in engine.generate(prompt, max_new_tokens=16, ignore_eos=True, **kw)]
+
+
+def test_speculation_is_exact_by_default_and_plain_keeps_the_fast_path(quantized, tiny_draft, monkeypatch):
+    """Greedy speculation on a default engine equals plain greedy of a batch-invariant one; on
+    onnxruntime the speculating generation runs invariant steps over the same sessions, and plain
+    generations before and after it still run one-token steps on the engine's own backend."""
+    reference = edgerun.Engine(quantized, max_context=64, batch_invariant=True)
+    prompts = [PROMPT, MORE, PROMPT[3:] + MORE[:2], MORE[::-1]]
+    expected = [_greedy(reference, p) for p in prompts]
+    llamacpp = quantized.name.startswith("gguf")
+    engine = edgerun.Engine(quantized, max_context=64, speculative=llamacpp)  # the CLI's hint for --speculative
+    assert engine.batch_invariant is llamacpp and isinstance(engine.backend, InvariantSteps) is llamacpp
+    calls = _spy(monkeypatch, engine.backend.inner if llamacpp else engine.backend)
+    for mode in ("lookup", f"draft:{tiny_draft}"):
+        for prompt, tokens in zip(prompts, expected):
+            calls.clear()
+            assert _greedy(engine, prompt, speculative=mode, draft_tokens=3) == tokens, mode
+            assert all(min(c for c in counts if c) >= 2 and scored >= 2 for counts, scored in calls), calls
+    if llamacpp:
+        return
+    assert engine._invariant.inner is engine.backend  # no second model load
+    for prompt in prompts:
+        calls.clear()
+        plain = _greedy(engine, prompt)
+        assert calls[0][1] == 1 and all(c == ([1], 1) for c in calls[1:]), calls  # prefill, then one-token steps
+        assert len(calls) == len(plain)
+    batch = list(engine.generate(prompts, max_new_tokens=16, ignore_eos=True, speculative="lookup", draft_tokens=3))
+    assert [[r.token for r in batch if r.index == i] for i in range(len(prompts))] == expected
+
+
+def test_inexact_speculation_runs_the_fast_kernels(quantized, monkeypatch):
+    engine = edgerun.Engine(quantized, max_context=64)
+    assert not engine.batch_invariant
+    widened = []
+    monkeypatch.setattr(InvariantSteps, "forward", lambda self, *a, **kw: widened.append(a) or None)
+    calls = _spy(monkeypatch, engine.backend)
+    tokens = _greedy(engine, PROMPT + PROMPT, speculative="lookup", draft_tokens=3, exact=False)
+    assert len(tokens) == 16 and not widened
+    assert calls[0] == ([len(PROMPT) * 2], 1)  # the prefill scores one position, as before
+    assert engine.stats.rounds > 0
+
+
+def test_quantized_llamacpp_engine_not_loaded_for_speculation_says_how(quantized):
+    if not quantized.name.startswith("gguf"):
+        pytest.skip("onnxruntime switches to invariant steps per generation")
+    engine = edgerun.Engine(quantized, max_context=64)
+    with pytest.raises(ValueError, match=r"load with speculative=True .*or pass exact=False") as error:
+        engine.generate(PROMPT, speculative="lookup")
+    assert "\n" not in str(error.value) and "llama.cpp" in str(error.value)
+    edgerun.Engine(quantized, max_context=64, speculative="lookup")  # a mode string is a hint too
+
+
+def test_cli_loads_llamacpp_for_exact_speculation(quantized, monkeypatch, capsys):
+    from edgerun import hub
+
+    loaded, load = [], hub.load
+    monkeypatch.setattr(hub, "load", lambda *a, **kw: loaded.append(load(*a, **kw)) or loaded[-1])
+    llamacpp = quantized.name.startswith("gguf")
+    for flags, invariant in ((["--speculative", "lookup"], llamacpp), ([], False),
+                             (["--speculative", "lookup", "--inexact-speculation"], False)):
+        assert main(["run", str(quantized), "hello", "-n", "4", *flags]) == 0, flags
+        assert loaded[-1].batch_invariant is invariant, flags
+        assert "| 4 tok in" in capsys.readouterr().err
+    assert main(["run", str(quantized), "hello", "--inexact-speculation"]) == 1
+    assert "--inexact-speculation applies to speculative decoding" in capsys.readouterr().err
+
+
+def test_self_speculation_on_a_quantized_staged_package_is_exact(tmp_path):
+    """The self drafter writes the target's own KV: it runs on the generation's invariant steps too."""
+    export(build_tiny_llama(tmp_path / "hf", seed=4), tmp_path / "int4",
+           ExportOptions(quant="int4", stage_boundaries=(2,), separate_head=True))
+    engine = edgerun.Engine(tmp_path / "int4", max_context=96)
+    reference = edgerun.Engine(tmp_path / "int4", max_context=96, batch_invariant=True)
+    for prompt in (PROMPT, MORE):
+        assert _greedy(engine, prompt, speculative="self:2", draft_tokens=3) == _greedy(reference, prompt)
 
 
 def test_cli_flag(quantized, capsys):
@@ -167,3 +258,31 @@ def test_q4_1_lookup_speculation_and_batch4_equal_plain_greedy(smollm2_gguf, cha
     for kw in ({}, {"speculative": "lookup"}):
         out = list(engine.generate(group, max_new_tokens=64, **kw))
         assert [[r.token for r in out if r.index == i] for i in range(4)] == plain[:4], kw
+
+
+@pytest.fixture(scope="module")
+def smollm2_quantized(smollm2_gguf, tmp_path_factory) -> dict[str, Path]:
+    """INT4 and INT8 ONNX packages of the default model."""
+    out = tmp_path_factory.mktemp("smollm2q")
+    for preset in ("int4", "int8"):
+        export(smollm2_gguf, out / preset, ExportOptions(quant=preset))
+    return {preset: out / preset for preset in ("int4", "int8")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, draft", [("int4", "int8"), ("int8", "int4"), ("q4_1", "int8")])
+def test_default_speculation_equals_invariant_plain_greedy(target, draft, smollm2_gguf, smollm2_quantized,
+                                                           chat_prompts):
+    """The default model, 8 MT-Bench prompts x 64 tokens, lookup and a draft model: greedy speculation
+    with no flag equals plain greedy of a batch-invariant engine (the reference the README documents);
+    on llama.cpp from an engine loaded with speculative=True, as the CLI loads it for --speculative."""
+    llamacpp = target == "q4_1"
+    path = smollm2_gguf if llamacpp else smollm2_quantized[target]
+    reference = edgerun.load(path, batch_invariant=True)
+    expected = [[r.token for r in reference.generate(tokens, max_new_tokens=64)] for tokens in chat_prompts]
+    engine = edgerun.load(path, speculative=llamacpp)
+    assert engine.batch_invariant is llamacpp
+    for mode in ("lookup", f"draft:{smollm2_quantized[draft]}"):
+        for tokens, plain in zip(chat_prompts, expected):
+            assert [r.token for r in engine.generate(tokens, max_new_tokens=64, speculative=mode)] == plain, mode
+        assert engine.stats.accepted > 0, mode

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -295,8 +296,8 @@ def test_smoke_run_against_installed_peers(smollm2_gguf, smollm2_package, tmp_pa
 
 def test_speculative_bench_compares_both_engines_and_checks_exactness(data_dir, tmp_path, monkeypatch):
     """bench.speculative_runs (edge-run bench --speculative) on a tiny INT4 package: every runner on
-    both prompt sets, the invariant engine's lookup identical to its plain run, end-to-end and
-    decode-only ratios, the JSON report."""
+    both prompt sets, the invariant engine's lookup identical to its plain run, the opt-out runs
+    against the default plain run, end-to-end and decode-only ratios, the JSON report."""
     from conftest import build_tiny_llama
 
     from edgerun.bench import speculative_runs as speculative
@@ -307,9 +308,11 @@ def test_speculative_bench_compares_both_engines_and_checks_exactness(data_dir, 
            ExportOptions(quant="int4"))
     report = speculative.main([str(tmp_path / "int4"), "--drafters", "lookup", "--n", "1", "--new-tokens", "12",
                                "--threads", "1", "--batch-invariant", "--draft-tokens", "auto", "3",
-                               "--json", str(tmp_path / "r.json")])
+                               "--inexact-speculation", "--json", str(tmp_path / "r.json")])
     rows = {(r["prompts"], r["drafter"]): r for r in report["results"]}
-    runners = ("plain", "lookup", "lookup k=3", "plain [inv]", "lookup [inv]", "lookup k=3 [inv]")
+    runners = ("plain", "lookup", "lookup k=3", "lookup [inexact]", "lookup k=3 [inexact]",
+               "plain [inv]", "lookup [inv]", "lookup k=3 [inv]")
+    assert rows[("edit", "lookup [inexact]")]["baseline"] == "plain"
     assert set(rows) == {(s, d) for s in ("mt_bench", "edit") for d in runners}
     assert rows[("edit", "lookup k=3 [inv]")]["identical"] is True
     inv = rows[("edit", "lookup [inv]")]
@@ -413,7 +416,7 @@ def test_bench_scripts_fail_in_one_line(tmp_path, command, prog):
 
 
 @pytest.mark.parametrize("name", ["speculative", "llamacpp_overhead", "early_exit", "decode_speed", "step_cost",
-                                  "step_invariance", "quant_table", "prune_sweep"])
+                                  "step_invariance", "quant_table", "prune_sweep", "exact_speculation"])
 def test_experiments_run_from_the_checkout_and_are_not_installed(name):
     """Research scripts live in bench/experiments: importable from the checkout (as they run, by
     path), never part of the installed edgerun.bench package."""
@@ -424,3 +427,13 @@ def test_experiments_run_from_the_checkout_and_are_not_installed(name):
     assert callable(experiment(name).main)
     assert importlib.util.find_spec(f"edgerun.bench.{name}") is None
     assert "experiments" not in (REPO / "pyproject.toml").read_text()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_worker_peak_rss_restarts_per_request():
+    """Each generate answer's peak is its own request's, so batch-1 memory is not hidden by a batch-8 peak."""
+    big = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB resident
+    high = worker.peak_rss_mb()
+    del big
+    worker.reset_peak_rss()
+    assert worker.peak_rss_mb() < high - 32

@@ -347,9 +347,10 @@ def test_run_prints_text_and_summary(capsys, tiny_pkg):
     expected = list(engine.generate(prompt, max_new_tokens=8))
     text = "".join(r.text for r in expected)
     assert text and out == text + "\n"  # the CLI streams exactly what the API generates
-    summary = SUMMARY.match(err.splitlines()[-1])
+    summary = SUMMARY.match(err.splitlines()[-2])
     assert summary, err
     assert summary.groups() == (str(len(prompt)), str(len(expected)), expected[-1].finish_reason)
+    assert re.fullmatch(r"\[memory: weights \d+ MB \+ KV cache \d+ MB \+ .* = \d+ MB resident\]", err.splitlines()[-1])
 
 
 def test_run_reads_prompt_from_stdin(capsys, monkeypatch, tiny_pkg):
@@ -357,7 +358,7 @@ def test_run_reads_prompt_from_stdin(capsys, monkeypatch, tiny_pkg):
     out_stdin, err = ok(capsys, "run", tiny_pkg, "-", "--raw", "-n", "5")
     out_arg, _ = ok(capsys, "run", tiny_pkg, "the lazy dog", "--raw", "-n", "5")
     assert out_stdin == out_arg
-    assert SUMMARY.match(err.splitlines()[-1]).group(2) == "5"
+    assert SUMMARY.match(err.splitlines()[-2]).group(2) == "5"
 
 
 def test_export_then_info_json_round_trip(capsys, tmp_path, tiny_hf):

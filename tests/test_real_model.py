@@ -105,3 +105,17 @@ def test_speculative_greedy_matches_transformers(smollm2_engine, exit_engine, ch
                                          speculative=mode))
         for row in range(batch):
             assert [r.token for r in responses if r.index == row] == hf_greedy[start + row]
+
+
+@pytest.mark.slow
+def test_memory_report_on_the_real_model(smollm2_engine, chat_prompts):
+    """Weights, KV cache, runtime and activations as `edge-run run` reports them: the KV figure is the
+    allocation, the weights the package's files, and the parts add up to the process's RSS."""
+    from edgerun.runtime.memory import process_rss
+
+    list(smollm2_engine.generate(chat_prompts[0], max_new_tokens=128))
+    use = smollm2_engine.memory()
+    assert use.kv_cache == smollm2_engine._kv.nbytes > 0
+    assert use.weights == sum(f.stat().st_size for f in smollm2_engine.package_dir.glob("stage*.onnx*"))
+    assert use.weights + use.kv_cache + use.runtime + use.activations + use.process == use.rss
+    assert abs(use.rss - process_rss()) <= 0.1 * use.rss

@@ -27,6 +27,7 @@ class Family:
         hf_names: canonical weight name -> HF safetensors name (`{i}` = layer index).
         from_gguf_tensor: fixes the layout of a dequantized GGUF tensor (name, array, spec).
         to_gguf_tensor: the inverse: canonical array -> the layout llama.cpp expects.
+        from_hf_tensor: fixes a Hugging Face tensor's values (e.g. Gemma's norm offset); optional.
     """
 
     name: str
@@ -37,6 +38,8 @@ class Family:
     hf_names: dict[str, str]
     from_gguf_tensor: Callable[[str, np.ndarray, ModelSpec], np.ndarray]
     to_gguf_tensor: Callable[[str, np.ndarray, ModelSpec], np.ndarray]
+    # fixes the layout of an HF tensor (name, float32 array, spec); None: as stored
+    from_hf_tensor: Callable[[str, np.ndarray, ModelSpec], np.ndarray] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -85,4 +88,4 @@ def layer_names(names: dict[str, str], num_layers: int) -> dict[str, str]:
     return out
 
 
-from . import llama  # noqa: E402, F401  (registers the llama family; must follow the registry definitions above)
+from . import gemma3, llama, qwen2, qwen3  # noqa: E402, F401  (register the families; must follow the registry definitions above)

@@ -1,0 +1,170 @@
+"""Model families on tiny random models built with transformers: Qwen2 (q/k/v biases, tied or untied
+head), Qwen3 (per-head q/k RMSNorm) and Llama 3 rope scaling, exported to ONNX and compared with
+transformers on the same weights."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import build_tiny_llama
+
+import edgerun
+from edgerun.export.checkpoint import load_checkpoint
+from edgerun.export.families import get_family, supported_architectures
+from edgerun.export.pipeline import ExportOptions, export
+from edgerun.runtime.manifest import PackageError, read_manifest
+
+pytestmark = pytest.mark.usefixtures("home")
+TOKENS = [5, 17, 42, 99, 3, 250, 7, 61, 12, 200, 33]
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16}
+# family -> (transformers class names, config overrides); head_dim 16 keeps the rope tables small
+FAMILIES = {
+    "qwen2-tied": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1e6)),
+    "qwen2-untied": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=False, rope_theta=5e5)),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(tie_word_embeddings=True, head_dim=16, rope_theta=1e6)),
+    "llama3": ("LlamaForCausalLM", "LlamaConfig", dict(tie_word_embeddings=False, rope_theta=5e5,
+                                                       rope_scaling=LLAMA3_SCALING)),
+    # 6 layers: 5 sliding-window (window 5, shorter than the prompts) and a global one, as in Gemma 3
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(tie_word_embeddings=True, head_dim=16, rope_theta=1e6,
+                                                             num_hidden_layers=6, sliding_window=5,
+                                                             query_pre_attn_scalar=16)),
+}
+
+
+def build_tiny(folder, family: str, seed: int = 0):
+    """A tiny random model of `family` saved with save_pretrained, with the tiny Llama's tokenizer."""
+    import torch
+    import transformers
+
+    build_tiny_llama(folder, seed=seed, num_hidden_layers=1)  # tokenizer files (the Llama is replaced)
+    model_cls, config_cls, overrides = FAMILIES[family]
+    config = dict(vocab_size=json.loads((folder / "config.json").read_text())["vocab_size"], hidden_size=64,
+                  intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                  initializer_range=0.2) | overrides
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)).eval()
+    with torch.no_grad():  # random norms and biases, so a wrong or missing one cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_model(request, tmp_path_factory):
+    """(family, HF folder, transformers model, fp32 engine)."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(2)
+    folder = build_tiny(tmp_path_factory.mktemp("hf") / request.param, request.param, seed=7)
+    out = tmp_path_factory.mktemp("pkg") / request.param
+    export(folder, out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return request.param, folder, model, edgerun.Engine(out, max_context=128)
+
+
+def _reference_logits(model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def test_spec_carries_the_family_differences(family_model):
+    family, _, _, engine = family_model
+    spec = engine.manifest.model
+    assert spec.architecture == family.split("-")[0].replace("llama3", "llama")
+    assert spec.attention_bias is family.startswith("qwen2")
+    assert spec.qk_norm is (family in ("qwen3", "gemma3"))
+    assert spec.tie_embeddings is FAMILIES[family][2]["tie_word_embeddings"]
+    assert spec.rope_theta == FAMILIES[family][2]["rope_theta"]  # from the checkpoint, not a default
+    assert (spec.rope_scaling or {}).get("rope_type") == ("llama3" if family == "llama3" else None)
+
+
+def test_logits_match_transformers(family_model):
+    _, _, model, engine = family_model
+    long_prompt = (TOKENS * 6)[:60]  # past the 16-token original context: llama3 scaling matters
+    for tokens in (TOKENS, long_prompt):
+        ours, ref = engine.logits(tokens), _reference_logits(model, tokens)
+        assert ours.shape == ref.shape
+        assert np.abs(ours - ref).max() <= 2e-3
+
+
+def test_greedy_generation_matches_transformers(family_model):
+    import torch
+
+    _, _, model, engine = family_model
+    ref = model.generate(torch.tensor([TOKENS]), max_new_tokens=16, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)[0, len(TOKENS):].tolist()
+    ours = [r.token for r in engine.generate(TOKENS, max_new_tokens=16, ignore_eos=True)]
+    assert ours == ref
+
+
+def test_batch_of_unequal_prompts_equals_single_rows(family_model):
+    _, _, _, engine = family_model
+    prompts = [TOKENS[:3], TOKENS]
+    batched = list(engine.generate(prompts, max_new_tokens=8, ignore_eos=True))
+    for row, prompt in enumerate(prompts):
+        single = [r.token for r in engine.generate(prompt, max_new_tokens=8, ignore_eos=True)]
+        assert [r.token for r in batched if r.index == row] == single
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_export_runs_and_stays_close(family_model, quant, tmp_path):
+    family, folder, model, engine = family_model
+    export(folder, tmp_path / quant, ExportOptions(quant=quant))
+    quantized = edgerun.Engine(tmp_path / quant, max_context=128)
+    assert read_manifest(tmp_path / quant).model == engine.manifest.model
+    ours, ref = quantized.logits(TOKENS), engine.logits(TOKENS)
+    # relative to the logits' spread: int8 is near exact, int4 stays in the neighbourhood
+    spread = ref.std()
+    assert np.abs(ours - ref).mean() <= (0.05 if quant == "int8" else 0.4) * spread, family
+
+
+def test_gptq_calibrated_export_runs(tmp_path):
+    folder = build_tiny(tmp_path / "hf", "qwen3", seed=3)
+    export(folder, tmp_path / "gptq", ExportOptions(quant="int4-gptq"))
+    engine = edgerun.Engine(tmp_path / "gptq", max_context=64)
+    assert engine.logits(TOKENS).shape[0] == len(TOKENS)
+
+
+@pytest.mark.parametrize("family", ["qwen2-untied", "qwen3", "llama3", "gemma3"])
+def test_gguf_export_runs_on_llamacpp(family, tmp_path):
+    """Our GGUF writer on biases / q-k norms / rope scaling (rope_freqs): llama.cpp greedy equals fp32 ONNX."""
+    pytest.importorskip("llama_cpp")
+    folder = build_tiny(tmp_path / "hf", family, seed=5)
+    export(folder, tmp_path / "pkg", ExportOptions(formats=("onnx", "gguf")))
+    onnx_engine = edgerun.Engine(tmp_path / "pkg", max_context=64, backend="onnx")
+    gguf_engine = edgerun.Engine(tmp_path / "pkg", max_context=64, backend="llamacpp")
+    ours = [r.token for r in onnx_engine.generate(TOKENS, max_new_tokens=12, ignore_eos=True)]
+    assert [r.token for r in gguf_engine.generate(TOKENS, max_new_tokens=12, ignore_eos=True)] == ours
+
+
+def test_unknown_architecture_is_one_line_listing_supported(tmp_path):
+    folder = build_tiny(tmp_path / "hf", "qwen3")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"model_type": "mamba9"}))
+    with pytest.raises(PackageError) as info:
+        load_checkpoint(folder)
+    message = str(info.value)
+    assert "\n" not in message and "'mamba9'" in message
+    assert all(name in message for name in ("llama", "qwen2", "qwen3"))
+    assert {"llama", "qwen2", "qwen3"} <= set(supported_architectures())
+    assert get_family("qwen2").name == "qwen2"
+
+
+def test_unsupported_rope_scaling_names_itself(tmp_path):
+    folder = build_tiny(tmp_path / "hf", "llama3")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PackageError, match=r"rope scaling 'yarn' is not supported yet \(supported: default, llama3\)"):
+        load_checkpoint(folder)
