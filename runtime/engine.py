@@ -261,6 +261,8 @@ class Engine:
             require_staged(self.backend, "early exit")
             points = exit_points(self.package_dir, self.manifest, early_exit, exit_threshold)
             return self._generate_early_exit(prompts[0], params, max_new_tokens, list(stop), points, eos)
+        if isinstance(speculative, str):
+            speculative = parse_speculative(speculative)  # a bad mode is named before the exactness check
         steps = self._step_backend(speculative is not None, exact)
         return self._generate(prompts, params, max_new_tokens, list(stop), self._drafter(speculative), policy, eos,
                               steps)
