@@ -50,10 +50,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="lossless speculative decoding: lookup (prompt lookup), draft:PATH (a draft "
                         "package with the same tokenizer) or self:K (the model's first K layers; needs "
                         "a package exported with --exit-layers K); with quantized weights its steps run "
-                        "batch-invariant (llama.cpp: chosen at load), so greedy output is exact")
+                        "batch-invariant (llama.cpp: chosen at load), so greedy output equals plain greedy "
+                        "on those kernels (--batch-invariant) token for token")
     p.add_argument("--inexact-speculation", action="store_true",
                    help="speculate on the fast one-token kernels even with quantized weights: faster, but "
-                        "greedy output can differ from plain greedy where two tokens nearly tie")
+                        "greedy output can then differ from any plain greedy run where two tokens nearly tie")
     p.add_argument("--draft-tokens", default="auto", metavar="N|auto",
                    help="drafted tokens per verification (default: auto, 0-16 chosen each round from the "
                         "measured acceptance curve and step costs)")

@@ -54,7 +54,7 @@ def probe(package: str, drafters: list[str], n: int, new_tokens: int, rounds: in
                          "equals_invariant_plain": sum(a == b for a, b in zip(outs, reference))}
         result["drafters"][drafter] = row
     ratios = []
-    for r in range(rounds + 1):  # round 0 warms up
+    for r in range(rounds + 1 if rounds else 0):  # round 0 warms up
         seconds, steps = {"fast": 0.0, "invariant": 0.0}, {"fast": 0, "invariant": 0}
         for i, p in enumerate(prompts):
             order = (("fast", fast), ("invariant", invariant))
@@ -65,7 +65,8 @@ def probe(package: str, drafters: list[str], n: int, new_tokens: int, rounds: in
         if r:  # seconds per decode step, invariant over fast
             ratios.append(seconds["invariant"] / steps["invariant"] / (seconds["fast"] / steps["fast"]))
             result.setdefault("fast_tok_s", []).append(steps["fast"] / seconds["fast"])
-    result["invariant_plain_time_ratio"] = {"median": statistics.median(ratios), "rounds": ratios}
+    if ratios:
+        result["invariant_plain_time_ratio"] = {"median": statistics.median(ratios), "rounds": ratios}
     return result
 
 
