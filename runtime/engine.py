@@ -22,7 +22,7 @@ from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, scheduler_for
 from .speculative import SPECULATIVE_FORMS, SpeculativeSpec, SpeculativeStats, make_drafter, parse_speculative, verify
 from .text import read_tokenizer, render_chat_template
-from .textstream import StopMatcher, TextStream
+from .textstream import StopMatcher, TextStream, step_text
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_CONTEXT = 2048
@@ -63,14 +63,9 @@ class _Row:
         """Record a generated token and decide whether the sequence ends with it."""
         self.tokens.append(token)
         self.generated += 1
-        text, stopped = self.matcher.push(self.stream.push(token))
-        finish = None
-        if token in self.eos or stopped:
-            finish = "stop"
-        elif self.generated >= self.max_new_tokens or len(self.tokens) - 1 >= max_len:
-            finish = "length"  # out of tokens, or no cache slot left for the next one
-        if finish is not None and not stopped:
-            text += self.matcher.flush()
+        # out of tokens, or no cache slot left for the next one
+        out_of_room = self.generated >= self.max_new_tokens or len(self.tokens) - 1 >= max_len
+        text, finish = step_text(self.stream, self.matcher, token, self.eos, out_of_room)
         self.active = finish is None
         return GenerationResponse(token, text, self.index, finish, from_draft)
 

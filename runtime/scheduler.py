@@ -29,7 +29,7 @@ from .prompt_cache import PromptCache
 from .requests import RequestHandle, RequestSettings, SchedulerClosed, StreamResponse, Timings, Usage
 from .sampling import Sampler, SamplingParams
 from .speculative import parse_speculative, verify
-from .textstream import StopMatcher, TextStream
+from .textstream import StopMatcher, TextStream, step_text
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,9 @@ class _Sequence:
             logprob, top = _logprobs(logits, token, self.handle.settings.logprobs)
         self.tokens.append(token)
         self.generated += 1
-        text, stopped = self.matcher.push(self.stream.push(token))
-        finish = None
-        if token in self.eos or stopped:
-            finish = "stop"
-        elif self.generated >= self.handle.settings.max_new_tokens or len(self.tokens) - 1 >= max_len:
-            finish = "length"  # out of tokens, or no cache position left for the next one
-        if finish is not None and not stopped:
-            text += self.matcher.flush()
+        # out of tokens, or no cache position left for the next one
+        out_of_room = self.generated >= self.handle.settings.max_new_tokens or len(self.tokens) - 1 >= max_len
+        text, finish = step_text(self.stream, self.matcher, token, self.eos, out_of_room)
         now = time.perf_counter()
         if self.generated == 1:
             self.first_token = now
