@@ -15,7 +15,25 @@ from .manifest import ModelSpec
 GROWTH = 256  # positions added per growth step
 
 
-class KVCache:
+class _Offsets:
+    """Valid positions per row (`lengths`); moving them never copies cache contents."""
+
+    lengths: np.ndarray
+
+    def reset(self) -> None:
+        self.lengths[:] = 0
+
+    def advance(self, counts: np.ndarray) -> None:
+        """Mark `counts[b]` new positions of row b as valid."""
+        self.lengths += counts.astype(np.int32)
+
+    def rollback(self, lengths: np.ndarray) -> None:
+        """Forget every position at or past `lengths[b]` (e.g. rejected draft tokens)."""
+        assert np.all(lengths <= self.lengths), "rollback can only shorten a sequence"
+        self.lengths[:] = lengths
+
+
+class KVCache(_Offsets):
     """Key/value buffers [batch, kv_heads, capacity, head_dim] per layer plus per-row offsets.
 
     The buffers are numpy arrays in host memory, wrapped (not copied) by OrtValues, so one row can
@@ -75,18 +93,6 @@ class KVCache:
         """KV bytes one position of one row takes (all layers, keys and values)."""
         return 2 * self._num_layers * self._spec.num_kv_heads * self._spec.head_dim * 4
 
-    def reset(self) -> None:
-        self.lengths[:] = 0
-
-    def advance(self, counts: np.ndarray) -> None:
-        """Mark `counts[b]` new positions of row b as valid."""
-        self.lengths += counts.astype(np.int32)
-
-    def rollback(self, lengths: np.ndarray) -> None:
-        """Forget every position at or past `lengths[b]` (e.g. rejected draft tokens)."""
-        assert np.all(lengths <= self.lengths), "rollback can only shorten a sequence"
-        self.lengths[:] = lengths
-
     def free(self) -> np.ndarray:
         """Positions still free per row."""
         return self.max_len - self.lengths
@@ -117,7 +123,7 @@ class KVCache:
         self.lengths[dst] = n
 
 
-class KVCacheRow:
+class KVCacheRow(_Offsets):
     """Row b of a KVCache as a batch-1 cache: shares its buffers (re-sliced when they grow) and its offset."""
 
     batch = 1
@@ -161,12 +167,3 @@ class KVCacheRow:
     def reserve(self, positions: int) -> None:
         self.parent.reserve(positions)
 
-    def reset(self) -> None:
-        self.lengths[:] = 0
-
-    def advance(self, counts: np.ndarray) -> None:
-        self.lengths += counts.astype(np.int32)
-
-    def rollback(self, lengths: np.ndarray) -> None:
-        assert np.all(lengths <= self.lengths), "rollback can only shorten a sequence"
-        self.lengths[:] = lengths
