@@ -63,6 +63,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "full model is at least QUALITY (e.g. 0.95); needs --exit-layers at export")
     p.add_argument("--exit-threshold", type=float, default=None, metavar="P",
                    help="raw exit confidence threshold (top-1 probability) instead of --early-exit")
+    structured = p.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", metavar="FILE",
+                            help="structured output: the answer is JSON valid against this JSON schema file")
+    structured.add_argument("--json", action="store_true", help="structured output: the answer is a JSON object")
+    structured.add_argument("--regex", metavar="RE", help="structured output: the answer matches this regex")
+    structured.add_argument("--grammar", metavar="FILE.lark",
+                            help="structured output: the answer follows this Lark grammar (llguidance's dialect)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,7 +199,35 @@ def _sampling(args: argparse.Namespace) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                 speculative=args.speculative, draft_tokens=draft_tokens, early_exit=args.early_exit,
-                exit_threshold=args.exit_threshold, exact=not args.inexact_speculation)
+                exit_threshold=args.exit_threshold, exact=not args.inexact_speculation,
+                response_format=_response_format(args))
+
+
+def _response_format(args: argparse.Namespace) -> dict | None:
+    """The structured-output flags as a response_format, its grammar checked before any model loads."""
+    from .runtime.constraints import check_response_format
+
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema {args.json_schema} is not valid JSON ({e})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read --json-schema {args.json_schema}: {e}") from None
+        fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+    elif args.json:
+        fmt = {"type": "json_object"}
+    elif args.regex is not None:
+        fmt = {"type": "regex", "pattern": args.regex}
+    elif args.grammar is not None:
+        try:
+            fmt = {"type": "grammar", "lark": Path(args.grammar).read_text(encoding="utf-8")}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read --grammar {args.grammar}: {e}") from None
+    else:
+        return None
+    check_response_format(fmt)
+    return fmt
 
 
 def _stream(responses: Iterator, start: float) -> tuple[int, float | None, str | None]:

@@ -18,10 +18,17 @@ from .sampling import Sampler, SamplingParams
 @dataclass
 class Draft:
     """Proposed tokens for one sequence; `probs[i]` is the dense draft distribution q_i
-    (None: the drafter is deterministic, q is a point mass on the token)."""
+    (None: the drafter is deterministic, q is a point mass on the token).
+
+    Attributes:
+        cut: q of a proposed token removed because a grammar forbids it (structured output);
+            sampled verification then draws the token at its position from the residual, as if
+            the target had rejected it there.
+    """
 
     tokens: list[int] = field(default_factory=list)
     probs: list[np.ndarray] | None = None
+    cut: np.ndarray | None = None
 
 
 class Drafter:

@@ -12,6 +12,7 @@ import numpy as np
 
 # open_backend imports only the backend a package asks for
 from .backend import Backend, InvariantSteps, inexact_verification_types, open_backend, require_staged
+from .constraints import Grammar, Grammars, RowConstraint, choose
 from .draft_policy import AdaptiveDraftLength, DraftPolicy
 from .drafters import Draft, Drafter
 from .early_exit import EarlyExitRunner, ExitPoint, exit_points
@@ -20,7 +21,15 @@ from .memory import MemoryMeter, MemoryUse
 from .requests import RequestHandle, StreamResponse
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, scheduler_for
-from .speculative import SPECULATIVE_FORMS, SpeculativeSpec, SpeculativeStats, make_drafter, parse_speculative, verify
+from .speculative import (
+    SPECULATIVE_FORMS,
+    SpeculativeSpec,
+    SpeculativeStats,
+    constrained_draft,
+    make_drafter,
+    parse_speculative,
+    verify,
+)
 from .text import read_tokenizer, render_chat_template
 from .textstream import StopMatcher, TextStream, step_text
 
@@ -53,9 +62,11 @@ class _Row:
     """Decoding state of one sequence of a batch: context, sampler, text stream, finish rules."""
 
     def __init__(self, index: int, prompt: list[int], sampler: Sampler, stream: TextStream,
-                 matcher: StopMatcher, eos: frozenset[int], max_new_tokens: int):
+                 matcher: StopMatcher, eos: frozenset[int], max_new_tokens: int,
+                 constraint: RowConstraint | None = None):
         self.index, self.tokens, self.sampler = index, list(prompt), sampler
         self.stream, self.matcher, self.eos, self.max_new_tokens = stream, matcher, eos, max_new_tokens
+        self.constraint = constraint  # structured output: the row's grammar state
         self.generated, self.active = 0, True
         sampler.observe(prompt)
 
@@ -65,7 +76,8 @@ class _Row:
         self.generated += 1
         # out of tokens, or no cache slot left for the next one
         out_of_room = self.generated >= self.max_new_tokens or len(self.tokens) - 1 >= max_len
-        text, finish = step_text(self.stream, self.matcher, token, self.eos, out_of_room)
+        done = self.constraint is not None and self.constraint.finished
+        text, finish = step_text(self.stream, self.matcher, token, self.eos, out_of_room, done)
         self.active = finish is None
         return GenerationResponse(token, text, self.index, finish, from_draft)
 
@@ -110,6 +122,7 @@ class Engine:
         self._memory.loaded(self.backend.weight_bytes)
         self.batch_invariant = isinstance(self.backend, InvariantSteps)
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, spec.vocab_size, self.manifest.eos_token_ids)  # structured output
         self._kv = None  # the KV cache of the last generation (see fresh_cache)
         self._drafters: dict[SpeculativeSpec, Drafter] = {}
         self._invariant: InvariantSteps | None = None  # the backend's invariant form, for exact speculation
@@ -191,7 +204,8 @@ class Engine:
                  stop: Iterable[str] = (), add_special_tokens: bool = True,
                  speculative: str | Drafter | None = None, draft_tokens: int | str | DraftPolicy = "auto",
                  early_exit: float | None = None, exit_threshold: float | None = None,
-                 ignore_eos: bool = False, exact: bool = True) -> Iterator[GenerationResponse]:
+                 ignore_eos: bool = False, exact: bool = True,
+                 response_format: dict | Sequence[dict | None] | None = None) -> Iterator[GenerationResponse]:
         """Generate from one prompt or a batch of 1..8 prompts, streaming one response per token.
 
         Args:
@@ -222,6 +236,13 @@ class Engine:
                 where a step has one token, as plain decoding uses; greedy output can then leave
                 every plain reference where two tokens nearly tie (README, "Exactness").
                 Plain decoding always uses the fast kernels of a default engine.
+            response_format: structured output (llguidance): {"type": "json_schema", "json_schema":
+                {"schema": {...}}}, {"type": "json_object"}, {"type": "regex", "pattern": ...},
+                {"type": "grammar", "lark": ...} or None / {"type": "text"}; or one per prompt of a
+                batch. Every token is chosen among those the grammar allows, tokens the grammar
+                forces are taken without sampling (several per step), and the sequence ends
+                ("stop") when the grammar is complete. Combines with lookup and draft-model
+                speculation (greedy output unchanged), not with early exit or self:K.
         Yields:
             GenerationResponse per token; the last one of each prompt carries finish_reason.
         Raises:
@@ -250,7 +271,10 @@ class Engine:
             policy = AdaptiveDraftLength(fixed=None if draft_tokens == "auto" else draft_tokens)
         else:
             raise ValueError(f"draft_tokens must be an integer >= 1, 'auto' or a DraftPolicy, got {draft_tokens!r}")
+        grammars = self._grammars(response_format, len(prompts))
         if early_exit is not None or exit_threshold is not None:
+            if any(grammars):
+                raise ValueError("early exit does not combine with response_format; drop one of them")
             if speculative is not None or len(prompts) != 1:
                 raise ValueError("early exit runs one prompt without speculative decoding")
             require_staged(self.backend, "early exit")
@@ -259,8 +283,20 @@ class Engine:
         if isinstance(speculative, str):
             speculative = parse_speculative(speculative)  # a bad mode is named before the exactness check
         steps = self._step_backend(speculative is not None, exact)
-        return self._generate(prompts, params, max_new_tokens, list(stop), self._drafter(speculative), policy, eos,
-                              steps)
+        drafter = self._drafter(speculative)
+        if any(grammars) and drafter is not None and drafter.target_forward is not None:
+            raise ValueError("self-speculation (self:K) does not combine with response_format; use lookup or "
+                             "draft:MODEL speculation")
+        return self._generate(prompts, params, max_new_tokens, list(stop), drafter, policy, eos, steps, grammars)
+
+    def _grammars(self, response_format, batch: int) -> list[Grammar | None]:
+        """One checked grammar (or None) per prompt; a ValueError before anything runs."""
+        if isinstance(response_format, (list, tuple)):
+            if len(response_format) != batch:
+                raise ValueError(f"response_format has {len(response_format)} entries for {batch} prompts; "
+                                 f"give one per prompt (None for unconstrained) or a single one for all")
+            return [self.grammars.compile(f) for f in response_format]
+        return [self.grammars.compile(response_format)] * batch
 
     def _step_backend(self, speculating: bool, exact: bool) -> Backend:
         """The backend a generation's steps run on: the engine's, or for exact speculation on
@@ -296,12 +332,16 @@ class Engine:
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, max_new_tokens: int,
                   stops: list[str], drafter: Drafter | None, policy: DraftPolicy,
-                  eos: frozenset[int], backend: Backend | None = None) -> Iterator[GenerationResponse]:
+                  eos: frozenset[int], backend: Backend | None = None,
+                  grammars: Sequence[Grammar | None] = ()) -> Iterator[GenerationResponse]:
         backend = backend or self.backend  # this generation's steps (see _step_backend)
         seeds = np.random.SeedSequence(params.seed).spawn(len(prompts))
+        grammars = list(grammars) or [None] * len(prompts)
         rows = [_Row(i, p, Sampler(params, self.manifest.model.vocab_size, np.random.default_rng(seed)),
-                     TextStream(self.tokenizer), StopMatcher(stops), eos, max_new_tokens)
-                for i, (p, seed) in enumerate(zip(prompts, seeds))]
+                     TextStream(self.tokenizer), StopMatcher(stops), eos, max_new_tokens,
+                     self.grammars.matcher(g) if g is not None else None)
+                for i, (p, seed, g) in enumerate(zip(prompts, seeds, grammars))]
+        constrained = any(row.constraint is not None for row in rows)
         self.stats = stats = SpeculativeStats()
         cache = self.fresh_cache(len(rows))
         logits = self.prefill(prompts, cache, backend)
@@ -309,22 +349,32 @@ class Engine:
             drafter.use_backend(backend)
             drafter.start(prompts, params, cache)  # a draft model's prefill is part of the prompt's cost
         for row in rows:
-            yield row.emit(row.sampler(logits[row.index]), False, cache.max_len)
-        if drafter is None:
+            yield row.emit(choose(row.sampler, logits[row.index], row.constraint), False, cache.max_len)
+        if drafter is None and not constrained:
             yield from self._decode_plain(rows, cache)
             return
+        # speculative rounds; under a grammar the tokens it forces lead each row's draft (free drafts)
         while any(row.active for row in rows):
             # each active row feeds its pending token (the last one, not yet cached) + its drafts
             start = np.array([len(row.tokens) - 1 if row.active else 0 for row in rows], dtype=np.int32)
             cache.rollback(start)
             active = [row for row in rows if row.active]
             t0 = time.perf_counter()  # sorting rows into classes is part of drafting
-            classes = drafter.classes([row.tokens for row in active])
-            ks = dict(zip((row.index for row in active), policy.lengths(classes)))
-            limits = [min(ks[row.index], max_new_tokens - row.generated - 1, cache.max_len - int(start[row.index]) - 1)
-                      if row.active else 0 for row in rows]
-            drafts = (drafter.propose([row.tokens for row in rows], limits) if max(limits) > 0
-                      else [Draft() for _ in rows])
+            room = [min(max_new_tokens - row.generated - 1, cache.max_len - int(start[row.index]) - 1)
+                    if row.active else 0 for row in rows]
+            forced = [row.constraint.forced()[:room[row.index]] if row.active and row.constraint else []
+                      for row in rows]
+            limits = [0] * len(rows)
+            classes: list[int] = []
+            if drafter is not None:
+                classes = drafter.classes([row.tokens for row in active])
+                ks = dict(zip((row.index for row in active), policy.lengths(classes)))
+                limits = [min(ks[row.index], room[row.index] - len(forced[row.index])) if row.active else 0
+                          for row in rows]
+            contexts = [row.tokens + f for row, f in zip(rows, forced)]
+            drafts = (drafter.propose(contexts, limits) if max(limits) > 0 else [Draft() for _ in rows])
+            drafts = [constrained_draft(f, d, row.constraint) if row.active and row.constraint else d
+                      for row, f, d in zip(rows, forced, drafts)]
             t1 = time.perf_counter()
             width = 1 + max(len(d.tokens) for d in drafts)
             tokens = np.zeros((len(rows), width), dtype=np.int64)
@@ -334,21 +384,24 @@ class Engine:
                     counts[row.index] = 1 + len(draft.tokens)
                     tokens[row.index, :counts[row.index]] = [row.tokens[-1], *draft.tokens]
             # a self-speculative drafter verifies with the layers it did not run itself
-            forward = (drafter.target_forward if width > 1 else None) or backend.forward
+            forward = (drafter.target_forward if width > 1 and drafter is not None else None) or backend.forward
             logits = forward(tokens, cache, counts, np.tile(np.arange(width), (len(rows), 1)))
             t2 = time.perf_counter()
             outcomes = []  # (proposed, accepted) per active row
             for row, draft in zip(rows, drafts):
                 if not row.active:
                     continue
-                out = verify(row.sampler, draft, logits[row.index, :counts[row.index]])
-                stats.record(len(draft.tokens), len(out) - 1)
-                outcomes.append((len(draft.tokens), len(out) - 1))
+                out = verify(row.sampler, draft, logits[row.index, :counts[row.index]], row.constraint)
+                proposed = len(draft.tokens) - len(forced[row.index])  # the drafter's, not the grammar's
+                accepted = max(0, len(out) - 1 - len(forced[row.index]))
+                stats.record(proposed, accepted)
+                outcomes.append((proposed, accepted))
                 for j, token in enumerate(out):
                     yield row.emit(token, j < len(out) - 1, cache.max_len)
                     if not row.active:
                         break
-            policy.update(outcomes, t1 - t0, t2 - t1, classes)
+            if drafter is not None:
+                policy.update(outcomes, t1 - t0, t2 - t1, classes)
 
     def _decode_plain(self, rows: list[_Row], cache) -> Iterator[GenerationResponse]:
         """Plain decoding: each active row feeds its last token and samples the next one.

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .constraints import Grammar
 from .sampling import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
@@ -100,6 +101,7 @@ class RequestSettings:
         stop: strings that end generation (not included in the output).
         logprobs: None for none; k >= 0: each token's log-probability and the k most likely.
         ignore_eos: generate past end-of-sequence tokens.
+        grammar: structured output (a checked grammar from Engine.grammars.compile), or None.
     """
 
     max_new_tokens: int = 256
@@ -107,6 +109,7 @@ class RequestSettings:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     ignore_eos: bool = False
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:

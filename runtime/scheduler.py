@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .drafters import LookupDrafter
+from .constraints import choose
+from .drafters import Draft, LookupDrafter
 from .prompt_cache import PromptCache
 from .requests import RequestHandle, RequestSettings, SchedulerClosed, StreamResponse, Timings, Usage
 from .sampling import Sampler, SamplingParams
-from .speculative import parse_speculative, verify
+from .speculative import constrained_draft, parse_speculative, verify
 from .textstream import StopMatcher, TextStream, step_text
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class _Sequence:
         self.eos = frozenset() if settings.ignore_eos else engine.eos_token_ids
         self.generated = 0
         self.admitted = self.first_token = math.nan
+        grammar = settings.grammar
+        self.constraint = engine.grammars.matcher(grammar) if grammar is not None else None
 
     @property
     def decoding(self) -> bool:
@@ -71,7 +74,7 @@ class _Sequence:
         """Pick the next token from `logits` [vocab] (or take `token`, already chosen by speculative
         verification), record it and decide whether the request ends."""
         if token is None:
-            token = self.sampler(logits)
+            token = choose(self.sampler, logits, self.constraint)
         logprob, top = None, ()
         if self.handle.settings.logprobs is not None:
             logprob, top = _logprobs(logits, token, self.handle.settings.logprobs)
@@ -79,7 +82,8 @@ class _Sequence:
         self.generated += 1
         # out of tokens, or no cache position left for the next one
         out_of_room = self.generated >= self.handle.settings.max_new_tokens or len(self.tokens) - 1 >= max_len
-        text, finish = step_text(self.stream, self.matcher, token, self.eos, out_of_room)
+        done = self.constraint is not None and self.constraint.finished
+        text, finish = step_text(self.stream, self.matcher, token, self.eos, out_of_room, done)
         now = time.perf_counter()
         if self.generated == 1:
             self.first_token = now
@@ -192,12 +196,13 @@ class Scheduler:
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: Iterable[str] = (), add_special_tokens: bool = True, logprobs: int | None = None,
-               ignore_eos: bool = False) -> RequestHandle:
+               ignore_eos: bool = False, response_format: dict | None = None) -> RequestHandle:
         """Queue one request; returns its handle at once (thread-safe).
 
         Args:
             prompt: a string or token ids.
-            max_new_tokens .. seed, stop, add_special_tokens, ignore_eos: as in Engine.generate.
+            max_new_tokens .. seed, stop, add_special_tokens, ignore_eos, response_format: as in
+                Engine.generate (one response_format for this request).
             logprobs: None, or k >= 0 (at most 20): each response carries the token's
                 log-probability and the k most likely alternatives.
         Raises:
@@ -207,7 +212,7 @@ class Scheduler:
         """
         stop = [stop] if isinstance(stop, str) else list(stop)
         settings = RequestSettings(max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty, seed),
-                                   tuple(stop), logprobs, ignore_eos)
+                                   tuple(stop), logprobs, ignore_eos, self.engine.grammars.compile(response_format))
         tokens = self.engine._tokens(prompt, add_special_tokens)
         if not tokens:
             raise ValueError("the prompt is empty; give at least one token")
@@ -353,7 +358,9 @@ class Scheduler:
 
     def _decode(self, decoding: list[_Sequence]) -> None:
         """One new token for every decoding row in one pass; idle rows take none."""
-        if self.drafter is not None and len(decoding) <= self.speculate_rows and self._speculate(decoding):
+        constrained = any(seq.constraint is not None for seq in decoding)
+        if (constrained or (self.drafter is not None and len(decoding) <= self.speculate_rows)) \
+                and self._speculate(decoding):
             return
         tokens, counts = self._tokens, self._counts
         counts[:] = 0
@@ -366,11 +373,18 @@ class Scheduler:
             self._deliver(seq, seq.emit(logits[seq.row, 0], self.max_len))
 
     def _speculate(self, decoding: list[_Sequence]) -> bool:
-        """Draft by prompt lookup for every decoding row and verify all rows in one pass (each row's
-        pending token plus its drafts); False, having run nothing, when no row has a draft."""
-        limits = [min(self.draft_tokens, s.handle.settings.max_new_tokens - s.generated - 1,
-                      self.max_len - len(s.tokens)) for s in decoding]
-        drafts = self.drafter.propose([s.tokens for s in decoding], limits)
+        """Draft by prompt lookup for every decoding row (when it speculates at this occupancy) and
+        verify all rows in one pass (each row's pending token, the tokens its grammar forces, its
+        drafts); False, having run nothing, when no row has a draft."""
+        room = [min(s.handle.settings.max_new_tokens - s.generated - 1, self.max_len - len(s.tokens))
+                for s in decoding]
+        forced = [s.constraint.forced()[:r] if s.constraint is not None else [] for s, r in zip(decoding, room)]
+        drafts = [Draft() for _ in decoding]
+        if self.drafter is not None and len(decoding) <= self.speculate_rows:
+            limits = [min(self.draft_tokens, r - len(f)) for r, f in zip(room, forced)]
+            drafts = self.drafter.propose([s.tokens + f for s, f in zip(decoding, forced)], limits)
+        drafts = [constrained_draft(f, d, s.constraint) if s.constraint is not None else d
+                  for s, f, d in zip(decoding, forced, drafts)]
         width = 1 + max(len(d.tokens) for d in drafts)
         if width == 1:
             return False
@@ -385,11 +399,11 @@ class Scheduler:
         self.stats.steps += 1
         self.stats.step_rows += len(decoding)
         outs = []
-        for seq, draft in zip(decoding, drafts):
-            out = verify(seq.sampler, draft, logits[seq.row, :counts[seq.row]])
+        for seq, draft, f in zip(decoding, drafts, forced):
+            out = verify(seq.sampler, draft, logits[seq.row, :counts[seq.row]], seq.constraint)
             outs.append(out)
-            self.stats.drafts_proposed += len(draft.tokens)
-            self.stats.drafts_accepted += len(out) - 1
+            self.stats.drafts_proposed += len(draft.tokens) - len(f)  # the drafter's, not the grammar's
+            self.stats.drafts_accepted += max(0, len(out) - 1 - len(f))
             start[seq.row] += len(out)  # the pending token and the accepted drafts stay cached
         self.cache.rollback(np.minimum(start, self.cache.lengths))
         for seq, out in zip(decoding, outs):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .constraints import RowConstraint, choose
 from .drafters import Draft, Drafter, LookupDrafter, ModelDrafter, SelfDrafter
 from .sampling import Sampler
 
@@ -88,34 +89,81 @@ def make_drafter(spec: str | SpeculativeSpec | Drafter | None, target, **load_kw
     return ModelDrafter(draft)
 
 
-def verify(sampler: Sampler, draft: Draft, target_logits: np.ndarray) -> list[int]:
+def verify(sampler: Sampler, draft: Draft, target_logits: np.ndarray, constraint: RowConstraint | None = None
+           ) -> list[int]:
     """Accept a prefix of `draft` against target logits [len(draft)+1, vocab].
+
+    With a grammar `constraint` (its state: after the pending token), the target's choice at each
+    position is the constrained one (see constraints.choose): the token the grammar forces there,
+    else one from the logits masked to what the grammar allows. Every kept token is consumed by
+    the constraint, and verification stops at the token that completes the grammar.
 
     Returns:
         The accepted draft tokens followed by one token from the target (the correction at
-        the first rejection, or a bonus token when every draft was accepted).
+        the first rejection, or a bonus token when every draft was accepted), or fewer when the
+        grammar completes.
     """
     out: list[int] = []
-    for i, token in enumerate(draft.tokens):
-        logits = sampler.penalized(target_logits[i])
-        if sampler.params.greedy:
-            best = int(np.argmax(logits))
-            if best != token:
-                out.append(best)
-                sampler.observe([best])
-                return out
-        else:
-            p = sampler.dense(logits)
-            q = draft.probs[i] if draft.probs is not None else _point_mass(token, p.size)
-            if sampler.rng.random() * q[token] >= p[token]:  # reject with prob 1 - min(1, p/q)
-                residual = np.maximum(p - q, 0.0)
-                out.append(sampler.draw_dense(residual / residual.sum()))
-                sampler.observe(out[-1:])
-                return out
+
+    def keep(token: int) -> bool:  # True: the grammar is complete after it
         out.append(token)
         sampler.observe([token])
-    out.append(sampler(target_logits[len(draft.tokens)]))
+        if constraint is None:
+            return False
+        constraint.consume(token)
+        return constraint.finished
+
+    for i, token in enumerate(draft.tokens):
+        forced = constraint.forced() if constraint is not None else None
+        if forced:  # the target's distribution here is a point mass on the forced token
+            if token != forced[0]:
+                keep(forced[0])
+                return out
+        else:
+            logits = target_logits[i] if constraint is None else constraint.mask(target_logits[i])
+            logits = sampler.penalized(logits)
+            if sampler.params.greedy:
+                best = int(np.argmax(logits))
+                if best != token:
+                    keep(best)
+                    return out
+            else:
+                p = sampler.dense(logits)
+                q = draft.probs[i] if draft.probs is not None else _point_mass(token, p.size)
+                if sampler.rng.random() * q[token] >= p[token]:  # reject with prob 1 - min(1, p/q)
+                    keep(_residual_draw(sampler, p, q))
+                    return out
+        if keep(token):
+            return out
+    logits = target_logits[len(draft.tokens)]
+    if draft.cut is not None and not sampler.params.greedy and not (constraint and constraint.forced()):
+        # the grammar removed this position's draft: the target rejected it here
+        keep(_residual_draw(sampler, sampler.dense(sampler.penalized(constraint.mask(logits))), draft.cut))
+    else:
+        out.append(choose(sampler, logits, constraint))
     return out
+
+
+def _residual_draw(sampler: Sampler, p: np.ndarray, q: np.ndarray) -> int:
+    """A draw from the normalised residual max(0, p - q) (p itself where q covers it entirely)."""
+    residual = np.maximum(p - q, 0.0)
+    total = residual.sum()
+    return sampler.draw_dense(residual / total if total > 0 else p)
+
+
+def constrained_draft(forced: list[int], draft: Draft, constraint: RowConstraint) -> Draft:
+    """The round's draft under a grammar: the tokens it forces from here (`forced`), then the
+    drafter's proposal (which continues after them) cut at the first token the grammar forbids.
+    Nothing stays consumed: verification consumes what it keeps."""
+    for token in forced:
+        constraint.consume(token)
+    keep = constraint.valid_prefix(draft.tokens)
+    if forced:
+        constraint.rollback(len(forced))
+    probs = draft.probs
+    cut = probs[keep] if probs is not None and keep < len(draft.tokens) else None
+    return Draft(forced + draft.tokens[:keep], [*[_point_mass(t, probs[0].size) for t in forced], *probs[:keep]]
+                 if probs else None, cut)
 
 
 def _point_mass(token: int, size: int) -> np.ndarray:

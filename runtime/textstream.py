@@ -50,16 +50,17 @@ class StopMatcher:
 
 
 def step_text(stream: TextStream, matcher: StopMatcher, token: int, eos: frozenset[int],
-              out_of_room: bool) -> tuple[str, str | None]:
+              out_of_room: bool, done: bool = False) -> tuple[str, str | None]:
     """The text a generated `token` completes, and how the sequence ends with it.
 
     Returns:
-        (text, finish): finish is "stop" (an EOS token or a stop string, whose text is withheld),
-        "length" (`out_of_room`: no tokens or cache positions left) or None (it goes on). A
-        sequence that ends flushes the text the stop matcher still held back.
+        (text, finish): finish is "stop" (an EOS token or a stop string, whose text is withheld,
+        or `done`: a structured output's grammar is complete with this token), "length"
+        (`out_of_room`: no tokens or cache positions left) or None (it goes on). A sequence that
+        ends flushes the text the stop matcher still held back.
     """
     text, stopped = matcher.push(stream.push(token))
-    finish = "stop" if token in eos or stopped else "length" if out_of_room else None
+    finish = "stop" if token in eos or stopped or done else "length" if out_of_room else None
     if finish is not None and not stopped:
         text += matcher.flush()
     return text, finish
