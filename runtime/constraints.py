@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+# whitespace between JSON tokens: at most this much (a small model can otherwise loop on blanks
+# forever); a schema's own "x-guidance" options override it
+JSON_DEFAULTS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,32}"}
 RESPONSE_FORMATS = ('{"type": "json_schema", "json_schema": {"schema": {...}}}, {"type": "json_object"}, '
                     '{"type": "regex", "pattern": "..."}, {"type": "grammar", "lark": "..."} or {"type": "text"}')
 
@@ -47,7 +50,7 @@ def grammar_text(response_format: Any) -> tuple[str, str] | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return llg.LLMatcher.grammar_from_json_schema({"type": "object"}), kind
+        return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_DEFAULTS), kind
     if kind == "json_schema":
         wrapper = response_format.get("json_schema")
         if isinstance(wrapper, str):
@@ -60,7 +63,7 @@ def grammar_text(response_format: Any) -> tuple[str, str] | None:
             raise ValueError(f"response_format.json_schema must hold a JSON schema object, got "
                              f"{type(schema).__name__}; use {RESPONSE_FORMATS}")
         try:
-            return llg.LLMatcher.grammar_from_json_schema(schema), kind
+            return llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS), kind
         except ValueError as e:
             raise ValueError(f"response_format.json_schema: {e}") from None
     if kind == "regex":

@@ -70,13 +70,14 @@ class _Row:
         self.generated, self.active = 0, True
         sampler.observe(prompt)
 
-    def emit(self, token: int, from_draft: bool, max_len: int) -> GenerationResponse:
-        """Record a generated token and decide whether the sequence ends with it."""
+    def emit(self, token: int, from_draft: bool, max_len: int, last: bool = True) -> GenerationResponse:
+        """Record a generated token and decide whether the sequence ends with it (`last`: no later
+        token of the same verification follows it, so the grammar's state is this token's)."""
         self.tokens.append(token)
         self.generated += 1
         # out of tokens, or no cache slot left for the next one
         out_of_room = self.generated >= self.max_new_tokens or len(self.tokens) - 1 >= max_len
-        done = self.constraint is not None and self.constraint.finished
+        done = last and self.constraint is not None and self.constraint.finished
         text, finish = step_text(self.stream, self.matcher, token, self.eos, out_of_room, done)
         self.active = finish is None
         return GenerationResponse(token, text, self.index, finish, from_draft)
@@ -397,7 +398,7 @@ class Engine:
                 stats.record(proposed, accepted)
                 outcomes.append((proposed, accepted))
                 for j, token in enumerate(out):
-                    yield row.emit(token, j < len(out) - 1, cache.max_len)
+                    yield row.emit(token, j < len(out) - 1, cache.max_len, last=j == len(out) - 1)
                     if not row.active:
                         break
             if drafter is not None:

@@ -69,10 +69,10 @@ class _Sequence:
     def decoding(self) -> bool:
         return self.prefilled == len(self.prompt)
 
-    def emit(self, logits: np.ndarray, max_len: int, token: int | None = None, from_draft: bool = False
-             ) -> StreamResponse:
+    def emit(self, logits: np.ndarray, max_len: int, token: int | None = None, from_draft: bool = False,
+             last: bool = True) -> StreamResponse:
         """Pick the next token from `logits` [vocab] (or take `token`, already chosen by speculative
-        verification), record it and decide whether the request ends."""
+        verification; `last`: the last one it chose), record it and decide whether the request ends."""
         if token is None:
             token = choose(self.sampler, logits, self.constraint)
         logprob, top = None, ()
@@ -82,7 +82,7 @@ class _Sequence:
         self.generated += 1
         # out of tokens, or no cache position left for the next one
         out_of_room = self.generated >= self.handle.settings.max_new_tokens or len(self.tokens) - 1 >= max_len
-        done = self.constraint is not None and self.constraint.finished
+        done = last and self.constraint is not None and self.constraint.finished
         text, finish = step_text(self.stream, self.matcher, token, self.eos, out_of_room, done)
         now = time.perf_counter()
         if self.generated == 1:
@@ -408,7 +408,8 @@ class Scheduler:
         self.cache.rollback(np.minimum(start, self.cache.lengths))
         for seq, out in zip(decoding, outs):
             for j, token in enumerate(out):
-                response = seq.emit(logits[seq.row, j], self.max_len, token, from_draft=j < len(out) - 1)
+                response = seq.emit(logits[seq.row, j], self.max_len, token, from_draft=j < len(out) - 1,
+                                    last=j == len(out) - 1)
                 self._deliver(seq, response)
                 if response.finish_reason is not None:
                     break
