@@ -30,8 +30,10 @@ from .speculative import (
     parse_speculative,
     verify,
 )
-from .text import read_tokenizer, render_chat_template
+from .text import read_tokenizer, render_chat_template, template_takes_tools
 from .textstream import StopMatcher, TextStream, step_text
+from .tools import ToolPlan, parse_tool_calls
+from .tools import plan as tool_plan
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_CONTEXT = 2048
@@ -48,6 +50,9 @@ class GenerationResponse:
         finish_reason: None while generating; "stop" (EOS or stop string) or "length" on the last.
         from_draft: produced by a draft and accepted by the target (speculative decoding).
         exit_layer: layer the token exited at (early exit), None when it ran all layers.
+        tool_calls: on the last response of a `chat(..., tools=...)` turn that called a tool, the
+            call as the OpenAI API shapes it ([{"id", "type": "function", "function": {"name",
+            "arguments" (a JSON string)}}]); None otherwise.
     """
 
     token: int
@@ -56,6 +61,7 @@ class GenerationResponse:
     finish_reason: str | None = None
     from_draft: bool = False
     exit_layer: int | None = None
+    tool_calls: list[dict] | None = None
 
 
 class _Row:
@@ -81,6 +87,16 @@ class _Row:
         text, finish = step_text(self.stream, self.matcher, token, self.eos, out_of_room, done)
         self.active = finish is None
         return GenerationResponse(token, text, self.index, finish, from_draft)
+
+
+def _with_tool_calls(responses: Iterator[GenerationResponse], wrapped: bool) -> Iterator[GenerationResponse]:
+    """`responses` with the parsed tool call on the last one."""
+    pieces = []
+    for r in responses:
+        pieces.append(r.text)
+        if r.finish_reason is not None:
+            r = dataclasses.replace(r, tool_calls=parse_tool_calls("".join(pieces), wrapped))
+        yield r
 
 
 class Engine:
@@ -146,8 +162,10 @@ class Engine:
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render `messages` with the model's own chat template (jinja2, as Hugging Face does)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """Render `messages` (and `tools`, for a template that takes them) with the model's own chat
+        template (jinja2, as Hugging Face does)."""
         template = self.manifest.chat_template
         if not template:
             raise PackageError(f"package {self.package_dir} has no chat template; use generate() "
@@ -159,7 +177,8 @@ class Engine:
 
         try:
             return render_chat_template(template, messages, token(self.manifest.bos_token_id),
-                                        token(next(iter(self.manifest.eos_token_ids), None)), add_generation_prompt)
+                                        token(next(iter(self.manifest.eos_token_ids), None)), add_generation_prompt,
+                                        tools)
         except TemplateError as e:  # name the file the template came from
             raise TemplateError(f"{e} (chat_template of {self.package_dir / MANIFEST_NAME})") from None
 
@@ -444,9 +463,40 @@ class Engine:
             if row.active:
                 logits, exit_layer = runner.step(row.tokens[-1], len(row.tokens) - 1)
 
-    def chat(self, messages: list[dict], **kwargs) -> Iterator[GenerationResponse]:
-        """Generate the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...])."""
-        return self.generate(self.encode(self.apply_chat_template(messages), add_special_tokens=False), **kwargs)
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: str | dict = "auto",
+             **kwargs) -> Iterator[GenerationResponse]:
+        """Generate the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...]).
+
+        Args:
+            tools: OpenAI-style function tools ([{"type": "function", "function": {"name",
+                "description", "parameters": JSON schema}}]); the reply is then either a call,
+                decoded under a grammar of the tools' schemas and handed back parsed in the last
+                response's `tool_calls`, or plain text (see runtime/tools.py for the formats).
+            tool_choice: "auto", "required", "none" or {"type": "function", "function": {"name": ...}}.
+            kwargs: as generate() (not response_format together with tools).
+        Raises:
+            ValueError: bad tools or tool_choice, or tools with a response_format.
+        """
+        if tools is None:
+            return self.generate(self.encode(self.apply_chat_template(messages), add_special_tokens=False), **kwargs)
+        if kwargs.get("response_format") is not None:
+            raise ValueError("tools and response_format do not combine: a tool call has its own format")
+        prompt, turn = self.tool_turn(messages, tools, tool_choice)
+        responses = self.generate(prompt, response_format=turn.response_format, **kwargs)
+        return _with_tool_calls(responses, turn.wrapped)
+
+    def tool_turn(self, messages: list[dict], tools: list[dict], tool_choice: str | dict = "auto"
+                  ) -> tuple[list[int], ToolPlan]:
+        """The prompt tokens and the plan (grammar as response_format, call format) of a chat turn
+        with tools; parse its answer with `edgerun.runtime.tools.parse_tool_calls(text, plan.wrapped)`.
+
+        Raises:
+            ValueError: bad tools or tool_choice, naming the field.
+        """
+        template = self.manifest.chat_template or ""
+        turn = tool_plan(messages, tools, tool_choice, template_takes_tools(template), "<tool_call>" in template)
+        text = self.apply_chat_template(turn.messages, tools=turn.template_tools)
+        return self.encode(text, add_special_tokens=False), turn
 
     def complete(self, prompt: str, **kwargs) -> str:
         """Convenience: the whole generated text for one prompt."""

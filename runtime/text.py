@@ -15,12 +15,13 @@ MAX_TEMPLATE_VALUE = 1 << 22  # items a chat template may make with `*`, bits a 
 
 
 def render_chat_template(template: str, messages: list[dict], bos_token: str, eos_token: str,
-                         add_generation_prompt: bool = True) -> str:
+                         add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
     """Render a Hugging Face chat template (jinja2 sandbox, with `raise_exception`, as HF does).
 
     A template comes with the package, from anyone: the sandbox keeps it from Python's internals,
     `*` and `**` are bounded (`MAX_TEMPLATE_VALUE`) so it cannot exhaust memory, and whatever it
-    raises becomes a `jinja2.TemplateError`.
+    raises becomes a `jinja2.TemplateError`. `tools` (OpenAI-style function tools) reach templates
+    that read a `tools` variable.
     """
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment  # only chat needs jinja2
@@ -35,12 +36,24 @@ def render_chat_template(template: str, messages: list[dict], bos_token: str, eo
     env = Sandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     try:
+        extra = {"tools": tools} if tools is not None else {}
         return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token=bos_token, eos_token=eos_token)
+                                                bos_token=bos_token, eos_token=eos_token, **extra)
     except TemplateError:
         raise
     except Exception as e:  # noqa: BLE001  (a template evaluates arbitrary expressions: any error is its own)
         raise TemplateError(f"{type(e).__name__}: {e}") from None
+
+
+def template_takes_tools(template: str) -> bool:
+    """Whether a chat template reads a `tools` variable (renders tool definitions itself)."""
+    from jinja2 import TemplateSyntaxError, meta
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        return "tools" in meta.find_undeclared_variables(ImmutableSandboxedEnvironment().parse(template))
+    except TemplateSyntaxError:
+        return False  # rendering it will report the error
 
 
 def _check_template_binop(operator: str, left, right) -> None:

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..runtime.requests import RequestHandle, SchedulerClosed, StreamResponse
 from ..runtime.scheduler import QueueFull
+from ..runtime.tools import ToolPlan, parse_tool_calls
 from .metrics import RequestTracker, ServerMetrics
 from .openai_api import (
     ApiError,
@@ -101,6 +102,7 @@ def create_app(load: Callable[[], object], options: ServeOptions,
             engine = load()
             scheduler = engine.scheduler(max_batch=options.max_batch, prefill_chunk=options.prefill_chunk,
                                          prompt_cache_bytes=options.prompt_cache_bytes, speculative=options.speculative)
+            engine.grammars.ll_tokenizer  # noqa: B018 - built now (seconds at 152k tokens), not on the first request
             state.engine = engine
             state.scheduler = scheduler  # last: routes take a set scheduler as "loaded"
             log.info("serving %s (%s backend, %d rows of %d positions)", options.model_id,
@@ -172,16 +174,24 @@ def create_app(load: Callable[[], object], options: ServeOptions,
         req = _parse(ChatRequest, await _json_body(request, options.max_body_bytes))
         _check_model(state, req.model)
         req.check_supported()
+        response_format, tools = req.response_format, None
         try:
             # rendering and tokenizing run beside the event loop, which goes on streaming to other clients
-            text = await asyncio.to_thread(engine.apply_chat_template, req.plain_messages())
+            if req.tools:
+                tokens, tools = await asyncio.to_thread(engine.tool_turn, req.plain_messages(), req.tools,
+                                                        req.tool_choice)
+                response_format = tools.response_format
+            else:
+                text = await asyncio.to_thread(engine.apply_chat_template, req.plain_messages())
+                tokens = await asyncio.to_thread(engine.encode, text, False)
+        except ValueError as e:  # bad tools or tool_choice
+            raise ApiError(400, str(e), "invalid_request_error", param="tools") from None
         except Exception as e:  # noqa: BLE001 - the template's own error (jinja2, package), as a 400
             raise ApiError(400, f"the model's chat template cannot render these messages: {e}",
                            "invalid_request_error", param="messages") from None
-        tokens = await asyncio.to_thread(engine.encode, text, False)
         handle = _submit(state, tokens, req, req.max_completion_tokens or req.max_tokens,
-                         req.top_logprobs or 0 if req.logprobs else None)
-        return await _respond(state, request, handle, req, chat=True)
+                         req.top_logprobs or 0 if req.logprobs else None, response_format)
+        return await _respond(state, request, handle, req, chat=True, tools=tools)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -194,7 +204,7 @@ def create_app(load: Callable[[], object], options: ServeOptions,
         vocab = engine.manifest.model.vocab_size
         if any(not 0 <= t < vocab for t in tokens):
             raise ApiError(400, f"prompt token ids must be in 0..{vocab - 1}", "invalid_request_error", param="prompt")
-        handle = _submit(state, tokens, req, req.max_tokens, req.logprobs)
+        handle = _submit(state, tokens, req, req.max_tokens, req.logprobs, req.response_format)
         return await _respond(state, request, handle, req, chat=False)
 
     return app
@@ -247,8 +257,9 @@ def _parse(model, body: dict):
         raise ApiError(400, message, "invalid_request_error", param=param) from None
 
 
-def _submit(state: _State, tokens: list[int], req, max_tokens: int | None, logprobs: int | None) -> RequestHandle:
-    """Check the lengths against the context and queue the request."""
+def _submit(state: _State, tokens: list[int], req, max_tokens: int | None, logprobs: int | None,
+            response_format: dict | None = None) -> RequestHandle:
+    """Check the lengths against the context and the response format, and queue the request."""
     engine, scheduler = state.ready()
     context = engine.max_context
     if not tokens:
@@ -263,22 +274,25 @@ def _submit(state: _State, tokens: list[int], req, max_tokens: int | None, logpr
                             f"prompt takes {len(tokens)}, so at most {room} can be generated",
                        "invalid_request_error", param="max_tokens", code="context_length_exceeded")
     try:
-        return scheduler.submit(tokens, max_new_tokens=max_tokens or room, **req.sampling(), logprobs=logprobs)
+        return scheduler.submit(tokens, max_new_tokens=max_tokens or room, **req.sampling(), logprobs=logprobs,
+                                response_format=response_format)
     except ValueError as e:
-        raise ApiError(400, str(e), "invalid_request_error") from None
+        param = "response_format" if "response_format" in str(e) else None
+        raise ApiError(400, str(e), "invalid_request_error", param=param) from None
     except QueueFull as e:
         raise ApiError(429, str(e), "server_overloaded", code="queue_full") from None
     except SchedulerClosed as e:
         raise ApiError(503, str(e), "server_error") from None
 
 
-async def _respond(state: _State, request: Request, handle: RequestHandle, req, chat: bool):
+async def _respond(state: _State, request: Request, handle: RequestHandle, req, chat: bool,
+                   tools: ToolPlan | None = None):
     completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     tracker = state.metrics.track(handle)
     endpoint = "chat" if chat else "completions"
     if req.stream:
-        events = _stream(state, tracker, req, chat, completion_id, created)
+        events = _stream(state, tracker, req, chat, completion_id, created, tools)
         return EventSourceResponse(_finishing(tracker, events, endpoint), sep="\n", ping=15,
                                    headers={"Cache-Control": "no-cache"})
     watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
@@ -288,9 +302,13 @@ async def _respond(state: _State, request: Request, handle: RequestHandle, req, 
         watcher.cancel()
     if handle.finish_reason not in ("stop", "length") or handle.usage is None:
         raise ApiError(500, "the request ended without a result", "server_error")
-    build = chat_response if chat else completion_response
-    return JSONResponse(build(completion_id, created, state.options.model_id, responses, handle,
-                              _logprob_builder(state, chat) if handle.settings.logprobs is not None else None))
+    logprobs = _logprob_builder(state, chat) if handle.settings.logprobs is not None else None
+    if not chat:
+        return JSONResponse(completion_response(completion_id, created, state.options.model_id, responses, handle,
+                                                logprobs))
+    calls = parse_tool_calls("".join(r.text for r in responses), tools.wrapped) if tools else None
+    return JSONResponse(chat_response(completion_id, created, state.options.model_id, responses, handle, logprobs,
+                                      calls))
 
 
 async def _responses(tracker: RequestTracker) -> AsyncIterator[StreamResponse]:
@@ -329,8 +347,11 @@ def _logprob_builder(state: _State, chat: bool):
 
 
 async def _stream(state: _State, tracker: RequestTracker, req, chat: bool, completion_id: str,
-                  created: int) -> AsyncIterator[dict]:
-    """Server-sent events of one request: chunks, a usage chunk when asked, then [DONE]."""
+                  created: int, tools: ToolPlan | None = None) -> AsyncIterator[dict]:
+    """Server-sent events of one request: chunks, a usage chunk when asked, then [DONE].
+
+    A turn with tools is sent whole at its end (one delta with the call or the text), since whether
+    it is a call is known only then."""
     handle, model_id = tracker.handle, state.options.model_id
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
     logprobs = _logprob_builder(state, chat) if handle.settings.logprobs is not None else None
@@ -338,11 +359,16 @@ async def _stream(state: _State, tracker: RequestTracker, req, chat: bool, compl
     if chat:  # the role comes in the first delta only
         yield {"data": _json(chat_chunk(completion_id, created, model_id, {"role": "assistant", "content": ""},
                                              None, None, usage_field))}
-    offset = 0
+    offset, held = 0, []
     try:
         async for r in _responses(tracker):
             lp = logprobs[0]([r], logprobs[1], offset) if logprobs else None
-            if r.text or lp or r.finish_reason is not None:
+            if tools is not None:
+                held.append(r)
+                if r.finish_reason is not None:
+                    yield {"data": _json(_tool_turn_chunk(held, tools, completion_id, created, model_id, usage_field,
+                                                          logprobs))}
+            elif r.text or lp or r.finish_reason is not None:
                 if chat:
                     delta = {"content": r.text} if r.text or lp else {}
                     chunk = chat_chunk(completion_id, created, model_id, delta, lp, r.finish_reason, usage_field)
@@ -362,6 +388,19 @@ async def _stream(state: _State, tracker: RequestTracker, req, chat: bool, compl
         yield {"data": _json({"id": completion_id, "object": obj, "created": created, "model": model_id,
                                    "choices": [], "usage": usage_dict(handle.usage)})}
     yield {"data": "[DONE]"}
+
+
+def _tool_turn_chunk(responses: list[StreamResponse], tools: ToolPlan, completion_id: str, created: int,
+                     model_id: str, usage_field: dict, logprobs) -> dict:
+    """The one chunk of a streamed turn with tools: the call (as delta.tool_calls) or the text."""
+    text = "".join(r.text for r in responses)
+    calls = parse_tool_calls(text, tools.wrapped)
+    lp = logprobs[0](responses, logprobs[1], 0) if logprobs else None
+    if calls:
+        delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+        return chat_chunk(completion_id, created, model_id, delta, lp, "tool_calls", usage_field)
+    return chat_chunk(completion_id, created, model_id, {"content": text}, lp, responses[-1].finish_reason,
+                      usage_field)
 
 
 def serve(load: Callable[[], object], options: ServeOptions, host: str = "127.0.0.1", port: int = 8080,

@@ -93,13 +93,33 @@ class ContentPart(_Model):
     text: str
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str = "{}"  # a JSON string, as OpenAI sends it
+
+
+class ToolCall(_Model):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result's call
+    name: str | None = None
 
     def plain(self) -> dict:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
 
 
 class ChatRequest(_Request):
@@ -108,14 +128,14 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list | None = None
+    tool_choice: str | dict = "auto"
+    parallel_tool_calls: bool = True  # accepted; a turn makes one call (see runtime/tools.py)
     response_format: dict | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise ApiError(400, "tools are not supported by edge-run serve", "invalid_request_error", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ApiError(400, "response_format other than text is not supported by edge-run serve",
+        if self.tools and self.response_format and self.response_format.get("type", "text") != "text":
+            raise ApiError(400, "tools and response_format do not combine: a tool call has its own format",
                            "invalid_request_error", param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "invalid_request_error", param="top_logprobs")
@@ -130,6 +150,7 @@ class CompletionRequest(_Request):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
+    response_format: dict | None = None  # extension (as vLLM's): structured output for completions too
     best_of: int | None = None
 
     def check_supported(self) -> None:
@@ -189,11 +210,14 @@ def _logprobs(responses, builder) -> dict | None:
 
 
 def chat_response(completion_id: str, created: int, model: str, responses: list[StreamResponse],
-                  handle: RequestHandle, logprobs=None) -> dict:
+                  handle: RequestHandle, logprobs=None, tool_calls: list[dict] | None = None) -> dict:
     text = "".join(r.text for r in responses)
+    message = {"role": "assistant", "content": None if tool_calls else text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": _logprobs(responses, logprobs), "finish_reason": handle.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": _logprobs(responses, logprobs),
+                         "finish_reason": "tool_calls" if tool_calls else handle.finish_reason}],
             "usage": usage_dict(handle.usage)}
 
 

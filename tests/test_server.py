@@ -122,6 +122,86 @@ def test_chat_streaming_chunks(client, reference):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                         "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"], "additionalProperties": False,
+          "x-guidance": {"whitespace_flexible": False, "whitespace_pattern": None}}
+
+
+def test_chat_response_format_json_schema_equals_engine(client, reference):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the fox"}],
+                                       max_tokens=60, temperature=0, response_format=fmt)
+    text, _, finish = _greedy(reference, _chat_tokens(reference, "the fox"), 60, response_format=fmt)
+    assert r.choices[0].message.content == text and r.choices[0].finish_reason == finish == "stop"
+    answer = json.loads(text)
+    assert set(answer) == {"name", "age"} and 0 <= answer["age"] <= 99
+    # the same through the completions endpoint (an extension there) and streamed
+    stream = client.completions.create(model=MODEL, prompt="the dog", max_tokens=30, temperature=0, stream=True,
+                                       extra_body={"response_format": {"type": "regex", "pattern": "[0-9]{3}"}})
+    assert len("".join(c.choices[0].text for c in stream)) == 3
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]}}}]
+
+
+@pytest.fixture(scope="module")
+def long_client(tmp_path_factory):
+    """A server of a tiny model with room for the tool prompt (its 320-token vocabulary spells it long)."""
+    from conftest import build_tiny_llama
+
+    from edgerun.export.pipeline import ExportOptions, export
+
+    root = tmp_path_factory.mktemp("tools")
+    export(build_tiny_llama(root / "hf", seed=5, initializer_range=0.2, max_position_embeddings=1024),
+           root / "pkg", ExportOptions(formats=("onnx",)))
+    engine = edgerun.Engine(root / "pkg", max_context=1024, threads=1)
+    with running_server(lambda: engine, ServeOptions(model_id=MODEL, max_batch=2)) as (url, _):
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_tool_calls(long_client, stream):
+    client = long_client
+    messages = [{"role": "user", "content": "weather in Oslo?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="required",
+                                       max_tokens=200, temperature=0, stream=stream)
+    if stream:
+        chunks = [c for c in r if c.choices]
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        call = chunks[-1].choices[0].delta.tool_calls[0]
+    else:
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        call = r.choices[0].message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Oslo")
+    # the call and its result go back as the next turn's history
+    messages += [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                         "arguments": call.function.arguments}}]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="none",
+                                       max_tokens=5, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.tool_calls is None
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"response_format": {"type": "regex", "pattern": "a(b"}}, "invalid response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "objectx"}}}}, "objectx"),
+    ({"response_format": {"type": "yaml"}}, "unknown response_format type"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
+    ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "do not combine"),
+])
+def test_bad_structured_requests_are_400(server, body, words):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, **body}
+    error = _error(httpx.post(f"{server[0]}/v1/chat/completions", json=body, timeout=30), 400)
+    assert words in error["message"]
+
+
 def test_raw_sse_ends_with_done(server):
     body = {"model": MODEL, "prompt": "the lazy dog", "max_tokens": 5, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server[0]}/v1/completions", json=body, timeout=30) as r:

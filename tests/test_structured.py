@@ -202,7 +202,7 @@ def test_real_model_schemas_greedy_and_sampled(smollm2_engine):
             text = "".join(r.text for r in responses)
             assert responses[-1].finish_reason == "stop", (what, text)
             jsonschema.validate(json.loads(text), schema)
-    messages = [{"role": "user", "content": "Describe a cat as a JSON object."}]
+    messages = [{"role": "user", "content": "Give a small JSON object with a cat's name and age."}]
     text = "".join(r.text for r in engine.chat(messages, max_new_tokens=200, response_format={"type": "json_object"}))
     assert isinstance(json.loads(text), dict)
 
@@ -222,3 +222,104 @@ def test_real_model_constrained_lookup_is_lossless(smollm2_engine):
                                          speculative="lookup")]
     assert spec == plain
     jsonschema.validate(json.loads(engine.decode(plain)), schema)
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                         "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "description": "add two integers", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a", "b"]}}},
+]
+HERMES_TEMPLATE = (
+    "{% if tools %}<s>system: tools {% for t in tools %}{{ t.function.name }} {% endfor %}"
+    "answer in <tool_call> tags</s>{% endif %}"
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def _call(responses) -> dict:
+    (call,) = responses[-1].tool_calls
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    return {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}
+
+
+def _check_call(call: dict, names=("get_weather", "add")) -> None:
+    assert call["name"] in names
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call["name"])
+    jsonschema.validate(call["arguments"], schema)
+
+
+@pytest.fixture(scope="module")
+def tool_engine(tmp_path_factory):
+    """A random tiny model with room for the fallback tool prompt."""
+    root = tmp_path_factory.mktemp("tools")
+    export(build_tiny_llama(root / "hf", seed=3, initializer_range=0.2, max_position_embeddings=1024), root / "pkg")
+    return edgerun.Engine(root / "pkg", max_context=1024)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_tool_call_fallback_prompt(tool_engine, sampled):
+    """A template without tools: the tools go into a system message and the call is bare JSON."""
+    engine = tool_engine
+    kw = dict(temperature=1.0, seed=5) if sampled else {}
+    messages = [{"role": "user", "content": "weather in Oslo?"}]
+    prompt, turn = engine.tool_turn(messages, TOOLS, "required")
+    assert not turn.wrapped and "get_weather" in engine.decode(prompt) and turn.template_tools is None
+    responses = list(engine.chat(messages, tools=TOOLS, tool_choice="required", max_new_tokens=200, **kw))
+    assert responses[-1].finish_reason == "stop"
+    _check_call(_call(responses))
+    named = {"type": "function", "function": {"name": "add"}}
+    responses = list(engine.chat(messages, tools=TOOLS, tool_choice=named, max_new_tokens=200, **kw))
+    _check_call(_call(responses), names=("add",))
+    responses = list(engine.chat(messages, tools=TOOLS, tool_choice="none", max_new_tokens=8, **kw))
+    assert responses[-1].tool_calls is None
+    # "auto": a call (then parsed and valid) or a plain answer that does not begin like one
+    responses = list(engine.chat(messages, tools=TOOLS, max_new_tokens=200, **kw))
+    text = "".join(r.text for r in responses)
+    if responses[-1].tool_calls:
+        _check_call(_call(responses))
+    else:
+        assert not text.lstrip().startswith("{")
+
+
+def test_tool_call_through_a_template_with_tools(tool_engine):
+    """A template that reads `tools` renders them itself; `<tool_call>` tags wrap the call."""
+    import dataclasses
+
+    engine = tool_engine
+    plain = engine.manifest
+    engine.manifest = dataclasses.replace(plain, chat_template=HERMES_TEMPLATE)
+    try:
+        messages = [{"role": "user", "content": "add 2 and 3"}]
+        prompt, turn = engine.tool_turn(messages, TOOLS, "required")
+        assert turn.wrapped and engine.decode(prompt).startswith("system: tools get_weather add")
+        responses = list(engine.chat(messages, tools=TOOLS, tool_choice="required", max_new_tokens=200))
+        text = "".join(r.text for r in responses)
+        assert text.startswith("<tool_call>\n{") and text.endswith("}\n</tool_call>")
+        _check_call(_call(responses))
+    finally:
+        engine.manifest = plain
+
+
+@pytest.mark.parametrize("tools, choice, message", [
+    ([], "auto", "non-empty list"),
+    ([{"type": "function", "function": {"parameters": {}}}], "auto", "function.name must be"),
+    (TOOLS + TOOLS[:1], "auto", "unique"),
+    (TOOLS, "sometimes", "tool_choice"),
+    (TOOLS, {"type": "function", "function": {"name": "nope"}}, "nope"),
+])
+def test_bad_tools(tool_engine, tools, choice, message):
+    with pytest.raises(ValueError, match=message):
+        tool_engine.chat([{"role": "user", "content": "x"}], tools=tools, tool_choice=choice)
+
+
+@pytest.mark.slow
+def test_real_model_tool_call(smollm2_engine):
+    responses = list(smollm2_engine.chat([{"role": "user", "content": "What is 2 plus 3?"}], tools=TOOLS,
+                                         tool_choice="required", max_new_tokens=100))
+    call = _call(responses)
+    _check_call(call)
+    assert call == {"name": "add", "arguments": {"a": 2, "b": 3}}
