@@ -148,6 +148,7 @@ class RowConstraint:
 
         self.vocab_size = grammars.vocab_size
         self.eos = grammars.eos
+        self._eos = frozenset(self.eos)
         self._matcher = llg.LLMatcher(grammars.ll_tokenizer, grammar.text)
         if self._matcher.is_error():
             raise ValueError(f"invalid response_format ({grammar.kind}): {self._matcher.get_error()}")
@@ -163,6 +164,16 @@ class RowConstraint:
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """`logits` [vocab] with every forbidden token at -inf (a new array)."""
         return np.where(self.allowed(), logits, np.float32(-np.inf))
+
+    def best(self, logits: np.ndarray) -> int:
+        """The allowed token with the highest logit (the first on a tie), as argmax(mask(logits)).
+
+        Greedy decoding's case: the model's own first choice is checked alone, without the whole
+        vocabulary's mask, and the mask is computed only when the grammar forbids that choice."""
+        token = int(np.argmax(logits))
+        if self._allowed is None and token not in self._eos and self.valid_prefix([token]) == 1:
+            return token  # (validate_tokens does not count end-of-sequence tokens: the mask decides those)
+        return int(np.argmax(self.mask(logits)))
 
     def forced(self) -> list[int]:
         """Tokens the grammar allows as the only continuation here (may be empty)."""
@@ -202,6 +213,9 @@ def choose(sampler, logits: np.ndarray, constraint: RowConstraint | None) -> int
     forced = constraint.forced()
     if forced:
         token = forced[0]
+        sampler.observe([token])
+    elif sampler.params.greedy:
+        token = constraint.best(sampler.penalized(logits))
         sampler.observe([token])
     else:
         token = sampler(constraint.mask(logits))

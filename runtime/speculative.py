@@ -119,20 +119,19 @@ def verify(sampler: Sampler, draft: Draft, target_logits: np.ndarray, constraint
             if token != forced[0]:
                 keep(forced[0])
                 return out
+        elif sampler.params.greedy:
+            logits = sampler.penalized(target_logits[i])
+            best = int(np.argmax(logits)) if constraint is None else constraint.best(logits)
+            if best != token:
+                keep(best)
+                return out
         else:
             logits = target_logits[i] if constraint is None else constraint.mask(target_logits[i])
-            logits = sampler.penalized(logits)
-            if sampler.params.greedy:
-                best = int(np.argmax(logits))
-                if best != token:
-                    keep(best)
-                    return out
-            else:
-                p = sampler.dense(logits)
-                q = draft.probs[i] if draft.probs is not None else _point_mass(token, p.size)
-                if sampler.rng.random() * q[token] >= p[token]:  # reject with prob 1 - min(1, p/q)
-                    keep(_residual_draw(sampler, p, q))
-                    return out
+            p = sampler.dense(sampler.penalized(logits))
+            q = draft.probs[i] if draft.probs is not None else _point_mass(token, p.size)
+            if sampler.rng.random() * q[token] >= p[token]:  # reject with prob 1 - min(1, p/q)
+                keep(_residual_draw(sampler, p, q))
+                return out
         if keep(token):
             return out
     logits = target_logits[len(draft.tokens)]
