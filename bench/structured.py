@@ -133,8 +133,12 @@ def run(args) -> dict:
             n = len(runs["constrained"][-1][0])
             runs["plain"].append(_timed(engine.generate(encoded[i], max_new_tokens=n, ignore_eos=True)))
         answer = engine.decode(runs["constrained"][0][0])
-        json.loads(answer)  # every constrained answer is complete JSON
-        rows.append({"prompt": i, "answer": answer, **{
+        try:
+            json.loads(answer)
+            complete = True
+        except json.JSONDecodeError:  # cut at --max-tokens
+            complete = False
+        rows.append({"prompt": i, "answer": answer, "complete": complete, **{
             k: {"tokens": len(v[0][0]), "total_s": statistics.median(r[1] for r in v),
                 "decode_s": statistics.median(r[2] for r in v)} for k, v in runs.items()}})
 
@@ -153,7 +157,8 @@ def run(args) -> dict:
         "grammar_cost": [_replay_cost(Path(t), [(r["answer"], cases[r["prompt"]][1]) for r in rows])
                          for t in [engine.package_dir / engine.manifest.tokenizer, *args.tokenizer]],
     }
-    print(f"package {args.package}: {len(rows)} prompts x {args.rounds} rounds, {args.threads} threads")
+    print(f"package {args.package}: {len(rows)} prompts x {args.rounds} rounds, {args.threads} threads, "
+          f"{sum(r['complete'] for r in rows)} answers complete JSON within --max-tokens")
     print(f"  mask overhead per decoded token (masked-only vs plain): {100 * report['mask_overhead_per_token']:+.1f}%")
     print(f"  plain / constrained, same tokens: x{report['plain_over_constrained_total']:.2f} from the call, "
           f"x{report['plain_over_constrained_decode']:.2f} decode only")
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also time the grammar at this tokenizer's vocabulary (repeatable)")
     p.add_argument("--prompts", type=int, default=6, help="extraction prompts (default: 6)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per prompt (default: 2)")
-    p.add_argument("--max-tokens", type=int, default=160, help="most tokens per answer (default: 160)")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default: 256)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default: 2)")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)

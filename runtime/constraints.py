@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-# whitespace between JSON tokens: at most this much (a small model can otherwise loop on blanks
-# forever); a schema's own "x-guidance" options override it
-JSON_DEFAULTS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,32}"}
+# whitespace between JSON tokens: one space, or one line break and an indent, as pretty-printed JSON
+# has (a small model can otherwise spend its tokens on blanks, or loop on them); a schema's own
+# "x-guidance" options override it (e.g. {"whitespace_flexible": false, "whitespace_pattern": null}: none)
+JSON_DEFAULTS = {"whitespace_pattern": r"( ?|\n[ \t]{0,24})"}
 RESPONSE_FORMATS = ('{"type": "json_schema", "json_schema": {"schema": {...}}}, {"type": "json_object"}, '
                     '{"type": "regex", "pattern": "..."}, {"type": "grammar", "lark": "..."} or {"type": "text"}')
 
