@@ -294,3 +294,66 @@ def test_recipe_dicts_take_any_json(data):
             rule.make_format()
     except ValueError as e:
         assert str(e) and "\n" not in str(e), str(e)
+
+
+# -- the server: any JSON body a local process may send --------------------------------------------
+REQUEST_KEYS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+                "top_k", "seed", "stop", "stream", "stream_options", "logprobs", "top_logprobs", "n",
+                "response_format", "tools", "tool_choice", "role", "content", "type", "json_schema", "schema",
+                "pattern", "lark", "function", "name", "parameters", "include_usage", "ignore_eos", "echo"]
+SERVER_CASES = 120
+_LEAF = (st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=False, allow_infinity=False, width=32)
+         | st.sampled_from(["tiny", "user", "assistant", "tool", "the fox", "json_schema", "json_object", "regex",
+                            "grammar", "text", "function", "auto", "required", "a(b", "[0-9]+", "start: \"x\"",
+                            "object", "integer", ""]))
+REQUEST_BODIES = st.recursive(_LEAF, lambda inner: st.lists(inner, max_size=3)
+                              | st.dictionaries(st.sampled_from(REQUEST_KEYS), inner, max_size=6), max_leaves=16)
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(tiny_fp32):
+    from fastapi.testclient import TestClient
+
+    import edgerun
+    from edgerun.server import ServeOptions, create_app
+
+    engine = edgerun.Engine(tiny_fp32, max_context=64, threads=1)
+    app = create_app(lambda: engine, ServeOptions(model_id="tiny", max_batch=2, max_body_bytes=16 << 10))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        import time
+
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield client
+
+
+VALID = {"/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "the fox"}],
+                                  "max_tokens": 4},
+         "/v1/completions": {"model": "tiny", "prompt": "the fox", "max_tokens": 4}}
+FORMATS = st.sampled_from([{"type": "json_object"}, {"type": "regex", "pattern": "[0-9]{2}"},
+                           {"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}},
+                           {"type": "grammar", "lark": "start: \"x\""}])
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+    "a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}}}
+
+
+@settings(max_examples=SERVER_CASES, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(route=st.sampled_from(sorted(VALID)), anything=st.booleans(), body=REQUEST_BODIES,
+       changes=st.dictionaries(st.sampled_from(REQUEST_KEYS), REQUEST_BODIES | FORMATS
+                               | st.just([TOOL]) | st.just([{"role": "tool", "content": "1"}]), max_size=3))
+def test_server_requests_take_any_json(fuzz_client, route, anything, body, changes):
+    """Any JSON body (`anything`), or a valid request with up to three fields replaced by any JSON
+    (biased to the API's own keys, values, formats and tools): a result, or a 4xx with OpenAI's
+    error body; never a 500 or a traceback."""
+    if not anything:
+        body = {**VALID[route], **changes}
+    r = fuzz_client.post(route, json=body)
+    assert r.status_code in (200, 400, 404, 413, 422), (body, r.status_code, r.text)
+    assert "Traceback" not in r.text
+    if r.status_code != 200:
+        error = r.json()["error"]
+        assert error["message"] and "\n" not in error["message"], error
+    elif not (isinstance(body, dict) and body.get("stream")):
+        assert r.json()["choices"], r.text
