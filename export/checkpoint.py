@@ -202,15 +202,15 @@ def _load_gguf(path: Path, with_weights: bool = True) -> Checkpoint:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise PackageError(f"{path}: cannot rebuild its tokenizer: {reason}") from None
     with _metadata_errors(path):
-        eos = tuple(dict.fromkeys(int(e) for e in (tok.eos_token_id, fields.get("tokenizer.ggml.eot_token_id"))
-                                  if e is not None))
+        eos = tuple(dict.fromkeys(int(e) for e in (tok.eos_token_id, fields.get("tokenizer.ggml.eot_token_id"),
+                                                   *_end_of_turn(family, tokenizer)) if e is not None))
     carried = {k: (fields[k], tuple(f.types)) for k, f in reader.fields.items()
                if k.startswith(_CARRIED_PREFIXES) and k not in _NOT_CARRIED}
     return Checkpoint(
         spec=spec,
         weights=weights,
         tokenizer=tokenizer,
-        chat_template=fields.get("tokenizer.chat_template"),
+        chat_template=_template_or_standard(fields.get("tokenizer.chat_template"), family, path),
         bos_token_id=tok.bos_token_id,
         eos_token_ids=eos,
         add_bos_token=tok.add_bos_token,
@@ -289,10 +289,24 @@ def _load_hf(folder: Path) -> Checkpoint:
         spec=spec,
         weights=weights,
         tokenizer=tokenizer,
-        chat_template=template,
+        chat_template=_template_or_standard(template, family, folder),
         bos_token_id=bos[0] if bos else None,
-        eos_token_ids=tuple(dict.fromkeys(token_id("eos"))),
+        eos_token_ids=tuple(dict.fromkeys([*token_id("eos"), *_end_of_turn(family, tokenizer)])),
         add_bos_token=bool(tok_config.get("add_bos_token", False)),
         source={"path": str(folder.resolve()), "format": "safetensors",
                 "sha256": sha.hexdigest(), "dtypes": dtypes},
     )
+
+
+def _template_or_standard(template: str | None, family, source: Path) -> str | None:
+    """The checkpoint's own chat template, else its family's standard one (with a log line)."""
+    if template or family is None or family.chat_template is None:
+        return template
+    log.info("%s ships no chat template; using the %s family's standard one", source, family.name)
+    return family.chat_template
+
+
+def _end_of_turn(family, tokenizer: Tokenizer) -> list[int]:
+    """Ids of the family's end-of-turn tokens this tokenizer has."""
+    ids = [tokenizer.token_to_id(t) for t in (family.end_of_turn if family else ())]
+    return [i for i in ids if i is not None]

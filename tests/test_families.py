@@ -168,3 +168,23 @@ def test_unsupported_rope_scaling_names_itself(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(PackageError, match=r"rope scaling 'yarn' is not supported yet \(supported: default, llama3\)"):
         load_checkpoint(folder)
+
+
+def test_a_checkpoint_without_a_template_gets_its_familys(tmp_path, caplog):
+    """Gemma 3's GGUF ships no chat template: the family's standard one is used, with a log line."""
+    import logging
+
+    from edgerun.export.checkpoint import load_checkpoint
+    from edgerun.export.families.gemma3 import CHAT_TEMPLATE
+
+    folder = build_tiny(tmp_path / "gemma3", "gemma3")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.INFO):
+        ckpt = load_checkpoint(folder)
+    assert ckpt.chat_template == CHAT_TEMPLATE and "ships no chat template" in caplog.text
+    export(folder, tmp_path / "pkg")
+    engine = edgerun.Engine(tmp_path / "pkg", max_context=64)
+    text = engine.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert text == "<s><start_of_turn>user\nbe brief\n\nhi<end_of_turn>\n<start_of_turn>model\n"

@@ -28,6 +28,10 @@ class Family:
         from_gguf_tensor: fixes the layout of a dequantized GGUF tensor (name, array, spec).
         to_gguf_tensor: the inverse: canonical array -> the layout llama.cpp expects.
         from_hf_tensor: fixes a Hugging Face tensor's values (e.g. Gemma's norm offset); optional.
+        chat_template: the family's standard chat template, for a checkpoint that ships none (as
+            llama.cpp falls back to its built-in templates); None: such a checkpoint stays untemplated.
+        end_of_turn: tokens that end a model's turn in that template, added to the checkpoint's
+            end-of-sequence ids when its vocabulary has them.
     """
 
     name: str
@@ -40,6 +44,8 @@ class Family:
     to_gguf_tensor: Callable[[str, np.ndarray, ModelSpec], np.ndarray]
     # fixes the layout of an HF tensor (name, float32 array, spec); None: as stored
     from_hf_tensor: Callable[[str, np.ndarray, ModelSpec], np.ndarray] | None = None
+    chat_template: str | None = None
+    end_of_turn: tuple[str, ...] = ()
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -78,6 +78,17 @@ def from_hf_tensor(name: str, w: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return w + np.float32(1.0) if name.endswith("norm") else w
 
 
+# Gemma's turn format: <start_of_turn>user / model ... <end_of_turn>; a system message is folded into
+# the first user turn (Gemma has no system role)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] ~ '\\n\\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ (system if loop.first else '') ~ (m['content'] | trim) }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
 FAMILY = register(Family(
     name="gemma3",
     aliases=("gemma3_text",),
@@ -88,4 +99,6 @@ FAMILY = register(Family(
     from_gguf_tensor=identity_tensor,
     to_gguf_tensor=identity_tensor,
     from_hf_tensor=from_hf_tensor,
+    chat_template=CHAT_TEMPLATE,
+    end_of_turn=("<end_of_turn>",),
 ))
