@@ -342,7 +342,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     def load_engine():
         engine = load(args.model, device=args.device, threads=args.threads, max_context=args.max_context,
                       backend=args.backend, progress=True, kv_cache=args.kv_cache,
-                      batch_invariant=args.batch_invariant)
+                      batch_invariant=args.batch_invariant, speculative=args.speculative is not None)
         print(f"edge-run: serving {options.model_id!r} at http://{args.host}:{args.port}/v1 ({engine.backend.name} "
               f"backend, {args.max_batch} rows x {engine.max_context} positions)", file=sys.stderr)
         return engine

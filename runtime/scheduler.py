@@ -138,15 +138,20 @@ class Scheduler:
             and idle rows are searched too (0: no prompt cache at all).
         speculative: None, or "lookup[:MAX_NGRAM[,MIN_NGRAM]]": rows draft by prompt lookup and
             verify in the shared step.
+        exact: with speculation on quantized weights, run every step in the batch-invariant form
+            (as Engine.generate's `exact`), so speculation does not change greedy output; False:
+            the fast kernels.
         draft_tokens: most drafts per row and step.
         speculate_rows: rows draft only while at most this many decode.
     Raises:
-        ValueError: a bad setting, or a speculative mode other than lookup.
+        ValueError: a bad setting, a speculative mode other than lookup, or exact speculation on
+            a quantized llama.cpp engine not loaded with speculative=True.
     """
 
     def __init__(self, engine, max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  max_queue: int = 1024, prompt_cache_bytes: int = 256 << 20, speculative: str | None = None,
-                 draft_tokens: int = DEFAULT_DRAFT_TOKENS, speculate_rows: int = DEFAULT_SPECULATE_ROWS):
+                 draft_tokens: int = DEFAULT_DRAFT_TOKENS, speculate_rows: int = DEFAULT_SPECULATE_ROWS,
+                 exact: bool = True):
         for name, value, low in (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
                                  ("max_queue", max_queue, 0), ("prompt_cache_bytes", prompt_cache_bytes, 0),
                                  ("draft_tokens", draft_tokens, 1), ("speculate_rows", speculate_rows, 0)):
@@ -155,11 +160,12 @@ class Scheduler:
         self.engine, self.max_batch, self.prefill_chunk, self.max_queue = engine, max_batch, prefill_chunk, max_queue
         self.settings = dict(max_batch=max_batch, prefill_chunk=prefill_chunk, max_queue=max_queue,
                              prompt_cache_bytes=prompt_cache_bytes, speculative=speculative,
-                             draft_tokens=draft_tokens, speculate_rows=speculate_rows)
+                             draft_tokens=draft_tokens, speculate_rows=speculate_rows, exact=exact)
         self.drafter = _lookup_drafter(speculative)
+        self.backend = engine._step_backend(self.drafter is not None, exact)  # every step, prompts included
         self.draft_tokens, self.speculate_rows = draft_tokens, speculate_rows
         self.max_len = engine.max_context
-        self.cache = engine.backend.new_cache(max_batch, self.max_len)
+        self.cache = self.backend.new_cache(max_batch, self.max_len)
         self.cache.reset()
         self.prompt_cache = PromptCache(self.cache, prompt_cache_bytes) if prompt_cache_bytes else None
         self.slots: list[_Sequence | None] = [None] * max_batch
@@ -366,7 +372,7 @@ class Scheduler:
         counts[:] = 0
         for seq in decoding:
             tokens[seq.row, 0], counts[seq.row] = seq.tokens[-1], 1
-        logits = self.engine.backend.forward(tokens, self.cache, counts, self._positions)
+        logits = self.backend.forward(tokens, self.cache, counts, self._positions)
         self.stats.steps += 1
         self.stats.step_rows += len(decoding)
         for seq in decoding:
@@ -394,7 +400,7 @@ class Scheduler:
             counts[seq.row] = 1 + len(draft.tokens)
             tokens[seq.row, :counts[seq.row]] = [seq.tokens[-1], *draft.tokens]
         start = self.cache.lengths.copy()
-        logits = self.engine.backend.forward(tokens, self.cache, counts,
+        logits = self.backend.forward(tokens, self.cache, counts,
                                              np.tile(np.arange(width), (self.max_batch, 1)))
         self.stats.steps += 1
         self.stats.step_rows += len(decoding)
@@ -430,7 +436,7 @@ class Scheduler:
 
     def _forward_row(self, row: int, tokens: list[int]) -> np.ndarray:
         """Append `tokens` to one row's sequence; the logits [vocab] of the last one."""
-        n, forward = len(tokens), self.engine.backend.forward
+        n, forward = len(tokens), self.backend.forward
         if hasattr(self.cache, "row"):
             # a batch-1 view of the row: onnxruntime would run a multi-token step on a cache row by
             # row anyway (its GroupQueryAttention), and the view spares it the padding rows

@@ -219,6 +219,26 @@ def test_lookup_speculation_in_the_batch_equals_plain(repetitive, backend):
         _scheduler(engine, speculative="draft:/somewhere")
 
 
+def test_lookup_speculation_on_quantized_weights_is_exact(tmp_path):
+    """int4 weights: the speculating scheduler runs invariant steps, so each request's greedy output
+    equals plain greedy of a batch-invariant engine (issue 24's promise, in the server too)."""
+    from conftest import build_tiny_llama
+
+    from edgerun.export.pipeline import ExportOptions, export
+
+    export(build_tiny_llama(tmp_path / "hf", seed=5), tmp_path / "int4", ExportOptions(quant="int4"))
+    reference = edgerun.Engine(tmp_path / "int4", max_context=128, threads=1, batch_invariant=True)
+    engine = edgerun.Engine(tmp_path / "int4", max_context=128, threads=1)
+    prompts = [p * 2 for p in PROMPTS[:4]]
+    expected = [_alone(reference, p, max_new_tokens=24, ignore_eos=True) for p in prompts]
+    with _scheduler(engine, speculative="lookup", speculate_rows=2, max_batch=2) as scheduler:
+        assert type(scheduler.backend).__name__ == "InvariantSteps"
+        results = [h.result() for h in [scheduler.submit(p, max_new_tokens=24, ignore_eos=True) for p in prompts]]
+    assert [r.tokens for r in results] == expected
+    with _scheduler(engine, speculative="lookup", exact=False) as scheduler:
+        assert scheduler.backend is engine.backend
+
+
 def test_prompt_cache_source_survives_the_eviction_it_causes(engines):
     """A request reusing the least recently stored sequence, in a row whose old sequence must be
     stored too (evicting that one to make room): the source is kept aside, so it is not lost."""
