@@ -323,3 +323,22 @@ def test_real_model_tool_call(smollm2_engine):
     call = _call(responses)
     _check_call(call)
     assert call == {"name": "add", "arguments": {"a": 2, "b": 3}}
+
+
+@pytest.mark.parametrize("text, wrapped, call", [
+    ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>', True, ("add", {"a": 1, "b": 2})),
+    # tags that are special tokens (Qwen2.5's) are dropped by decoding: the bare call still parses
+    ('{"name": "add", "arguments": {"a": 1, "b": 2}}', True, ("add", {"a": 1, "b": 2})),
+    ('{"name": "f", "arguments": {}}', False, ("f", {})),
+    ("The answer is 3.", False, None),
+    ('{"name": "add", "argum', False, None),  # cut short by max tokens
+])
+def test_parse_tool_calls(text, wrapped, call):
+    from edgerun.runtime.tools import parse_tool_calls
+
+    calls = parse_tool_calls(text, wrapped)
+    if call is None:
+        assert calls is None
+    else:
+        (got,) = calls
+        assert (got["function"]["name"], json.loads(got["function"]["arguments"])) == call
