@@ -342,3 +342,15 @@ def test_parse_tool_calls(text, wrapped, call):
     else:
         (got,) = calls
         assert (got["function"]["name"], json.loads(got["function"]["arguments"])) == call
+
+
+def test_llamacpp_backend_constrained_and_speculative(tiny_fp32):
+    """The same constraint on llama.cpp: answers validate, and lookup leaves greedy output unchanged."""
+    engine = edgerun.Engine(tiny_fp32, max_context=128, backend="llamacpp")
+    for _, schema in SCHEMAS[:6]:
+        fmt = schema_format(schema, compact=True)
+        plain = list(engine.generate("the quick brown fox", max_new_tokens=100, response_format=fmt))
+        jsonschema.validate(json.loads("".join(r.text for r in plain)), schema)
+        spec = list(engine.generate("the quick brown fox", max_new_tokens=100, response_format=fmt,
+                                    speculative="lookup"))
+        assert [r.token for r in spec] == [r.token for r in plain]
