@@ -30,6 +30,9 @@ FAMILIES = {
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(tie_word_embeddings=True, head_dim=16, rope_theta=1e6,
                                                              num_hidden_layers=6, sliding_window=5,
                                                              query_pre_attn_scalar=16)),
+    # fused qkv / gate_up; a sliding window on every layer, shorter than the prompts
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(tie_word_embeddings=False, rope_theta=1e4, sliding_window=6,
+                                                   pad_token_id=0)),
 }
 
 
@@ -188,3 +191,16 @@ def test_a_checkpoint_without_a_template_gets_its_familys(tmp_path, caplog):
     engine = edgerun.Engine(tmp_path / "pkg", max_context=64)
     text = engine.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
     assert text == "<s><start_of_turn>user\nbe brief\n\nhi<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_phi3_limits_are_one_line_errors(tmp_path):
+    """Writing a phi3 GGUF (fused tensors) and the 128k models' longrope scaling are refused by name."""
+    folder = build_tiny(tmp_path / "phi3", "phi3")
+    with pytest.raises(PackageError, match="writing a phi3 GGUF is not supported"):
+        export(folder, tmp_path / "gguf", ExportOptions(formats=("gguf",)))
+    assert not (tmp_path / "gguf").exists()
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_scaling"] = {"type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PackageError, match="longrope"):
+        export(folder, tmp_path / "onnx")

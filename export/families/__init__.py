@@ -94,4 +94,4 @@ def layer_names(names: dict[str, str], num_layers: int) -> dict[str, str]:
     return out
 
 
-from . import gemma3, llama, qwen2, qwen3  # noqa: E402, F401  (register the families; must follow the registry definitions above)
+from . import gemma3, llama, phi3, qwen2, qwen3  # noqa: E402, F401  (register the families; must follow the registry definitions above)
