@@ -5,11 +5,14 @@ Sequential ("true sequential") order, as GPTQ does: the inputs of every linear l
 the model whose earlier layers (and earlier projections of the same layer) are already
 quantized, so each layer compensates the error upstream of it.
 
-Only the Llama block (RMSNorm, rotate-half RoPE, GQA attention, SwiGLU MLP) is implemented; the
-forward is registered by architecture name like the model families.
+The forward runs the Llama block (RMSNorm, rotate-half RoPE, GQA attention, SwiGLU MLP) with the
+differences the families state as ModelSpec flags: q/k/v biases, per-head q/k norms, scaled
+embeddings, post-attention and post-MLP norms, GeGLU, an attention scale, and sliding-window layers
+with their own rope base (Qwen2/3, Gemma 3, Phi-3); it is registered by architecture name.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -77,16 +80,22 @@ def _bmm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (torch.from_numpy(np.ascontiguousarray(a)) @ torch.from_numpy(np.ascontiguousarray(b))).numpy()
 
 
-def _attention(spec: ModelSpec, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos, sin) -> np.ndarray:
-    """Causal GQA attention of projected q [n,T,Hq*D], k/v [n,T,Hkv*D] -> [n, T, Hq*D]."""
+def _attention(spec: ModelSpec, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos, sin, window: int = 0
+               ) -> np.ndarray:
+    """Causal GQA attention of projected q [n,T,Hq*D], k/v [n,T,Hkv*D] -> [n, T, Hq*D]; with a
+    `window`, each position sees only the last `window` positions (itself included)."""
     n, t, _ = q.shape
     d, group = spec.head_dim, spec.num_heads // spec.num_kv_heads
     q = _rope(q.reshape(n, t, spec.num_heads, d).transpose(0, 2, 1, 3), cos, sin)
     k = _rope(k.reshape(n, t, spec.num_kv_heads, d).transpose(0, 2, 1, 3), cos, sin)
     v = v.reshape(n, t, spec.num_kv_heads, d).transpose(0, 2, 1, 3)
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    scores = _bmm(q, k.transpose(0, 1, 3, 2)) / np.float32(np.sqrt(d))
-    scores = np.where(np.tril(np.ones((t, t), dtype=bool)), scores, np.float32(-np.inf))
+    scale = spec.attention_scale if spec.attention_scale is not None else 1 / np.sqrt(d)
+    scores = _bmm(q, k.transpose(0, 1, 3, 2)) * np.float32(scale)
+    visible = np.tril(np.ones((t, t), dtype=bool))
+    if window:
+        visible &= ~np.tril(np.ones((t, t), dtype=bool), -window)
+    scores = np.where(visible, scores, np.float32(-np.inf))
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs = (scores / scores.sum(axis=-1, keepdims=True)).astype(np.float32)
     return _bmm(probs, v).transpose(0, 2, 1, 3).reshape(n, t, -1)
@@ -100,7 +109,10 @@ def _llama_sequential(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: n
                       quantize: Quantizer, embed_table: np.ndarray, head: bool, progress: bool) -> np.ndarray:
     """Run `tokens` [n, T] through the Llama layers, calling `quantize` for every linear layer in
     execution order with its (already partly quantized) inputs; returns the final hidden states."""
-    cos, sin = (c[:tokens.shape[1]] for c in rotary_cache(spec))
+    tables = {False: tuple(c[:tokens.shape[1]] for c in rotary_cache(spec))}
+    local = dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_scaling=None) \
+        if spec.rope_local_theta is not None else spec
+    tables[True] = tuple(c[:tokens.shape[1]] for c in rotary_cache(local))
 
     def project(x: np.ndarray, names: list[str]) -> list[np.ndarray]:
         """Quantize the projections of input x [n, T, K] (sharing one Hessian) and apply them."""
@@ -133,7 +145,12 @@ def _llama_sequential(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: n
             return x
         return (x @ weights[f"cut.{i}.weight"].T + weights[f"cut.{i}.bias"]).astype(np.float32)
 
+    def post_norm(x: np.ndarray, name: str) -> np.ndarray:
+        return rms_norm(x, weights[name], spec.rms_norm_eps) if spec.post_norms else x
+
     x = embed_table[tokens]
+    if spec.embed_scale != 1.0:
+        x = (x * np.float32(spec.embed_scale)).astype(np.float32)
     for i in tqdm(range(spec.num_layers), desc="calibrate", unit="layer", disable=not progress):
         p = f"layers.{i}."
         x = cut(x, i)
@@ -141,14 +158,20 @@ def _llama_sequential(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: n
         q, k, v = project(h, [p + "q", p + "k", p + "v"])
         if spec.qk_norm:
             q, k = head_norm(q, p + "q_norm"), head_norm(k, p + "k_norm")
-        (attn,) = project(_attention(spec, q, k, v, cos, sin), [p + "o"])
-        x = x + attn
+        sliding = i in spec.sliding_layers
+        context = _attention(spec, q, k, v, *tables[sliding], window=spec.sliding_window if sliding else 0)
+        (attn,) = project(context, [p + "o"])
+        x = x + post_norm(attn, p + "post_attn_norm")
         h = rms_norm(x, weights[p + "ffn_norm"], spec.rms_norm_eps)
         gate, up = project(h, [p + "gate", p + "up"])
-        with np.errstate(over="ignore"):  # exp(-gate) = inf gives silu = -0, as it should
-            act = (gate / (1 + np.exp(-gate)) * up).astype(np.float32)
+        if spec.activation == "gelu_tanh":
+            inner = np.float32(np.sqrt(2 / np.pi)) * (gate + np.float32(0.044715) * gate ** 3)
+            act = (np.float32(0.5) * gate * (1 + np.tanh(inner)) * up).astype(np.float32)
+        else:
+            with np.errstate(over="ignore"):  # exp(-gate) = inf gives silu = -0, as it should
+                act = (gate / (1 + np.exp(-gate)) * up).astype(np.float32)
         (down,) = project(act, [p + "down"])
-        x = x + down
+        x = x + post_norm(down, p + "post_ffn_norm")
     x = cut(x, spec.num_layers)
     if head:
         name = head_weight_name(weights)
@@ -158,7 +181,7 @@ def _llama_sequential(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: n
 
 
 # architectures whose blocks _llama_sequential runs (their differences are ModelSpec flags)
-SEQUENTIAL = {"llama": _llama_sequential, "qwen2": _llama_sequential, "qwen3": _llama_sequential}
+SEQUENTIAL = {name: _llama_sequential for name in ("llama", "qwen2", "qwen3", "gemma3", "phi3")}
 
 
 def quantize_calibrated(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: np.ndarray,

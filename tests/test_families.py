@@ -131,11 +131,33 @@ def test_quantized_export_runs_and_stays_close(family_model, quant, tmp_path):
     assert np.abs(ours - ref).mean() <= (0.05 if quant == "int8" else 0.4) * spread, family
 
 
-def test_gptq_calibrated_export_runs(tmp_path):
-    folder = build_tiny(tmp_path / "hf", "qwen3", seed=3)
+def test_calibration_forward_matches_the_package(family_model):
+    """GPTQ's numpy forward (export/calibrate.py) computes what the fp32 graphs compute, for every
+    family's differences (biases, q/k norms, post norms, GeGLU, sliding windows, fused weights)."""
+    from edgerun.export.calibrate import SEQUENTIAL, rms_norm
+
+    family, folder, _, engine = family_model
+    ckpt = load_checkpoint(folder)
+    spec, weights = ckpt.spec, ckpt.weights
+    x = SEQUENTIAL[spec.architecture](spec, weights, np.array([TOKENS]), lambda *a: None, weights["embed"],
+                                      False, False)
+    head = weights["embed"] if spec.tie_embeddings else weights["lm_head"]
+    logits = rms_norm(x, weights["final_norm"], spec.rms_norm_eps)[0] @ head.T
+    assert np.abs(logits - engine.logits(TOKENS)).max() <= 2e-3, family
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "phi3"])
+def test_gptq_calibrated_export_runs(tmp_path, family):
+    folder = build_tiny(tmp_path / "hf", family, seed=3)
     export(folder, tmp_path / "gptq", ExportOptions(quant="int4-gptq"))
     engine = edgerun.Engine(tmp_path / "gptq", max_context=64)
-    assert engine.logits(TOKENS).shape[0] == len(TOKENS)
+    export(folder, tmp_path / "fp32")
+    reference = edgerun.Engine(tmp_path / "fp32", max_context=64)
+    ours, ref = engine.logits(TOKENS), reference.logits(TOKENS)
+    # in the neighbourhood of the float model (a random tiny model is no measure of GPTQ against RTN:
+    # measured 0.20 / 0.49 / 0.32 x std here, RTN int4 0.22 / 0.39 / 0.28; the calibration forward
+    # itself matches the graphs, test_calibration_forward_matches_the_package)
+    assert np.abs(ours - ref).mean() <= 0.6 * ref.std(), family
 
 
 @pytest.mark.parametrize("family", ["qwen2-untied", "qwen3", "llama3", "gemma3"])
