@@ -100,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ONNX: MatMulNBits; GGUF: Q8_0 / Q4_0 / Q4_1 / TQ2_0 / TQ1_0 blocks); with --format "
                         "gguf also llama.cpp's types (q4_k_m, q5_k_m, q6_k, ...); recorded in the manifest")
     p.add_argument("--device", default="cpu",
-                   help="target device of a quantized ONNX package: sets the MatMulNBits accuracy level "
-                        "(cpu: 4 = int8 compute; others: 0 = the provider's choice)")
+                   help="device profile whose ONNX variant to build (edge-run devices lists them): cpu, cuda, "
+                        "webgpu, openvino, android, ios, ...; sets the MatMulNBits accuracy level (cpu: 4 = "
+                        "int8 compute; GPUs: 0 = the provider's choice), android/ios add ORT-format models "
+                        "and required_operators.config for a mobile onnxruntime build")
     p.add_argument("--accuracy-level", type=int, default=None, choices=range(5), metavar="0-4",
                    help="MatMulNBits compute precision, overriding --device: 0 unset, 1 fp32, 2 fp16, 3 bf16, "
                         "4 int8")

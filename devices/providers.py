@@ -1,7 +1,8 @@
 """Execution providers: the only place in edge-run that names them.
 
 A device name ("cpu", "cuda", "coreml", ...) maps to an onnxruntime provider, its options, and
-where OrtValues (the KV cache) live. "auto" takes the first available in preference order.
+where OrtValues (the KV cache) live; the table is derived from the device profiles
+(`profiles.json`, see `profiles.py`). "auto" takes the first available in preference order.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psutil
+
+from .profiles import load_profiles
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -37,17 +40,13 @@ class Device:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-# preference order for "auto"; mobile / NPU providers first where they exist
-DEVICES: dict[str, Device] = {d.name: d for d in (
-    Device("cuda", "CUDAExecutionProvider", "cuda"),
-    Device("dml", "DmlExecutionProvider"),
-    Device("coreml", "CoreMLExecutionProvider"),
-    Device("qnn", "QNNExecutionProvider",
-           options={"backend_path": "QnnHtp.dll" if os.name == "nt" else "libQnnHtp.so"}),
-    Device("nnapi", "NnapiExecutionProvider"),
-    Device("xnnpack", "XnnpackExecutionProvider"),
-    Device("cpu", "CPUExecutionProvider"),
-)}
+def _devices() -> dict[str, Device]:
+    return {p.name: Device(p.name, p.provider, p.ort_device, dict(p.options))
+            for p in load_profiles().values() if p.onnx}
+
+
+# every onnxruntime target of devices/profiles.json, in its ("auto" preference) order
+DEVICES: dict[str, Device] = _devices()
 
 
 def available_devices() -> list[str]:
@@ -55,6 +54,12 @@ def available_devices() -> list[str]:
 
     providers = set(ort.get_available_providers())
     return [name for name, d in DEVICES.items() if d.provider in providers]
+
+
+def _auto_device() -> str:
+    """The first profile "auto" may pick whose provider this onnxruntime has (CPU at the latest)."""
+    profiles = load_profiles()
+    return next(name for name in available_devices() if profiles[name].auto)
 
 
 def resolve_device(name: str = "cpu") -> Device:
@@ -66,14 +71,19 @@ def resolve_device(name: str = "cpu") -> Device:
     import onnxruntime as ort
 
     if name == "auto":
-        name = available_devices()[0]
+        name = _auto_device()
     if name not in DEVICES:
+        profile = load_profiles().get(name)
+        if profile is not None:  # a llama.cpp-only target
+            raise ValueError(f"device {name!r} is a llama.cpp GPU backend; run a GGUF package with --backend "
+                             f"llamacpp, or choose an onnxruntime device: auto, {', '.join(DEVICES)}")
         raise ValueError(f"unknown device {name!r}; choose one of: auto, {', '.join(DEVICES)}")
     device = DEVICES[name]
     if device.provider not in ort.get_available_providers():
+        profile = load_profiles()[name]
         raise ValueError(f"device {name!r} needs {device.provider}, which this onnxruntime build lacks "
-                         f"(available: {', '.join(available_devices())}); install the matching "
-                         f"onnxruntime package (e.g. onnxruntime-gpu for cuda)")
+                         f"(available: {', '.join(available_devices())}); install {profile.wheel} "
+                         f"in place of onnxruntime")
     return device
 
 
@@ -109,8 +119,8 @@ def providers_for(device: Device) -> list[tuple[str, dict[str, Any]]]:
 
 
 # llama.cpp offloads to whatever GPU backend it was built with (CUDA, Metal, Vulkan, ...);
-# these device names ask for that offload, "cpu" keeps every layer on the CPU.
-LLAMACPP_GPU_DEVICES = ("cuda", "metal", "vulkan")
+# these device names (profiles with llamacpp_cmake) ask for that offload, "cpu" keeps every layer on the CPU.
+LLAMACPP_GPU_DEVICES = tuple(p.name for p in load_profiles().values() if p.llamacpp_cmake)
 
 
 def llamacpp_offload(name: str, gpu_available: bool) -> bool:
@@ -130,7 +140,8 @@ def llamacpp_offload(name: str, gpu_available: bool) -> bool:
         raise ValueError(f"device {name!r} is not one llama.cpp runs on; choose cpu, auto or "
                          f"{', '.join(LLAMACPP_GPU_DEVICES)} (or use --backend onnx for {name})")
     if not gpu_available:
-        raise ValueError(f"device {name!r}: this llama-cpp-python build has no GPU support; reinstall it "
-                         f"with GPU support (e.g. CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install llama-cpp-python) "
+        cmake = load_profiles()[name].llamacpp_cmake
+        raise ValueError(f"device {name!r}: this llama-cpp-python build cannot offload to a GPU; rebuild it with "
+                         f"CMAKE_ARGS=\"{cmake}\" pip install --force-reinstall --no-cache-dir llama-cpp-python, "
                          f"or use --device cpu")
     return True

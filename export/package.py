@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from ..devices.profiles import get_profile
 from ..quant.pack_ort import MatMulNBitsWeight
 from ..runtime.manifest import Manifest, PackageError, Stage
 from ..version import __version__
@@ -150,7 +151,8 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
                   force: bool = False, progress: bool = False, separate_head: bool = False,
                   quantization: OnnxQuantization | GgufQuantization | None = None, *,
                   formats: Sequence[str] = ("onnx",),
-                  gguf_dtype: str = "f32", exits: tuple[dict, list] | None = None) -> Manifest:
+                  gguf_dtype: str = "f32", exits: tuple[dict, list] | None = None,
+                  device: str | None = None) -> Manifest:
     """Write `ckpt` as a package: ONNX stage graphs, a GGUF file (model.gguf), or both.
 
     Args:
@@ -168,6 +170,9 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
             exit layers must be stage boundaries and the head a stage of its own.
         gguf_dtype: "f32" or "f16" for the GGUF's matrices (a package holding ONNX graphs too
             must be f32 and unquantized: one `weights` entry describes both).
+        device: the device profile the ONNX graphs are built for (recorded in the manifest); a
+            profile whose variant has `ort_format` also gets ORT-format models and
+            required_operators.config (see `export.mobile`). None: a "cpu" package without the record.
     Returns:
         The manifest written.
     """
@@ -203,6 +208,11 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
             onnx.save_model(model, tmp / stage.file, save_as_external_data=True,
                             all_tensors_to_one_file=True, location=f"{stage.file}.data", size_threshold=1024)
             stages.append(stage)
+        ort_models, operators = [], None
+        if stages and device is not None and get_profile(device).variant.ort_format:
+            from .mobile import write_ort_models
+
+            ort_models, operators = write_ort_models(tmp, [s.file for s in stages])
         weights = None
         if "gguf" in formats:
             weights = _write_gguf(ckpt, tmp / "model.gguf", gguf_dtype, gguf_quant, progress)
@@ -219,6 +229,7 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
             _weight_dtypes(ckpt.spec.tie_embeddings, "float32" if gguf_dtype == "f32" else "float16"),
             exits=tuple(exit_entries),
             gguf="model.gguf" if "gguf" in formats else None,
+            device=device if stages else None, ort_models=tuple(ort_models), required_operators=operators,
             quantization=(quantization or gguf_quant).info if quantization or gguf_quant else {})
     log.info("wrote package %s (%s)", out_dir, ", ".join(formats))
     return manifest

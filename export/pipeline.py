@@ -16,6 +16,7 @@ from operator import index
 from pathlib import Path
 from typing import Any
 
+from ..devices.profiles import export_devices, load_profiles
 from ..quant.recipe import Recipe
 from ..runtime.manifest import MANIFEST_NAME, Manifest, PackageError, strict_from_dict
 from .checkpoint import Checkpoint, load_checkpoint
@@ -61,8 +62,10 @@ class ExportOptions:
         heal: after pruning, fit a linear correction at each cut (ONNX only).
         quant: None (float weights), a preset name, a recipe file (.json / .toml), a recipe dict
             or a `Recipe`; for a GGUF also a llama.cpp type name such as "q4_k_m".
-        device: target device of a quantized ONNX package; sets the MatMulNBits accuracy level.
-        accuracy_level: MatMulNBits compute precision, overriding `device` (0 unset, 1 fp32,
+        device: the device profile (devices/profiles.json) whose ONNX variant to build: it sets the
+            MatMulNBits accuracy level of a quantized package, adds ORT-format models for mobile
+            targets (android, ios), and is recorded in the manifest.
+        accuracy_level: MatMulNBits compute precision, overriding the profile's (0 unset, 1 fp32,
             2 fp16, 3 bf16, 4 int8).
         force: replace an existing package folder.
     Raises:
@@ -127,10 +130,17 @@ class ExportOptions:
         if self.quant is not None and len(self.formats) > 1:
             raise ValueError("--quant writes one format per package (ONNX MatMulNBits or GGUF blocks); "
                              "export --format onnx and --format gguf to separate folders")
-        if (self.accuracy_level is not None or self.device != "cpu") and \
-                not (self.quant is not None and self.formats == ("onnx",)):
-            raise ValueError("--device / --accuracy-level set the MatMulNBits compute of a quantized ONNX package; "
-                             "use them with --quant and --format onnx")
+        profile = load_profiles().get(self.device)
+        if profile is None or not profile.onnx:
+            what = (f"{self.device} is a llama.cpp GPU backend: export --format gguf and choose it at run time "
+                    f"(edge-run run PKG --device {self.device})") if profile else f"unknown --device {self.device!r}"
+            raise ValueError(f"{what}; export builds ONNX variants for --device {', '.join(export_devices())}")
+        if self.device != "cpu" and "onnx" not in self.formats:
+            raise ValueError(f"--device {self.device} builds that device's ONNX variant; a GGUF is the same for every "
+                             f"llama.cpp device (choose it at run time with --device), so add onnx to --format")
+        if self.accuracy_level is not None and not (self.quant is not None and self.formats == ("onnx",)):
+            raise ValueError("--accuracy-level sets the MatMulNBits compute of a quantized ONNX package; "
+                             "use it with --quant and --format onnx")
         if self.accuracy_level is not None and self.accuracy_level not in range(5):
             raise ValueError(f"--accuracy-level must be 0-4 (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8), "
                              f"got {self.accuracy_level}")
@@ -209,7 +219,7 @@ def export(source: str | Path | Checkpoint, out: str | Path, options: ExportOpti
     return write_package(ckpt, out, options.boundaries, force=options.force, progress=progress,
                          separate_head=bool(options.exit_layers) or options.separate_head,
                          quantization=quantization, formats=options.formats, gguf_dtype=options.gguf_dtype,
-                         exits=fitted)
+                         exits=fitted, device=options.device if "onnx" in options.formats else None)
 
 
 __all__ = ["ExportOptions", "QuantSpec", "check_output", "export"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..devices.profiles import check_package_device, get_profile
 from ..devices.providers import providers_for, resolve_device, session_options
 from .backend import register_backend
 from .kv_cache import KVCache
@@ -87,6 +88,11 @@ class OnnxBackend:
             raise ValueError(f"the onnx backend keeps an f32 KV cache (the graphs' dtype), not {kv_cache}; "
                              f"use --kv-cache f16 with --backend llamacpp")
         self.manifest, self.device = manifest, resolve_device(device)
+        fallback = check_package_device(manifest.device, self.device.name)
+        if fallback:
+            log.warning("%s", fallback)
+        # a mobile profile runs the package's ORT-format graphs, as the mobile runtime would
+        ort_format = get_profile(self.device.name).variant.ort_format and bool(manifest.ort_models)
         if batch_invariant and self.device.ort_device != "cpu":
             log.warning("batch-invariant steps are verified on onnxruntime's CPU kernels only; on %s the "
                         "library may still pick kernels by shape", self.device.ort_device)
@@ -94,6 +100,8 @@ class OnnxBackend:
         self.sessions = []
         for k, stage in enumerate(manifest.stages):
             path = stage_graph(package_dir, k, stage, manifest.model)
+            if ort_format:
+                path = package_file(package_dir, manifest.ort_models[k], f"ort_models[{k}]")
             try:
                 self.sessions.append(ort.InferenceSession(str(path), opts, providers=providers_for(self.device)))
             except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail,

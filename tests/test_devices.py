@@ -1,0 +1,174 @@
+"""Device profiles (devices/profiles.json): selection, export variants, mobile ORT format, fallback, placement."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import build_tiny_llama
+
+import edgerun
+from edgerun.cli import main
+from edgerun.devices.profiles import check_package_device, load_profiles
+from edgerun.devices.providers import DEVICES, LLAMACPP_GPU_DEVICES, llamacpp_offload, resolve_device
+from edgerun.export.pipeline import ExportOptions, export
+from edgerun.runtime.manifest import Manifest, PackageError, read_manifest
+
+TOKENS = [1, 5, 9, 33, 70, 120, 7, 250, 64]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-dev", seed=5, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def android_int4(tiny_hf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pkg") / "android"
+    export(tiny_hf, out, ExportOptions(quant="int4", device="android"))
+    return out
+
+
+# -- the profile table ---------------------------------------------------------------------------------
+def test_profiles_are_the_one_device_table():
+    profiles = load_profiles()
+    assert {"cpu", "cuda", "webgpu", "openvino", "android", "ios", "vulkan", "metal"} <= set(profiles)
+    # providers.DEVICES is derived from the profiles: every onnx profile, nothing else
+    assert list(DEVICES) == [name for name, p in profiles.items() if p.onnx]
+    for name, device in DEVICES.items():
+        assert device.provider == profiles[name].provider and device.options == profiles[name].options
+    assert set(LLAMACPP_GPU_DEVICES) == {"cuda", "vulkan", "metal"}
+    cpu = profiles["cpu"]
+    assert cpu.variant.accuracy_level == 4 and cpu.kv_cache == "host"
+    assert cpu.runs_op("GroupQueryAttention") and not profiles["cuda"].runs_op("GroupQueryAttention", "float32")
+    assert profiles["cuda"].runs_op("GroupQueryAttention", "float16")
+    assert not profiles["coreml"].ops and profiles["android"].variant.ort_format
+    assert "ORT format" in profiles["ios"].describe() and "GGML_VULKAN" in profiles["vulkan"].describe()
+
+
+def test_malformed_profile_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"profiles": [{"name": "x", "backends": ["onnx"], "provider": "P", "colour": 1}]}))
+    with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
+        load_profiles(bad)
+    bad.write_text(json.dumps({"profiles": [{"name": "x", "backends": ["onnx"], "provider": "P",
+                                             "variant": {"dtype": "float8"}}]}))
+    with pytest.raises(ValueError, match="variant dtype must be one of"):
+        load_profiles(bad)
+
+
+def test_device_selection_and_its_errors():
+    assert resolve_device("auto").name == "cpu"  # the only auto profile present here
+    assert resolve_device("android").provider == "CPUExecutionProvider"
+    with pytest.raises(ValueError, match="llama.cpp GPU backend; run a GGUF package with --backend llamacpp"):
+        resolve_device("vulkan")
+    if "OpenVINOExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ValueError, match="install onnxruntime-openvino in place of onnxruntime"):
+            resolve_device("openvino")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+
+
+def test_llamacpp_gpu_offload_error_names_the_cmake_args():
+    with pytest.raises(ValueError, match=r'CMAKE_ARGS="-DGGML_VULKAN=on" pip install --force-reinstall'):
+        llamacpp_offload("vulkan", gpu_available=False)
+    with pytest.raises(ValueError, match="-DGGML_METAL=on"):
+        llamacpp_offload("metal", gpu_available=False)
+    assert llamacpp_offload("cuda", gpu_available=True) and not llamacpp_offload("cpu", gpu_available=True)
+    with pytest.raises(ValueError, match="not one llama.cpp runs on"):
+        llamacpp_offload("openvino", gpu_available=True)
+
+
+def test_llamacpp_device_without_gpu_build_fails_in_one_line(tiny_hf, tmp_path, capsys):
+    import llama_cpp
+
+    export(tiny_hf, tmp_path / "g", ExportOptions(formats=("gguf",)))
+    status = main(["run", str(tmp_path / "g"), "hi", "-n", "2", "--device", "vulkan"])
+    err = capsys.readouterr().err
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python was built with GPU offload")
+    assert status == 1 and err.count("\n") == 1 and 'CMAKE_ARGS="-DGGML_VULKAN=on"' in err
+
+
+# -- export variants, the manifest record, loading elsewhere -------------------------------------------------
+def test_export_records_the_profile_and_its_variant(tiny_hf, tmp_path):
+    export(tiny_hf, tmp_path / "cuda", ExportOptions(quant="int4", device="cuda"))
+    manifest = read_manifest(tmp_path / "cuda")
+    assert manifest.device == "cuda" and manifest.quantization["accuracy_level"] == 0
+    # (onnx.checker cannot take these graphs: SimplifiedLayerNormalization is onnxruntime's op in the
+    # default domain, as in onnxruntime-genai's graphs; onnxruntime itself loads them below and in the engine)
+    model = onnx.load(str(tmp_path / "cuda" / "stage0.onnx"))
+    ort.InferenceSession(str(tmp_path / "cuda" / "stage0.onnx"), providers=["CPUExecutionProvider"])
+    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {0}
+    export(tiny_hf, tmp_path / "float-ov", ExportOptions(device="openvino"))  # float packages take a profile too
+    assert read_manifest(tmp_path / "float-ov").device == "openvino"
+    assert not read_manifest(tmp_path / "float-ov").ort_models
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "unknown --device 'tpu'; export builds ONNX variants for --device cuda"),
+    (["--device", "vulkan"], "vulkan is a llama.cpp GPU backend: export --format gguf"),
+    (["--device", "android", "--format", "gguf"], "add onnx to --format"),
+    (["--accuracy-level", "2"], "use it with --quant and --format onnx"),
+])
+def test_bad_export_device_is_a_one_line_error(tiny_hf, tmp_path, capsys, argv, message):
+    assert main(["export", str(tiny_hf), "-o", str(tmp_path / "x"), *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_old_manifests_load_and_bad_device_fields_are_refused(android_int4):
+    data = json.loads((android_int4 / "manifest.json").read_text())
+    old = {k: v for k, v in data.items() if k not in ("device", "ort_models", "required_operators")}
+    assert Manifest.from_dict(old).device is None  # made before profiles: the cpu variant
+    with pytest.raises(PackageError, match="device must be null or a device profile"):
+        Manifest.from_dict({**data, "device": "vulkan"})
+    with pytest.raises(PackageError, match="ort_models must be one ORT-format file per stage"):
+        Manifest.from_dict({**data, "ort_models": ["a.ort", "b.ort"]})
+
+
+def test_package_on_another_device_is_a_logged_fallback(android_int4, caplog):
+    assert check_package_device("cpu", "cpu") is None and check_package_device(None, "cpu") is None
+    note = check_package_device("cuda", "cpu")
+    assert "built for device 'cuda'" in note and "export with --device cpu" in note
+    with pytest.raises(ValueError, match="runs GGUF packages on llama.cpp only"):
+        check_package_device("cpu", "vulkan")
+    with caplog.at_level(logging.WARNING, "edgerun"):
+        edgerun.Engine(android_int4, device="cpu", max_context=32)
+    assert "package built for device 'android'" in caplog.text
+
+
+# -- mobile: ORT format --------------------------------------------------------------------------------
+def test_android_package_has_ort_models_that_match_the_onnx_graphs(android_int4):
+    manifest = read_manifest(android_int4)
+    assert manifest.device == "android" and manifest.ort_models == ("stage0.ort",)
+    config = (android_int4 / manifest.required_operators).read_text()
+    assert "com.microsoft;1;" in config and "MatMulNBits" in config and "GroupQueryAttention" in config
+    assert str(android_int4.parent) not in config  # no temporary paths in the shipped file
+    # onnxruntime loads the .ort file itself
+    session = ort.InferenceSession(str(android_int4 / "stage0.ort"), providers=["CPUExecutionProvider"])
+    assert {i.name for i in session.get_inputs()} >= {"input_ids", "seqlens_k", "past_key_0"}
+    # the engine on the android profile runs the ORT-format graphs; logits equal the ONNX graphs'
+    mobile = edgerun.Engine(android_int4, device="android", max_context=32)
+    assert mobile.backend.sessions[0]._model_path.endswith("stage0.ort")
+    desktop = edgerun.Engine(android_int4, device="cpu", max_context=32)
+    assert desktop.backend.sessions[0]._model_path.endswith("stage0.onnx")
+    np.testing.assert_allclose(mobile.logits(TOKENS), desktop.logits(TOKENS), rtol=1e-4, atol=1e-4)
+    assert mobile.complete("the quick", max_new_tokens=8) == desktop.complete("the quick", max_new_tokens=8)
+
+
+def test_ort_model_leading_outside_the_package_is_refused(android_int4, tmp_path):
+    import shutil
+
+    copy = tmp_path / "pkg"
+    shutil.copytree(android_int4, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**data, "ort_models": ["../../elsewhere.ort"]}))
+    with pytest.raises(PackageError, match=r"ort_models\[0\] '../../elsewhere.ort' resolves to .* outside the package"):
+        read_manifest(copy)
