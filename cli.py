@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     build_arguments(p)
 
+    p = command("devices", "the targets present here and, for a package, the share of its nodes each would run")
+    p.add_argument("model", nargs="?", default=None,
+                   help="package folder, .gguf file, Hugging Face folder or known model name (optional)")
+
     p = command("info", "show what a package (or checkpoint) contains")
     p.add_argument("model", help="package folder, .gguf file, Hugging Face folder or known model name")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -420,6 +424,45 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{key:14} {value}")
 
 
+def cmd_devices(args: argparse.Namespace) -> None:
+    from .devices.inventory import node_placement, present_targets
+    from .devices.profiles import get_profile
+
+    targets = present_targets()
+    print(f"{'target':9} {'backend':14} {'present':8} {'runs with':32} {'library here':40} provided by")
+    for profile, present, library in targets:
+        print(f"{profile.name:9} {'+'.join(profile.backends):14} {'yes' if present else 'no':8} "
+              f"{profile.provider or 'llama.cpp ' + str(profile.llamacpp_cmake):32} {library:40} "
+              f"{profile.wheel or 'llama-cpp-python'}")
+    if args.model is None:
+        return
+    from .hub import resolve_package
+    from .runtime.manifest import package_file, read_manifest
+
+    package = resolve_package(args.model, progress=True)
+    manifest = read_manifest(package)
+    print(f"\npackage {package}")
+    if not manifest.stages:
+        print("  a GGUF package: runs on llama.cpp (--device cpu, or a GPU target above that is present)")
+        return
+    needs = get_profile(manifest.device or "cpu")
+    print(f"  built for device {needs.name!r}: {needs.describe()}")
+    graphs = [package_file(package, s.file, f"stages[{k}].file") for k, s in enumerate(manifest.stages)]
+    seen = set()
+    for profile, present, _ in targets:
+        if not present or not profile.onnx or profile.provider in seen:
+            continue
+        seen.add(profile.provider)
+        try:
+            placed = node_placement(graphs, profile.provider, profile.options)
+        except ValueError as e:
+            print(f"  {profile.provider}: {e}")
+            continue
+        rest = f", {placed.on_cpu} on CPUExecutionProvider" if placed.provider != "CPUExecutionProvider" else ""
+        print(f"  {profile.provider}: runs {placed.share:.0%} of {placed.nodes} nodes "
+              f"({placed.subgraphs} node(s)/compiled subgraph(s) on it{rest}); as onnxruntime placed them")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .bench.eval import run
 
@@ -438,8 +481,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "build": cmd_build, "pull": cmd_pull, "export": cmd_export,
-            "run": cmd_run, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve}
+COMMANDS = {"devices": cmd_devices, "eval": cmd_eval, "bench": cmd_bench, "build": cmd_build, "pull": cmd_pull,
+            "export": cmd_export, "run": cmd_run, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,3 +172,50 @@ def test_ort_model_leading_outside_the_package_is_refused(android_int4, tmp_path
     (copy / "manifest.json").write_text(json.dumps({**data, "ort_models": ["../../elsewhere.ort"]}))
     with pytest.raises(PackageError, match=r"ort_models\[0\] '../../elsewhere.ort' resolves to .* outside the package"):
         read_manifest(copy)
+
+
+# -- edge-run devices: onnxruntime's own placement ------------------------------------------------------
+def test_devices_lists_targets_and_the_package_node_split(android_int4, capsys):
+    assert main(["devices", str(android_int4)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:14] if line.strip()}
+    assert set(load_profiles()) <= set(rows)
+    assert rows["cpu"].split()[2] == "yes" and f" {ort.__version__} " in rows["cpu"]
+    assert "llama-cpp-python" in rows["vulkan"] and "onnxruntime-openvino" in rows["openvino"]
+    assert "built for device 'android'" in out and "ORT format" in out
+    # the CPU provider's count is onnxruntime's node count after its basic optimizations
+    from edgerun.devices.inventory import node_placement
+
+    placed = node_placement([android_int4 / "stage0.onnx"], "CPUExecutionProvider")
+    graph_nodes = len(onnx.load(str(android_int4 / "stage0.onnx"), load_external_data=False).graph.node)
+    assert 0 < placed.nodes <= graph_nodes and placed.share == 1.0
+    assert f"CPUExecutionProvider: runs 100% of {placed.nodes} nodes" in out
+
+
+def test_placement_of_a_provider_that_cannot_load_is_a_clear_error(tmp_path):
+    from edgerun.devices.inventory import node_placement
+
+    (tmp_path / "bad.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ValueError, match="CPUExecutionProvider cannot load .*bad.onnx"):
+        node_placement([tmp_path / "bad.onnx"], "CPUExecutionProvider")
+
+
+# -- OpenVINO (onnxruntime-openvino, installed in place of onnxruntime) -------------------------------------
+needs_openvino = pytest.mark.skipif("OpenVINOExecutionProvider" not in ort.get_available_providers(),
+                                    reason="OpenVINOExecutionProvider absent: onnxruntime-openvino is not the "
+                                           "installed onnxruntime (it replaces the onnxruntime module; use a venv)")
+
+
+@needs_openvino
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_openvino_greedy_parity_with_cpu(tiny_hf, tmp_path, quant):
+    export(tiny_hf, tmp_path / "ov", ExportOptions(quant=quant, device="openvino"))
+    openvino = edgerun.Engine(tmp_path / "ov", device="openvino", max_context=64)
+    cpu = edgerun.Engine(tmp_path / "ov", device="cpu", max_context=64)
+    np.testing.assert_allclose(openvino.logits(TOKENS), cpu.logits(TOKENS), rtol=1e-3, atol=1e-3)
+    assert openvino.complete("the quick", max_new_tokens=24) == cpu.complete("the quick", max_new_tokens=24)
+    from edgerun.devices.inventory import node_placement
+
+    placed = node_placement([tmp_path / "ov" / "stage0.onnx"], "OpenVINOExecutionProvider", {"device_type": "CPU"})
+    # onnxruntime-openvino 1.24: GroupQueryAttention (one per layer) stays on the CPU provider
+    assert 0.5 < placed.share < 1.0 and placed.on_cpu >= 4 and placed.subgraphs >= 1
