@@ -25,6 +25,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--max-context", type=int, default=None,
                    help="KV cache length per sequence (default: min(model context, 2048))")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory the model may use (e.g. 400MB): weights + runtime + KV cache + activations; "
+                        "picks the longest context (up to --max-context) and KV cache type that fit, or "
+                        "refuses naming the smallest fit")
     p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
                    help="KV cache type: f32 (default) or f16 (llama.cpp only: half the KV memory)")
     p.add_argument("--batch-invariant", action="store_true",
@@ -234,12 +238,18 @@ def _summary(prompt_tokens: int, count: int, ttft: float | None, total: float, f
     print(f"[memory: {engine.memory().summary()}]", file=sys.stderr)
 
 
+def _max_memory(args: argparse.Namespace) -> int | None:
+    from .runtime.memory import parse_size
+
+    return None if args.max_memory is None else parse_size(args.max_memory)
+
+
 def _load(args: argparse.Namespace):
     from .hub import load
 
     return load(args.model, device=args.device, threads=args.threads, max_context=args.max_context,
                 backend=args.backend, progress=True, kv_cache=args.kv_cache, batch_invariant=args.batch_invariant,
-                speculative=args.speculative is not None and not args.inexact_speculation)
+                speculative=args.speculative is not None and not args.inexact_speculation, max_memory=_max_memory(args))
 
 
 def _messages(args: argparse.Namespace, history: list[dict]) -> list[dict]:
@@ -313,7 +323,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     def load_engine():
         engine = load(args.model, device=args.device, threads=args.threads, max_context=args.max_context,
                       backend=args.backend, progress=True, kv_cache=args.kv_cache,
-                      batch_invariant=args.batch_invariant)
+                      batch_invariant=args.batch_invariant, max_memory=_max_memory(args))
         print(f"edge-run: serving {options.model_id!r} at http://{args.host}:{args.port}/v1 ({engine.backend.name} "
               f"backend, {args.max_batch} rows x {engine.max_context} positions)", file=sys.stderr)
         return engine
@@ -391,6 +401,20 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"{', '.join(parts)}")
 
 
+def _memory_needs(package: Path, manifest) -> str:
+    """Weights + KV cache + activations at a few context lengths (before loading: what --max-memory checks)."""
+    from .runtime.memory import MB, memory_need
+
+    files = [package / s.file for s in manifest.stages]
+    onnx = sum(f.stat().st_size for f in files + [f.with_name(f.name + ".data") for f in files] if f.is_file())
+    weights = onnx or manifest.gguf_path(package).stat().st_size
+    contexts = sorted({c for c in (512, 2048, 8192) if c < manifest.model.context_length}
+                      | {manifest.model.context_length})
+    needs = [memory_need(manifest.model, weights, c) for c in contexts]
+    return (", ".join(f"{n.total / MB:.0f} MB at {n.max_context}" for n in needs)
+            + f" tokens (weights {weights / MB:.0f} MB + f32 KV cache + activations; --max-memory picks from these)")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .hub import resolve_package
     from .runtime.manifest import read_manifest
@@ -415,6 +439,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("size on disk", f"{size / 1e6:.1f} MB"),
         ("KV cache", f"{m.kv_bytes_per_token() / 1e3:.0f} KB per token in f32 "
                      f"({m.kv_bytes(1, 2048) / 1e6:.0f} MB at 2048 tokens; allocated as the context grows)"),
+        ("memory need", _memory_needs(package, manifest)),
         ("chat template", "yes" if manifest.chat_template else "no"),
         ("source", f"{manifest.source.get('format')} {manifest.source.get('path')} "
                    f"sha256 {str(manifest.source.get('sha256'))[:16]}..."),

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from .inventory import llamacpp_has_backend
 from .profiles import load_profiles
 
 if TYPE_CHECKING:
@@ -123,14 +124,17 @@ def providers_for(device: Device) -> list[tuple[str, dict[str, Any]]]:
 LLAMACPP_GPU_DEVICES = tuple(p.name for p in load_profiles().values() if p.llamacpp_cmake)
 
 
-def llamacpp_offload(name: str, gpu_available: bool) -> bool:
+def llamacpp_offload(name: str, gpu_available: bool, system_info: str | None = None) -> bool:
     """Whether llama.cpp should offload layers to a GPU for device `name`.
 
     Args:
-        name: edge-run device name ("cpu", "cuda", "auto", ...).
+        name: edge-run device name ("cpu", "cuda", "vulkan", "metal", "auto", ...).
         gpu_available: whether this llama.cpp build can offload (llama_supports_gpu_offload()).
+        system_info: llama.cpp's system info line (llama_print_system_info()), which names the GPU
+            backend it was built with; None skips that check.
     Raises:
-        ValueError: the device is unknown to llama.cpp, or asks for a GPU this build lacks.
+        ValueError: the device is unknown to llama.cpp, or asks for a GPU backend this build lacks
+            (the message gives the CMAKE_ARGS to rebuild llama-cpp-python with).
     """
     if name == "cpu":
         return False
@@ -139,9 +143,11 @@ def llamacpp_offload(name: str, gpu_available: bool) -> bool:
     if name not in LLAMACPP_GPU_DEVICES:
         raise ValueError(f"device {name!r} is not one llama.cpp runs on; choose cpu, auto or "
                          f"{', '.join(LLAMACPP_GPU_DEVICES)} (or use --backend onnx for {name})")
-    if not gpu_available:
-        cmake = load_profiles()[name].llamacpp_cmake
-        raise ValueError(f"device {name!r}: this llama-cpp-python build cannot offload to a GPU; rebuild it with "
-                         f"CMAKE_ARGS=\"{cmake}\" pip install --force-reinstall --no-cache-dir llama-cpp-python, "
-                         f"or use --device cpu")
+    profile = load_profiles()[name]
+    built = system_info is None or llamacpp_has_backend(profile, system_info)
+    if not gpu_available or not built:
+        what = "cannot offload to a GPU" if not gpu_available else f"was built without the {name} backend"
+        raise ValueError(f"device {name!r}: this llama-cpp-python build {what}; rebuild it with "
+                         f"CMAKE_ARGS=\"{profile.llamacpp_cmake}\" pip install --force-reinstall --no-cache-dir "
+                         f"llama-cpp-python, or use --device cpu")
     return True

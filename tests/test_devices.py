@@ -78,6 +78,11 @@ def test_llamacpp_gpu_offload_error_names_the_cmake_args():
     with pytest.raises(ValueError, match="-DGGML_METAL=on"):
         llamacpp_offload("metal", gpu_available=False)
     assert llamacpp_offload("cuda", gpu_available=True) and not llamacpp_offload("cpu", gpu_available=True)
+    # a GPU build of another backend: the system info line names the backends llama.cpp was built with
+    cuda_build = "CPU : AVX2 = 1 | CUDA : ARCHS = 890 | USE_GRAPHS = 1 |"
+    assert llamacpp_offload("cuda", True, cuda_build)
+    with pytest.raises(ValueError, match=r'without the vulkan backend; rebuild it with CMAKE_ARGS="-DGGML_VULKAN=on"'):
+        llamacpp_offload("vulkan", True, cuda_build)
     with pytest.raises(ValueError, match="not one llama.cpp runs on"):
         llamacpp_offload("openvino", gpu_available=True)
 
@@ -219,3 +224,66 @@ def test_openvino_greedy_parity_with_cpu(tiny_hf, tmp_path, quant):
     placed = node_placement([tmp_path / "ov" / "stage0.onnx"], "OpenVINOExecutionProvider", {"device_type": "CPU"})
     # onnxruntime-openvino 1.24: GroupQueryAttention (one per layer) stays on the CPU provider
     assert 0.5 < placed.share < 1.0 and placed.on_cpu >= 4 and placed.subgraphs >= 1
+
+
+# -- memory budget -------------------------------------------------------------------------------------
+def test_parse_size():
+    from edgerun.runtime.memory import parse_size
+
+    assert parse_size("400MB") == 400_000_000 and parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("512MiB") == 512 << 20 and parse_size("300m") == 300_000_000 and parse_size(4096) == 4096
+    for bad in ("4x", "-3MB", "", "MB", "0"):
+        with pytest.raises(ValueError, match="--max-memory must be a size such as 400MB"):
+            parse_size(bad)
+
+
+def test_fit_memory_picks_the_longest_context_and_kv_type_that_fit():
+    from edgerun.runtime.memory import MB, activation_bytes, fit_memory, memory_need
+
+    spec = read_manifest_spec()
+    loaded = 100 * 10**6
+    need_1024 = memory_need(spec, loaded, 1024)
+    assert need_1024.total == loaded + spec.kv_bytes(1, 1025) + activation_bytes(spec, 1024)
+    fit = fit_memory(spec, need_1024.total, loaded)
+    assert (fit.max_context, fit.kv_cache) == (1024, "f32") and fit.total <= need_1024.total
+    assert fit_memory(spec, need_1024.total - 1, loaded).max_context == 512
+    # an f16 KV cache (llama.cpp) is taken when it fits a longer context than f32 does
+    f16 = memory_need(spec, loaded, 2048, "f16")
+    assert memory_need(spec, loaded, 2048, "f32").total > f16.total
+    assert (fit_memory(spec, f16.total, loaded, ("f32", "f16")).max_context, "f16") == (2048, "f16")
+    assert fit_memory(spec, 10**12, loaded, max_context=300).max_context == 300  # the caller's cap
+    smallest = memory_need(spec, loaded, 128)
+    with pytest.raises(ValueError, match=rf"nothing fits --max-memory 100 MB: the smallest fit needs "
+                                         rf"{smallest.total / MB:.0f} MB .* at 128 tokens\); raise --max-memory to"):
+        fit_memory(spec, loaded, loaded)
+
+
+def read_manifest_spec():
+    from edgerun.runtime.manifest import ModelSpec
+
+    return ModelSpec(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                     num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e5,
+                     context_length=8192)  # SmolLM2-135M's shapes
+
+
+def test_engine_max_memory_sets_the_context_and_refuses_in_one_line(android_int4, capsys):
+    engine = edgerun.Engine(android_int4, max_memory=500 * 10**6)
+    assert engine.max_context == 256 and engine.memory_fit.max_context == 256  # the model's own context
+    loaded = engine.memory_fit.loaded
+    assert loaded >= engine.backend.weight_bytes  # measured after load, never below the weights
+    from edgerun.runtime.memory import fit_memory
+
+    budget = loaded + 1_500_000  # the context then depends on what this load measured: checked against it
+    small = edgerun.Engine(android_int4, max_memory=budget)
+    assert small.memory_fit == fit_memory(small.manifest.model, budget, small.memory_fit.loaded, ("f32",), 256)
+    assert small.memory_fit.total <= budget and small.max_context == small.memory_fit.max_context
+    assert small.complete("the quick", max_new_tokens=4)
+    assert main(["run", str(android_int4), "hi", "-n", "2", "--max-memory", "50KB"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing fits --max-memory 0 MB" in err and "raise --max-memory to" in err
+
+
+def test_info_prints_the_memory_need(android_int4, capsys):
+    assert main(["info", str(android_int4)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("memory need"))
+    assert " MB at 256 tokens (weights" in line
