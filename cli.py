@@ -452,6 +452,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_devices(args: argparse.Namespace) -> None:
     from .devices.inventory import node_placement, present_targets
     from .devices.profiles import get_profile
+    from .devices.providers import DEVICES
 
     targets = present_targets()
     print(f"{'target':9} {'backend':14} {'present':8} {'runs with':32} {'library here':40} provided by")
@@ -479,7 +480,7 @@ def cmd_devices(args: argparse.Namespace) -> None:
             continue
         seen.add(profile.provider)
         try:
-            placed = node_placement(graphs, profile.provider, profile.options)
+            placed = node_placement(graphs, profile.provider, profile.options, DEVICES[profile.name].plugin)
         except ValueError as e:
             print(f"  {profile.provider}: {e}")
             continue

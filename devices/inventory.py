@@ -24,14 +24,19 @@ ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "
 PLACEMENT_TIMEOUT_S = 600
 
 _SESSION = """
-import json, sys
+import importlib, json, sys
 import onnxruntime as ort
-path, provider, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+path, provider, options, plugin = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 opts = ort.SessionOptions()
 opts.log_severity_level = 0  # verbose: onnxruntime then logs its node placements
 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-chain = [(provider, options)] + ([("CPUExecutionProvider", {})] if provider != "CPUExecutionProvider" else [])
-ort.InferenceSession(path, opts, providers=chain)
+if plugin:  # a plugin EP: registered, then added through its EP devices
+    ort.register_execution_provider_library(plugin, importlib.import_module(plugin).get_library_path())
+    opts.add_provider_for_devices([d for d in ort.get_ep_devices() if d.ep_name == provider], options)
+    ort.InferenceSession(path, opts)
+else:
+    chain = [(provider, options)] + ([("CPUExecutionProvider", {})] if provider != "CPUExecutionProvider" else [])
+    ort.InferenceSession(path, opts, providers=chain)
 """
 _PLACED = re.compile(r"(?:All nodes|Node\(s\)) placed on \[(\w+)\]\. Number of nodes: (\d+)")
 
@@ -61,10 +66,10 @@ class Placement:
         return (self.nodes - self.on_cpu) / self.nodes if self.nodes else 0.0
 
 
-def _placed(graph: Path, provider: str, options: dict) -> dict[str, int]:
+def _placed(graph: Path, provider: str, options: dict, plugin: str | None = None) -> dict[str, int]:
     """Nodes per provider as onnxruntime's verbose log reports them for a session on `provider`."""
     try:
-        run = subprocess.run([sys.executable, "-c", _SESSION, str(graph), provider, json.dumps(options)],
+        run = subprocess.run([sys.executable, "-c", _SESSION, str(graph), provider, json.dumps(options), plugin or ""],
                              capture_output=True, text=True, timeout=PLACEMENT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise ValueError(f"{provider} took over {PLACEMENT_TIMEOUT_S} s to load {graph}") from None
@@ -80,8 +85,11 @@ def _placed(graph: Path, provider: str, options: dict) -> dict[str, int]:
     return counts
 
 
-def node_placement(graphs: list[Path], provider: str, options: dict | None = None) -> Placement:
+def node_placement(graphs: list[Path], provider: str, options: dict | None = None,
+                   plugin: str | None = None) -> Placement:
     """How onnxruntime places the nodes of `graphs` (a package's stages) with `provider` first.
+
+    `plugin`: the Python module of a plugin EP library providing `provider` (e.g. onnxruntime_ep_webgpu).
 
     Raises:
         ValueError: the provider cannot load a graph (its reason), or the log holds no placements.
@@ -89,7 +97,7 @@ def node_placement(graphs: list[Path], provider: str, options: dict | None = Non
     nodes = on_cpu = subgraphs = 0
     for graph in graphs:
         total = _placed(graph, CPU, {})[CPU]
-        placed = _placed(graph, provider, options or {}) if provider != CPU else {CPU: total}
+        placed = _placed(graph, provider, options or {}, plugin) if provider != CPU else {CPU: total}
         nodes += total
         on_cpu += placed.get(CPU, 0) if provider != CPU else 0
         subgraphs += placed.get(provider, 0)
@@ -126,15 +134,18 @@ def llamacpp_has_backend(profile: Profile, system_info: str) -> bool:
 
 def present_targets() -> list[tuple[Profile, bool, str]]:
     """Every profile with whether it is usable here and the library that runs it (and its version)."""
-    import onnxruntime as ort
+    from .providers import DEVICES, available_devices
 
-    providers = set(ort.get_available_providers())
     ort_version = onnxruntime_version()
+    present = set(available_devices())
     llc_version, offload, info = llamacpp_info()
     rows = []
     for profile in load_profiles().values():
         if profile.onnx:
-            rows.append((profile, profile.provider in providers, ort_version))
+            plugin = DEVICES[profile.name].plugin
+            version = f"{profile.plugin} {metadata.version(profile.plugin)} in {ort_version}" \
+                if plugin and profile.name in present else ort_version
+            rows.append((profile, profile.name in present, version))
         else:
             usable = offload and llamacpp_has_backend(profile, info)
             rows.append((profile, usable, f"llama-cpp-python {llc_version} (GPU offload: {offload})"))

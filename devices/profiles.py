@@ -89,6 +89,8 @@ class Profile:
         llamacpp_cmake: CMAKE_ARGS that build llama-cpp-python with this GPU backend.
         evidence: where the facts above come from.
         auto: whether device "auto" may pick it (in file order).
+        host_inputs: the provider reads inputs in host memory (CPU, OpenVINO's CPU plugin); a GPU
+            provider gets a copy made when an input is bound (see onnx_backend).
     """
 
     name: str
@@ -104,6 +106,7 @@ class Profile:
     llamacpp_cmake: str | None = None
     evidence: str = ""
     auto: bool = False
+    host_inputs: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalizing JSON lists on a frozen dataclass

@@ -33,16 +33,22 @@ class Device:
         provider: onnxruntime execution provider.
         ort_device: OrtValue device type for activations passed between stage graphs ("cpu" or "cuda").
         options: provider options.
+        plugin: Python module of a plugin EP library that loads into onnxruntime (None: built in).
+        host_inputs: the provider reads its inputs from host memory; otherwise onnxruntime copies an
+            input to the provider's memory when it is bound (so a rewritten host buffer is bound again).
     """
 
     name: str
     provider: str
     ort_device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)
+    plugin: str | None = None
+    host_inputs: bool = True
 
 
 def _devices() -> dict[str, Device]:
-    return {p.name: Device(p.name, p.provider, p.ort_device, dict(p.options))
+    return {p.name: Device(p.name, p.provider, p.ort_device, dict(p.options),
+                           p.plugin.replace("-", "_") if p.plugin else None, p.host_inputs)
             for p in load_profiles().values() if p.onnx}
 
 
@@ -54,7 +60,27 @@ def available_devices() -> list[str]:
     import onnxruntime as ort
 
     providers = set(ort.get_available_providers())
-    return [name for name, d in DEVICES.items() if d.provider in providers]
+    return [name for name, d in DEVICES.items() if d.provider in providers or d.plugin and plugin_devices(d)]
+
+
+_registered: set[str] = set()
+
+
+def plugin_devices(device: Device) -> list:
+    """The OrtEpDevices a plugin EP (e.g. onnxruntime-ep-webgpu) offers here, registering its library
+    once; empty when the plugin is not installed or finds no device."""
+    import importlib
+
+    import onnxruntime as ort
+
+    try:
+        module = importlib.import_module(device.plugin)
+    except ImportError:
+        return []
+    if device.plugin not in _registered and hasattr(ort, "register_execution_provider_library"):
+        ort.register_execution_provider_library(device.plugin, module.get_library_path())
+        _registered.add(device.plugin)
+    return [d for d in getattr(ort, "get_ep_devices", list)() if d.ep_name == device.provider]
 
 
 def _auto_device() -> str:
@@ -80,6 +106,8 @@ def resolve_device(name: str = "cpu") -> Device:
                              f"llamacpp, or choose an onnxruntime device: auto, {', '.join(DEVICES)}")
         raise ValueError(f"unknown device {name!r}; choose one of: auto, {', '.join(DEVICES)}")
     device = DEVICES[name]
+    if device.plugin and plugin_devices(device):
+        return device
     if device.provider not in ort.get_available_providers():
         profile = load_profiles()[name]
         raise ValueError(f"device {name!r} needs {device.provider}, which this onnxruntime build lacks "
@@ -117,6 +145,20 @@ def providers_for(device: Device) -> list[tuple[str, dict[str, Any]]]:
     if device.provider != "CPUExecutionProvider":
         chain.append(("CPUExecutionProvider", {}))
     return chain
+
+
+def open_session(path: str, options: ort.SessionOptions, device: Device) -> ort.InferenceSession:
+    """An InferenceSession of `path` on `device` (CPU for what its provider lacks).
+
+    A plugin EP (webgpu) is added to the session options through its EP devices; a built-in provider
+    goes in the provider list.
+    """
+    import onnxruntime as ort
+
+    if device.plugin:
+        options.add_provider_for_devices(plugin_devices(device), dict(device.options))
+        return ort.InferenceSession(path, options)
+    return ort.InferenceSession(path, options, providers=providers_for(device))
 
 
 # llama.cpp offloads to whatever GPU backend it was built with (CUDA, Metal, Vulkan, ...);
