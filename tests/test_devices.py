@@ -61,7 +61,11 @@ def test_malformed_profile_file_is_a_clear_error(tmp_path):
 
 
 def test_device_selection_and_its_errors():
-    assert resolve_device("auto").name == "cpu"  # the only auto profile present here
+    from edgerun.devices.providers import available_devices
+
+    present = available_devices()
+    assert resolve_device("auto").name == next(n for n in present if load_profiles()[n].auto)  # cpu at the latest
+    assert "cpu" in present and "vulkan" not in present
     assert resolve_device("android").provider == "CPUExecutionProvider"
     with pytest.raises(ValueError, match="llama.cpp GPU backend; run a GGUF package with --backend llamacpp"):
         resolve_device("vulkan")
@@ -287,3 +291,31 @@ def test_info_prints_the_memory_need(android_int4, capsys):
     assert main(["info", str(android_int4)]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("memory need"))
     assert " MB at 256 tokens (weights" in line
+
+
+# -- WebGPU (onnxruntime-ep-webgpu plugin EP; needs a Vulkan adapter) -------------------------------------
+def _webgpu_present() -> bool:
+    from edgerun.devices.providers import available_devices
+
+    return "webgpu" in available_devices()
+
+
+needs_webgpu = pytest.mark.skipif(not _webgpu_present(), reason="no WebGPU device: onnxruntime-ep-webgpu is not "
+                                  "installed or Dawn finds no adapter (software Vulkan: mesa lavapipe >= 24 and "
+                                  "ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER=1; see README, Devices)")
+
+
+@needs_webgpu
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_webgpu_greedy_parity_with_cpu(tiny_hf, tmp_path, quant):
+    export(tiny_hf, tmp_path / "w", ExportOptions(quant=quant, device="webgpu"))
+    webgpu = edgerun.Engine(tmp_path / "w", device="webgpu", max_context=64)
+    assert webgpu.backend.sessions[0].get_providers()[0] == "WebGpuExecutionProvider"
+    cpu = edgerun.Engine(tmp_path / "w", device="cpu", max_context=64)
+    np.testing.assert_allclose(webgpu.logits(TOKENS), cpu.logits(TOKENS), rtol=1e-3, atol=1e-3)
+    # decode steps after the first read the KV cache bound again (onnxruntime copies inputs at binding)
+    assert webgpu.complete("the quick", max_new_tokens=24) == cpu.complete("the quick", max_new_tokens=24)
+    from edgerun.devices.inventory import node_placement
+
+    placed = node_placement([tmp_path / "w" / "stage0.onnx"], "WebGpuExecutionProvider", {}, "onnxruntime_ep_webgpu")
+    assert placed.share > 0.9
