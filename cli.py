@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "webgpu, openvino, android, ios, ...; sets the MatMulNBits accuracy level (cpu: 4 = "
                         "int8 compute; GPUs: 0 = the provider's choice), android/ios add ORT-format models "
                         "and required_operators.config for a mobile onnxruntime build")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget the package must run in (e.g. 400MB): refused when it cannot fit at the "
+                        "shortest context, else the longest context that fits is recorded in the manifest")
     p.add_argument("--accuracy-level", type=int, default=None, choices=range(5), metavar="0-4",
                    help="MatMulNBits compute precision, overriding --device: 0 unset, 1 fp32, 2 fp16, 3 bf16, "
                         "4 int8")
@@ -374,7 +377,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     options = ExportOptions(formats=args.format, gguf_dtype=args.dtype, stage_boundaries=boundaries, exit_layers=exits,
                             prune_layers=args.prune_layers, keep_layers=_int_list(args.keep_layers, "--keep-layers"),
                             heal=args.heal, quant=args.quant or None, device=args.device,
-                            accuracy_level=args.accuracy_level, force=args.force)
+                            accuracy_level=args.accuracy_level, max_memory=args.max_memory, force=args.force)
     if not args.output and not args.analyze_layers:
         raise ValueError("export needs -o/--output DIR (or --analyze-layers to only score the blocks)")
     if args.output:
@@ -399,6 +402,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     parts += [f"{manifest.gguf} ({args.quant or args.dtype})"] if manifest.gguf else []
     print(f"wrote {args.output}: {manifest.model.architecture}, {manifest.model.num_layers} layers, "
           f"{', '.join(parts)}")
+    if "memory_budget" in manifest.extra:
+        fit = manifest.extra["memory_budget"]
+        print(f"fits --max-memory {fit['bytes'] / 1e6:.0f} MB at up to {fit['max_context']} tokens "
+              f"({fit['kv_cache']} KV cache, {fit['need'] / 1e6:.0f} MB)", file=sys.stderr)
 
 
 def _memory_needs(package: Path, manifest) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 from ..devices.profiles import export_devices, load_profiles
 from ..quant.recipe import Recipe
 from ..runtime.manifest import MANIFEST_NAME, Manifest, PackageError, strict_from_dict
+from ..runtime.memory import parse_size
 from .checkpoint import Checkpoint, load_checkpoint
 from .gguf_writer import GGUF_DTYPES
 from .package import FORMATS, write_package
@@ -67,6 +68,9 @@ class ExportOptions:
             targets (android, ios), and is recorded in the manifest.
         accuracy_level: MatMulNBits compute precision, overriding the profile's (0 unset, 1 fp32,
             2 fp16, 3 bf16, 4 int8).
+        max_memory: a memory budget (bytes, or a size such as "400MB") the package must run in:
+            an export that cannot fit at the shortest context is refused, else the longest context
+            that fits is recorded in the manifest (see `write_package`).
         force: replace an existing package folder.
     Raises:
         ValueError: on construction, a setting that is invalid or conflicts with another one, or a
@@ -84,6 +88,7 @@ class ExportOptions:
     quant: QuantSpec | None = None
     device: str = "cpu"
     accuracy_level: int | None = None
+    max_memory: int | str | None = None
     force: bool = False
 
     @classmethod
@@ -106,6 +111,8 @@ class ExportOptions:
         set_(self, "prune_layers", _int(self.prune_layers, "prune_layers"))
         if self.accuracy_level is not None:
             set_(self, "accuracy_level", _int(self.accuracy_level, "accuracy_level"))
+        if self.max_memory is not None:
+            set_(self, "max_memory", parse_size(self.max_memory))
         self._check()
         _ = self.recipe  # a bad recipe fails here, before any checkpoint is read
 
@@ -219,7 +226,8 @@ def export(source: str | Path | Checkpoint, out: str | Path, options: ExportOpti
     return write_package(ckpt, out, options.boundaries, force=options.force, progress=progress,
                          separate_head=bool(options.exit_layers) or options.separate_head,
                          quantization=quantization, formats=options.formats, gguf_dtype=options.gguf_dtype,
-                         exits=fitted, device=options.device if "onnx" in options.formats else None)
+                         exits=fitted, device=options.device if "onnx" in options.formats else None,
+                         max_memory=options.max_memory)
 
 
 __all__ = ["ExportOptions", "QuantSpec", "check_output", "export"]

@@ -319,3 +319,16 @@ def test_webgpu_greedy_parity_with_cpu(tiny_hf, tmp_path, quant):
 
     placed = node_placement([tmp_path / "w" / "stage0.onnx"], "WebGpuExecutionProvider", {}, "onnxruntime_ep_webgpu")
     assert placed.share > 0.9
+
+
+def test_export_max_memory_records_the_fit_or_refuses(tiny_hf, tmp_path, capsys):
+    assert main(["export", str(tiny_hf), "-o", str(tmp_path / "fits"), "--quant", "int4", "--max-memory", "50MB"]) == 0
+    assert "fits --max-memory 50 MB at up to 256 tokens" in capsys.readouterr().err
+    fit = read_manifest(tmp_path / "fits").extra["memory_budget"]
+    assert fit["bytes"] == 50_000_000 and fit["max_context"] == 256 and fit["need"] <= 50_000_000
+    assert main(["export", str(tiny_hf), "-o", str(tmp_path / "no"), "--max-memory", "300KB"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("edge-run:")]
+    assert len(errors) == 1 and "nothing fits --max-memory 0 MB: the smallest fit needs" in errors[0]
+    assert not (tmp_path / "no").exists() and not list(tmp_path.glob(".no.*"))  # nothing left behind
+    with pytest.raises(ValueError, match="--max-memory must be a size"):
+        ExportOptions(max_memory="lots")
