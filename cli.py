@@ -400,6 +400,8 @@ def cmd_export(args: argparse.Namespace) -> None:
               f"{entry['top1_agreement']:.1%} on {entry['calibration_tokens']} held-out tokens", file=sys.stderr)
     parts = [f"{len(manifest.stages)} stage graph(s)"] if manifest.stages else []
     parts += [f"{manifest.gguf} ({args.quant or args.dtype})"] if manifest.gguf else []
+    if manifest.ort_models:
+        parts.append(f"ORT-format models and {manifest.required_operators} for {manifest.device}")
     print(f"wrote {args.output}: {manifest.model.architecture}, {manifest.model.num_layers} layers, "
           f"{', '.join(parts)}")
     if "memory_budget" in manifest.extra:

@@ -32,6 +32,7 @@ def write_ort_models(folder: Path, stage_files: list[str]) -> tuple[list[str], s
     """
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # it logs each config at INFO
     staging = folder / "ort-conversion"
     printed = io.StringIO()
     try:
