@@ -412,11 +412,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _memory_needs(package: Path, manifest) -> str:
     """Weights + KV cache + activations at a few context lengths (before loading: what --max-memory checks)."""
-    from .runtime.memory import MB, memory_need
+    from .runtime.memory import MB, memory_need, weight_file_bytes
 
-    files = [package / s.file for s in manifest.stages]
-    onnx = sum(f.stat().st_size for f in files + [f.with_name(f.name + ".data") for f in files] if f.is_file())
-    weights = onnx or manifest.gguf_path(package).stat().st_size
+    weights = weight_file_bytes(package, [s.file for s in manifest.stages], manifest.gguf_path(package))
     contexts = sorted({c for c in (512, 2048, 8192) if c < manifest.model.context_length}
                       | {manifest.model.context_length})
     needs = [memory_need(manifest.model, weights, c) for c in contexts]
@@ -459,7 +457,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_devices(args: argparse.Namespace) -> None:
-    from .devices.inventory import node_placement, present_targets
+    from .devices.inventory import CPU, node_placement, present_targets
     from .devices.profiles import get_profile
     from .devices.providers import DEVICES
 
@@ -493,7 +491,7 @@ def cmd_devices(args: argparse.Namespace) -> None:
         except ValueError as e:
             print(f"  {profile.provider}: {e}")
             continue
-        rest = f", {placed.on_cpu} on CPUExecutionProvider" if placed.provider != "CPUExecutionProvider" else ""
+        rest = f", {placed.on_cpu} on {CPU}" if placed.provider != CPU else ""
         print(f"  {profile.provider}: runs {placed.share:.0%} of {placed.nodes} nodes "
               f"({placed.subgraphs} node(s)/compiled subgraph(s) on it{rest}); as onnxruntime placed them")
 

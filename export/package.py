@@ -284,12 +284,12 @@ def _memory_budget(spec, folder: Path, stage_files: list[str], budget: int) -> d
     Raises:
         ValueError: nothing fits (names the smallest fit).
     """
-    from ..runtime.memory import fit_memory
+    from ..runtime.memory import fit_memory, weight_file_bytes
 
-    files = [folder / f for f in stage_files]
-    weights = sum(f.stat().st_size for f in files + [f.with_name(f.name + ".data") for f in files] if f.is_file())
-    kv_types = ("f32",) if files else ("f32", "f16")  # a GGUF-only package runs on llama.cpp
-    fit = fit_memory(spec, budget, weights or (folder / "model.gguf").stat().st_size, kv_types)
+    gguf = folder / "model.gguf"
+    weights = weight_file_bytes(folder, stage_files, gguf if gguf.is_file() else None)
+    kv_types = ("f32",) if stage_files else ("f32", "f16")  # a GGUF-only package runs on llama.cpp
+    fit = fit_memory(spec, budget, weights, kv_types)
     return {"bytes": budget, "max_context": fit.max_context, "kv_cache": fit.kv_cache, "need": fit.total}
 
 

@@ -16,7 +16,7 @@ from .draft_policy import AdaptiveDraftLength, DraftPolicy
 from .drafters import Draft, Drafter
 from .early_exit import EarlyExitRunner, ExitPoint, exit_points
 from .manifest import MANIFEST_NAME, PackageError, check_memory, read_manifest
-from .memory import MemoryFit, MemoryMeter, MemoryUse, fit_memory
+from .memory import MemoryFit, MemoryMeter, MemoryUse, fit_memory, weight_file_bytes
 from .requests import RequestHandle, StreamResponse
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, scheduler_for
@@ -138,10 +138,8 @@ class Engine:
 
     def _weight_bytes(self, backend: str) -> int:
         """Bytes of the weight files `backend` loads (before loading: the least loading will take)."""
-        if backend == "llamacpp" and self.manifest.gguf:
-            return self.manifest.gguf_path(self.package_dir).stat().st_size
-        files = [self.package_dir / s.file for s in self.manifest.stages]
-        return sum(f.stat().st_size for f in files + [f.with_name(f.name + ".data") for f in files] if f.is_file())
+        stages = [] if backend == "llamacpp" else [s.file for s in self.manifest.stages]
+        return weight_file_bytes(self.package_dir, stages, self.manifest.gguf_path(self.package_dir))
 
     # -- text <-> tokens -------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -140,6 +140,13 @@ def parse_size(text: str | int) -> int:
     return int(value * _UNITS[unit])
 
 
+def weight_file_bytes(folder: Path, stage_files: list[str], gguf: Path | None = None) -> int:
+    """Bytes of a package's weight files: its stage graphs with their external data, else its GGUF."""
+    files = [Path(folder) / f for f in stage_files]
+    onnx = sum(f.stat().st_size for f in files + [f.with_name(f.name + ".data") for f in files] if f.is_file())
+    return onnx or (gguf.stat().st_size if gguf is not None else 0)
+
+
 def activation_bytes(spec: ModelSpec, context: int, batch: int = 1) -> int:
     """Peak activation buffers of a prompt that fills `context` positions (fp32), per the graphs' shapes.
 
