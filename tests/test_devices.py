@@ -332,3 +332,19 @@ def test_export_max_memory_records_the_fit_or_refuses(tiny_hf, tmp_path, capsys)
     assert not (tmp_path / "no").exists() and not list(tmp_path.glob(".no.*"))  # nothing left behind
     with pytest.raises(ValueError, match="--max-memory must be a size"):
         ExportOptions(max_memory="lots")
+
+
+def test_rebinding_every_step_for_providers_with_their_own_memory_decodes_the_same(android_int4):
+    """A GPU provider gets a copy of a host input when it is bound, so the backend binds the KV cache and
+    the small inputs again every step there; on the CPU provider that path must give the same tokens."""
+    import dataclasses
+
+    plain = edgerun.Engine(android_int4, max_context=64)
+    rebinding = edgerun.Engine(android_int4, max_context=64)
+    rebinding.backend.device = dataclasses.replace(rebinding.backend.device, host_inputs=False)
+    for prompts in (["the quick"], ["the quick", "edge run exports"]):
+        assert [r.token for r in rebinding.generate(prompts, max_new_tokens=12)] == \
+            [r.token for r in plain.generate(prompts, max_new_tokens=12)]
+    prompt = ["the quick brown fox the quick brown"]  # speculation verifies several tokens per step
+    assert [r.token for r in rebinding.generate(prompt, max_new_tokens=12, speculative="lookup")] == \
+        [r.token for r in plain.generate(prompt, max_new_tokens=12)]
