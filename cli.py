@@ -318,6 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.speculative is not None:
         parse_speculative(args.speculative)
+    max_memory = _max_memory(args)  # a bad size fails before the server starts
     options = ServeOptions(model_id=args.model_name or args.model, api_key=args.api_key or os.environ.get(
                                "EDGE_RUN_API_KEY") or None, max_batch=args.max_batch,
                            prefill_chunk=args.prefill_chunk, prompt_cache_bytes=args.prompt_cache_mb << 20,
@@ -326,7 +327,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     def load_engine():
         engine = load(args.model, device=args.device, threads=args.threads, max_context=args.max_context,
                       backend=args.backend, progress=True, kv_cache=args.kv_cache,
-                      batch_invariant=args.batch_invariant, max_memory=_max_memory(args))
+                      batch_invariant=args.batch_invariant, max_memory=max_memory)
         print(f"edge-run: serving {options.model_id!r} at http://{args.host}:{args.port}/v1 ({engine.backend.name} "
               f"backend, {args.max_batch} rows x {engine.max_context} positions)", file=sys.stderr)
         return engine
