@@ -25,6 +25,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--max-context", type=int, default=None,
                    help="KV cache length per sequence (default: min(model context, 2048))")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory the model may use (e.g. 400MB): weights + runtime + KV cache + activations; "
+                        "picks the longest context (up to --max-context) and KV cache type that fit, or "
+                        "refuses naming the smallest fit")
     p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
                    help="KV cache type: f32 (default) or f16 (llama.cpp only: half the KV memory)")
     p.add_argument("--batch-invariant", action="store_true",
@@ -107,8 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ONNX: MatMulNBits; GGUF: Q8_0 / Q4_0 / Q4_1 / TQ2_0 / TQ1_0 blocks); with --format "
                         "gguf also llama.cpp's types (q4_k_m, q5_k_m, q6_k, ...); recorded in the manifest")
     p.add_argument("--device", default="cpu",
-                   help="target device of a quantized ONNX package: sets the MatMulNBits accuracy level "
-                        "(cpu: 4 = int8 compute; others: 0 = the provider's choice)")
+                   help="device profile whose ONNX variant to build (edge-run devices lists them): cpu, cuda, "
+                        "webgpu, openvino, android, ios, ...; sets the MatMulNBits accuracy level (cpu: 4 = "
+                        "int8 compute; GPUs: 0 = the provider's choice), android/ios add ORT-format models "
+                        "and required_operators.config for a mobile onnxruntime build")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget the package must run in (e.g. 400MB): refused when it cannot fit at the "
+                        "shortest context, else the longest context that fits is recorded in the manifest")
     p.add_argument("--accuracy-level", type=int, default=None, choices=range(5), metavar="0-4",
                    help="MatMulNBits compute precision, overriding --device: 0 unset, 1 fp32, 2 fp16, 3 bf16, "
                         "4 int8")
@@ -168,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .build import add_arguments as build_arguments
 
     build_arguments(p)
+
+    p = command("devices", "the targets present here and, for a package, the share of its nodes each would run")
+    p.add_argument("model", nargs="?", default=None,
+                   help="package folder, .gguf file, Hugging Face folder or known model name (optional)")
 
     p = command("info", "show what a package (or checkpoint) contains")
     p.add_argument("model", help="package folder, .gguf file, Hugging Face folder or known model name")
@@ -263,12 +276,18 @@ def _summary(prompt_tokens: int, count: int, ttft: float | None, total: float, f
     print(f"[memory: {engine.memory().summary()}]", file=sys.stderr)
 
 
+def _max_memory(args: argparse.Namespace) -> int | None:
+    from .runtime.memory import parse_size
+
+    return None if args.max_memory is None else parse_size(args.max_memory)
+
+
 def _load(args: argparse.Namespace):
     from .hub import load
 
     return load(args.model, device=args.device, threads=args.threads, max_context=args.max_context,
                 backend=args.backend, progress=True, kv_cache=args.kv_cache, batch_invariant=args.batch_invariant,
-                speculative=args.speculative is not None and not args.inexact_speculation)
+                speculative=args.speculative is not None and not args.inexact_speculation, max_memory=_max_memory(args))
 
 
 def _messages(args: argparse.Namespace, history: list[dict]) -> list[dict]:
@@ -334,6 +353,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.speculative is not None:
         parse_speculative(args.speculative)
+    max_memory = _max_memory(args)  # a bad size fails before the server starts
     options = ServeOptions(model_id=args.model_name or args.model, api_key=args.api_key or os.environ.get(
                                "EDGE_RUN_API_KEY") or None, max_batch=args.max_batch,
                            prefill_chunk=args.prefill_chunk, prompt_cache_bytes=args.prompt_cache_mb << 20,
@@ -342,7 +362,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     def load_engine():
         engine = load(args.model, device=args.device, threads=args.threads, max_context=args.max_context,
                       backend=args.backend, progress=True, kv_cache=args.kv_cache,
-                      batch_invariant=args.batch_invariant, speculative=args.speculative is not None)
+                      batch_invariant=args.batch_invariant, speculative=args.speculative is not None,
+                      max_memory=max_memory)
         print(f"edge-run: serving {options.model_id!r} at http://{args.host}:{args.port}/v1 ({engine.backend.name} "
               f"backend, {args.max_batch} rows x {engine.max_context} positions)", file=sys.stderr)
         return engine
@@ -393,7 +414,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     options = ExportOptions(formats=args.format, gguf_dtype=args.dtype, stage_boundaries=boundaries, exit_layers=exits,
                             prune_layers=args.prune_layers, keep_layers=_int_list(args.keep_layers, "--keep-layers"),
                             heal=args.heal, quant=args.quant or None, device=args.device,
-                            accuracy_level=args.accuracy_level, force=args.force)
+                            accuracy_level=args.accuracy_level, max_memory=args.max_memory, force=args.force)
     if not args.output and not args.analyze_layers:
         raise ValueError("export needs -o/--output DIR (or --analyze-layers to only score the blocks)")
     if args.output:
@@ -416,8 +437,26 @@ def cmd_export(args: argparse.Namespace) -> None:
               f"{entry['top1_agreement']:.1%} on {entry['calibration_tokens']} held-out tokens", file=sys.stderr)
     parts = [f"{len(manifest.stages)} stage graph(s)"] if manifest.stages else []
     parts += [f"{manifest.gguf} ({args.quant or args.dtype})"] if manifest.gguf else []
+    if manifest.ort_models:
+        parts.append(f"ORT-format models and {manifest.required_operators} for {manifest.device}")
     print(f"wrote {args.output}: {manifest.model.architecture}, {manifest.model.num_layers} layers, "
           f"{', '.join(parts)}")
+    if "memory_budget" in manifest.extra:
+        fit = manifest.extra["memory_budget"]
+        print(f"fits --max-memory {fit['bytes'] / 1e6:.0f} MB at up to {fit['max_context']} tokens "
+              f"({fit['kv_cache']} KV cache, {fit['need'] / 1e6:.0f} MB)", file=sys.stderr)
+
+
+def _memory_needs(package: Path, manifest) -> str:
+    """Weights + KV cache + activations at a few context lengths (before loading: what --max-memory checks)."""
+    from .runtime.memory import MB, memory_need, weight_file_bytes
+
+    weights = weight_file_bytes(package, [s.file for s in manifest.stages], manifest.gguf_path(package))
+    contexts = sorted({c for c in (512, 2048, 8192) if c < manifest.model.context_length}
+                      | {manifest.model.context_length})
+    needs = [memory_need(manifest.model, weights, c) for c in contexts]
+    return (", ".join(f"{n.total / MB:.0f} MB at {n.max_context}" for n in needs)
+            + f" tokens (weights {weights / MB:.0f} MB + f32 KV cache + activations; --max-memory picks from these)")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -444,6 +483,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("size on disk", f"{size / 1e6:.1f} MB"),
         ("KV cache", f"{m.kv_bytes_per_token() / 1e3:.0f} KB per token in f32 "
                      f"({m.kv_bytes(1, 2048) / 1e6:.0f} MB at 2048 tokens; allocated as the context grows)"),
+        ("memory need", _memory_needs(package, manifest)),
         ("chat template", "yes" if manifest.chat_template else "no"),
         ("source", f"{manifest.source.get('format')} {manifest.source.get('path')} "
                    f"sha256 {str(manifest.source.get('sha256'))[:16]}..."),
@@ -451,6 +491,46 @@ def cmd_info(args: argparse.Namespace) -> None:
     ]
     for key, value in rows:
         print(f"{key:14} {value}")
+
+
+def cmd_devices(args: argparse.Namespace) -> None:
+    from .devices.inventory import CPU, node_placement, present_targets
+    from .devices.profiles import get_profile
+    from .devices.providers import DEVICES
+
+    targets = present_targets()
+    print(f"{'target':9} {'backend':14} {'present':8} {'runs with':32} {'library here':40} provided by")
+    for profile, present, library in targets:
+        print(f"{profile.name:9} {'+'.join(profile.backends):14} {'yes' if present else 'no':8} "
+              f"{profile.provider or 'llama.cpp ' + str(profile.llamacpp_cmake):32} {library:40} "
+              f"{profile.wheel or 'llama-cpp-python'}")
+    if args.model is None:
+        return
+    from .hub import resolve_package
+    from .runtime.manifest import package_file, read_manifest
+
+    package = resolve_package(args.model, progress=True)
+    manifest = read_manifest(package)
+    print(f"\npackage {package}")
+    if not manifest.stages:
+        print("  a GGUF package: runs on llama.cpp (--device cpu, or a GPU target above that is present)")
+        return
+    needs = get_profile(manifest.device or "cpu")
+    print(f"  built for device {needs.name!r}: {needs.describe()}")
+    graphs = [package_file(package, s.file, f"stages[{k}].file") for k, s in enumerate(manifest.stages)]
+    seen = set()
+    for profile, present, _ in targets:
+        if not present or not profile.onnx or profile.provider in seen:
+            continue
+        seen.add(profile.provider)
+        try:
+            placed = node_placement(graphs, profile.provider, profile.options, DEVICES[profile.name].plugin)
+        except ValueError as e:
+            print(f"  {profile.provider}: {e}")
+            continue
+        rest = f", {placed.on_cpu} on {CPU}" if placed.provider != CPU else ""
+        print(f"  {profile.provider}: runs {placed.share:.0%} of {placed.nodes} nodes "
+              f"({placed.subgraphs} node(s)/compiled subgraph(s) on it{rest}); as onnxruntime placed them")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -471,8 +551,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "build": cmd_build, "pull": cmd_pull, "export": cmd_export,
-            "run": cmd_run, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve}
+COMMANDS = {"devices": cmd_devices, "eval": cmd_eval, "bench": cmd_bench, "build": cmd_build, "pull": cmd_pull,
+            "export": cmd_export, "run": cmd_run, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,7 +213,8 @@ def resolve_package(model: str | Path, progress: bool = False, backend: str = "a
 
 def load(model: str | Path, device: str = "cpu", threads: int | None = None,
          max_context: int | None = None, backend: str = "auto", progress: bool = False,
-         kv_cache: str = "f32", batch_invariant: bool = False, speculative: bool | str = False) -> Engine:
+         kv_cache: str = "f32", batch_invariant: bool = False, speculative: bool | str = False,
+         max_memory: int | None = None) -> Engine:
     """Load a package folder, a checkpoint (.gguf / HF folder) or a known model name.
 
     A .gguf file (or known model) runs on llama.cpp through a light package pointing at the file;
@@ -228,6 +229,7 @@ def load(model: str | Path, device: str = "cpu", threads: int | None = None,
         ValueError: an invalid setting (backend, device, context, KV cache type).
     """
     package = resolve_package(model, progress=progress, backend=backend)
-    engine = Engine(package, device, threads, max_context, backend, kv_cache, batch_invariant, speculative)
+    engine = Engine(package, device, threads, max_context, backend, kv_cache, batch_invariant, speculative,
+                    max_memory)
     engine.open_model = load
     return engine

@@ -1,7 +1,8 @@
 """Execution providers: the only place in edge-run that names them.
 
 A device name ("cpu", "cuda", "coreml", ...) maps to an onnxruntime provider, its options, and
-where OrtValues (the KV cache) live. "auto" takes the first available in preference order.
+where OrtValues (the KV cache) live; the table is derived from the device profiles
+(`profiles.json`, see `profiles.py`). "auto" takes the first available in preference order.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psutil
+
+from .inventory import llamacpp_has_backend
+from .profiles import load_profiles
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -29,32 +33,60 @@ class Device:
         provider: onnxruntime execution provider.
         ort_device: OrtValue device type for activations passed between stage graphs ("cpu" or "cuda").
         options: provider options.
+        plugin: Python module of a plugin EP library that loads into onnxruntime (None: built in).
+        host_inputs: the provider reads its inputs from host memory; otherwise onnxruntime copies an
+            input to the provider's memory when it is bound (so a rewritten host buffer is bound again).
     """
 
     name: str
     provider: str
     ort_device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)
+    plugin: str | None = None
+    host_inputs: bool = True
 
 
-# preference order for "auto"; mobile / NPU providers first where they exist
-DEVICES: dict[str, Device] = {d.name: d for d in (
-    Device("cuda", "CUDAExecutionProvider", "cuda"),
-    Device("dml", "DmlExecutionProvider"),
-    Device("coreml", "CoreMLExecutionProvider"),
-    Device("qnn", "QNNExecutionProvider",
-           options={"backend_path": "QnnHtp.dll" if os.name == "nt" else "libQnnHtp.so"}),
-    Device("nnapi", "NnapiExecutionProvider"),
-    Device("xnnpack", "XnnpackExecutionProvider"),
-    Device("cpu", "CPUExecutionProvider"),
-)}
+def _devices() -> dict[str, Device]:
+    return {p.name: Device(p.name, p.provider, p.ort_device, dict(p.options),
+                           p.plugin.replace("-", "_") if p.plugin else None, p.host_inputs)
+            for p in load_profiles().values() if p.onnx}
+
+
+# every onnxruntime target of devices/profiles.json, in its ("auto" preference) order
+DEVICES: dict[str, Device] = _devices()
 
 
 def available_devices() -> list[str]:
     import onnxruntime as ort
 
     providers = set(ort.get_available_providers())
-    return [name for name, d in DEVICES.items() if d.provider in providers]
+    return [name for name, d in DEVICES.items() if d.provider in providers or d.plugin and plugin_devices(d)]
+
+
+_registered: set[str] = set()
+
+
+def plugin_devices(device: Device) -> list:
+    """The OrtEpDevices a plugin EP (e.g. onnxruntime-ep-webgpu) offers here, registering its library
+    once; empty when the plugin is not installed or finds no device."""
+    import importlib
+
+    import onnxruntime as ort
+
+    try:
+        module = importlib.import_module(device.plugin)
+    except ImportError:
+        return []
+    if device.plugin not in _registered and hasattr(ort, "register_execution_provider_library"):
+        ort.register_execution_provider_library(device.plugin, module.get_library_path())
+        _registered.add(device.plugin)
+    return [d for d in getattr(ort, "get_ep_devices", list)() if d.ep_name == device.provider]
+
+
+def _auto_device() -> str:
+    """The first profile "auto" may pick whose provider this onnxruntime has (CPU at the latest)."""
+    profiles = load_profiles()
+    return next(name for name in available_devices() if profiles[name].auto)
 
 
 def resolve_device(name: str = "cpu") -> Device:
@@ -66,14 +98,21 @@ def resolve_device(name: str = "cpu") -> Device:
     import onnxruntime as ort
 
     if name == "auto":
-        name = available_devices()[0]
+        name = _auto_device()
     if name not in DEVICES:
+        profile = load_profiles().get(name)
+        if profile is not None:  # a llama.cpp-only target
+            raise ValueError(f"device {name!r} is a llama.cpp GPU backend; run a GGUF package with --backend "
+                             f"llamacpp, or choose an onnxruntime device: auto, {', '.join(DEVICES)}")
         raise ValueError(f"unknown device {name!r}; choose one of: auto, {', '.join(DEVICES)}")
     device = DEVICES[name]
+    if device.plugin and plugin_devices(device):
+        return device
     if device.provider not in ort.get_available_providers():
+        profile = load_profiles()[name]
         raise ValueError(f"device {name!r} needs {device.provider}, which this onnxruntime build lacks "
-                         f"(available: {', '.join(available_devices())}); install the matching "
-                         f"onnxruntime package (e.g. onnxruntime-gpu for cuda)")
+                         f"(available: {', '.join(available_devices())}); install {profile.wheel} "
+                         f"in place of onnxruntime")
     return device
 
 
@@ -108,19 +147,36 @@ def providers_for(device: Device) -> list[tuple[str, dict[str, Any]]]:
     return chain
 
 
+def open_session(path: str, options: ort.SessionOptions, device: Device) -> ort.InferenceSession:
+    """An InferenceSession of `path` on `device` (CPU for what its provider lacks).
+
+    A plugin EP (webgpu) is added to the session options through its EP devices; a built-in provider
+    goes in the provider list.
+    """
+    import onnxruntime as ort
+
+    if device.plugin:
+        options.add_provider_for_devices(plugin_devices(device), dict(device.options))
+        return ort.InferenceSession(path, options)
+    return ort.InferenceSession(path, options, providers=providers_for(device))
+
+
 # llama.cpp offloads to whatever GPU backend it was built with (CUDA, Metal, Vulkan, ...);
-# these device names ask for that offload, "cpu" keeps every layer on the CPU.
-LLAMACPP_GPU_DEVICES = ("cuda", "metal", "vulkan")
+# these device names (profiles with llamacpp_cmake) ask for that offload, "cpu" keeps every layer on the CPU.
+LLAMACPP_GPU_DEVICES = tuple(p.name for p in load_profiles().values() if p.llamacpp_cmake)
 
 
-def llamacpp_offload(name: str, gpu_available: bool) -> bool:
+def llamacpp_offload(name: str, gpu_available: bool, system_info: str | None = None) -> bool:
     """Whether llama.cpp should offload layers to a GPU for device `name`.
 
     Args:
-        name: edge-run device name ("cpu", "cuda", "auto", ...).
+        name: edge-run device name ("cpu", "cuda", "vulkan", "metal", "auto", ...).
         gpu_available: whether this llama.cpp build can offload (llama_supports_gpu_offload()).
+        system_info: llama.cpp's system info line (llama_print_system_info()), which names the GPU
+            backend it was built with; None skips that check.
     Raises:
-        ValueError: the device is unknown to llama.cpp, or asks for a GPU this build lacks.
+        ValueError: the device is unknown to llama.cpp, or asks for a GPU backend this build lacks
+            (the message gives the CMAKE_ARGS to rebuild llama-cpp-python with).
     """
     if name == "cpu":
         return False
@@ -129,8 +185,11 @@ def llamacpp_offload(name: str, gpu_available: bool) -> bool:
     if name not in LLAMACPP_GPU_DEVICES:
         raise ValueError(f"device {name!r} is not one llama.cpp runs on; choose cpu, auto or "
                          f"{', '.join(LLAMACPP_GPU_DEVICES)} (or use --backend onnx for {name})")
-    if not gpu_available:
-        raise ValueError(f"device {name!r}: this llama-cpp-python build has no GPU support; reinstall it "
-                         f"with GPU support (e.g. CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install llama-cpp-python) "
-                         f"or use --device cpu")
+    profile = load_profiles()[name]
+    built = system_info is None or llamacpp_has_backend(profile, system_info)
+    if not gpu_available or not built:
+        what = "cannot offload to a GPU" if not gpu_available else f"was built without the {name} backend"
+        raise ValueError(f"device {name!r}: this llama-cpp-python build {what}; rebuild it with "
+                         f"CMAKE_ARGS=\"{profile.llamacpp_cmake}\" pip install --force-reinstall --no-cache-dir "
+                         f"llama-cpp-python, or use --device cpu")
     return True

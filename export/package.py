@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from ..devices.profiles import get_profile
 from ..quant.pack_ort import MatMulNBitsWeight
 from ..runtime.manifest import Manifest, PackageError, Stage
 from ..version import __version__
@@ -150,7 +151,8 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
                   force: bool = False, progress: bool = False, separate_head: bool = False,
                   quantization: OnnxQuantization | GgufQuantization | None = None, *,
                   formats: Sequence[str] = ("onnx",),
-                  gguf_dtype: str = "f32", exits: tuple[dict, list] | None = None) -> Manifest:
+                  gguf_dtype: str = "f32", exits: tuple[dict, list] | None = None,
+                  device: str | None = None, max_memory: int | None = None) -> Manifest:
     """Write `ckpt` as a package: ONNX stage graphs, a GGUF file (model.gguf), or both.
 
     Args:
@@ -168,6 +170,12 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
             exit layers must be stage boundaries and the head a stage of its own.
         gguf_dtype: "f32" or "f16" for the GGUF's matrices (a package holding ONNX graphs too
             must be f32 and unquantized: one `weights` entry describes both).
+        device: the device profile the ONNX graphs are built for (recorded in the manifest); a
+            profile whose variant has `ort_format` also gets ORT-format models and
+            required_operators.config (see `export.mobile`). None: a "cpu" package without the record.
+        max_memory: a memory budget in bytes (see `runtime.memory.fit_memory`, on the weight files'
+            size): the package is refused (nothing written) when it cannot run in it at the shortest
+            context; else the longest context that fits is recorded (`extra["memory_budget"]`).
     Returns:
         The manifest written.
     """
@@ -203,6 +211,11 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
             onnx.save_model(model, tmp / stage.file, save_as_external_data=True,
                             all_tensors_to_one_file=True, location=f"{stage.file}.data", size_threshold=1024)
             stages.append(stage)
+        ort_models, operators = [], None
+        if stages and device is not None and get_profile(device).variant.ort_format:
+            from .mobile import write_ort_models
+
+            ort_models, operators = write_ort_models(tmp, [s.file for s in stages])
         weights = None
         if "gguf" in formats:
             weights = _write_gguf(ckpt, tmp / "model.gguf", gguf_dtype, gguf_quant, progress)
@@ -213,12 +226,16 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
                              f"separate head stage (--exit-layers does both)")
         for layer, arrays in adapters.items():
             np.savez(tmp / f"exit{layer}.npz", **arrays)
+        extra = {}
+        if max_memory is not None:
+            extra["memory_budget"] = _memory_budget(ckpt.spec, tmp, [s.file for s in stages], max_memory)
         manifest = _write_manifest(
             tmp, ckpt, stages=tuple(stages),
             weights=quantization.weights if quantization else weights or
             _weight_dtypes(ckpt.spec.tie_embeddings, "float32" if gguf_dtype == "f32" else "float16"),
             exits=tuple(exit_entries),
             gguf="model.gguf" if "gguf" in formats else None,
+            device=device if stages else None, ort_models=tuple(ort_models), required_operators=operators, extra=extra,
             quantization=(quantization or gguf_quant).info if quantization or gguf_quant else {})
     log.info("wrote package %s (%s)", out_dir, ", ".join(formats))
     return manifest
@@ -261,8 +278,25 @@ def write_gguf_reference(gguf_path: str | Path, out_dir: str | Path, force: bool
                                gguf=str(gguf_path))
 
 
+def _memory_budget(spec, folder: Path, stage_files: list[str], budget: int) -> dict[str, Any]:
+    """The longest context (and KV type) the package in `folder` runs at within `budget` bytes.
+
+    Raises:
+        ValueError: nothing fits (names the smallest fit).
+    """
+    from ..runtime.memory import fit_memory, weight_file_bytes
+
+    gguf = folder / "model.gguf"
+    weights = weight_file_bytes(folder, stage_files, gguf if gguf.is_file() else None)
+    kv_types = ("f32",) if stage_files else ("f32", "f16")  # a GGUF-only package runs on llama.cpp
+    fit = fit_memory(spec, budget, weights, kv_types)
+    return {"bytes": budget, "max_context": fit.max_context, "kv_cache": fit.kv_cache, "need": fit.total}
+
+
 def _write_manifest(folder: Path, ckpt: Checkpoint, **fields: Any) -> Manifest:
     """Describe `ckpt` (spec, tokenizer, provenance, kept layers) plus `fields`; validate and write it."""
+    extra = {"transforms": ckpt.transforms} if ckpt.transforms else {}
+    extra.update(fields.pop("extra", {}))
     manifest = Manifest(
         model=ckpt.spec,
         tokenizer="tokenizer.json",
@@ -273,7 +307,7 @@ def _write_manifest(folder: Path, ckpt: Checkpoint, **fields: Any) -> Manifest:
         source=ckpt.source,
         tool_version=__version__,
         kept_layers=ckpt.kept_layers or tuple(range(ckpt.spec.num_layers)),
-        extra={"transforms": ckpt.transforms} if ckpt.transforms else {},
+        extra=extra,
         **fields,
     )
     # the checks a reader runs, so that a checkpoint with bad metadata makes no package (naming the checkpoint)

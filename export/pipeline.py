@@ -16,8 +16,10 @@ from operator import index
 from pathlib import Path
 from typing import Any
 
+from ..devices.profiles import export_devices, load_profiles
 from ..quant.recipe import Recipe
 from ..runtime.manifest import MANIFEST_NAME, Manifest, PackageError, strict_from_dict
+from ..runtime.memory import parse_size
 from .checkpoint import Checkpoint, load_checkpoint
 from .gguf_writer import GGUF_DTYPES
 from .package import FORMATS, write_package
@@ -61,9 +63,14 @@ class ExportOptions:
         heal: after pruning, fit a linear correction at each cut (ONNX only).
         quant: None (float weights), a preset name, a recipe file (.json / .toml), a recipe dict
             or a `Recipe`; for a GGUF also a llama.cpp type name such as "q4_k_m".
-        device: target device of a quantized ONNX package; sets the MatMulNBits accuracy level.
-        accuracy_level: MatMulNBits compute precision, overriding `device` (0 unset, 1 fp32,
+        device: the device profile (devices/profiles.json) whose ONNX variant to build: it sets the
+            MatMulNBits accuracy level of a quantized package, adds ORT-format models for mobile
+            targets (android, ios), and is recorded in the manifest.
+        accuracy_level: MatMulNBits compute precision, overriding the profile's (0 unset, 1 fp32,
             2 fp16, 3 bf16, 4 int8).
+        max_memory: a memory budget (bytes, or a size such as "400MB") the package must run in:
+            an export that cannot fit at the shortest context is refused, else the longest context
+            that fits is recorded in the manifest (see `write_package`).
         force: replace an existing package folder.
     Raises:
         ValueError: on construction, a setting that is invalid or conflicts with another one, or a
@@ -81,6 +88,7 @@ class ExportOptions:
     quant: QuantSpec | None = None
     device: str = "cpu"
     accuracy_level: int | None = None
+    max_memory: int | str | None = None
     force: bool = False
 
     @classmethod
@@ -103,6 +111,8 @@ class ExportOptions:
         set_(self, "prune_layers", _int(self.prune_layers, "prune_layers"))
         if self.accuracy_level is not None:
             set_(self, "accuracy_level", _int(self.accuracy_level, "accuracy_level"))
+        if self.max_memory is not None:
+            set_(self, "max_memory", parse_size(self.max_memory))
         self._check()
         _ = self.recipe  # a bad recipe fails here, before any checkpoint is read
 
@@ -127,10 +137,17 @@ class ExportOptions:
         if self.quant is not None and len(self.formats) > 1:
             raise ValueError("--quant writes one format per package (ONNX MatMulNBits or GGUF blocks); "
                              "export --format onnx and --format gguf to separate folders")
-        if (self.accuracy_level is not None or self.device != "cpu") and \
-                not (self.quant is not None and self.formats == ("onnx",)):
-            raise ValueError("--device / --accuracy-level set the MatMulNBits compute of a quantized ONNX package; "
-                             "use them with --quant and --format onnx")
+        profile = load_profiles().get(self.device)
+        if profile is None or not profile.onnx:
+            what = (f"{self.device} is a llama.cpp GPU backend: export --format gguf and choose it at run time "
+                    f"(edge-run run PKG --device {self.device})") if profile else f"unknown --device {self.device!r}"
+            raise ValueError(f"{what}; export builds ONNX variants for --device {', '.join(export_devices())}")
+        if self.device != "cpu" and "onnx" not in self.formats:
+            raise ValueError(f"--device {self.device} builds that device's ONNX variant; a GGUF is the same for every "
+                             f"llama.cpp device (choose it at run time with --device), so add onnx to --format")
+        if self.accuracy_level is not None and not (self.quant is not None and self.formats == ("onnx",)):
+            raise ValueError("--accuracy-level sets the MatMulNBits compute of a quantized ONNX package; "
+                             "use it with --quant and --format onnx")
         if self.accuracy_level is not None and self.accuracy_level not in range(5):
             raise ValueError(f"--accuracy-level must be 0-4 (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8), "
                              f"got {self.accuracy_level}")
@@ -209,7 +226,8 @@ def export(source: str | Path | Checkpoint, out: str | Path, options: ExportOpti
     return write_package(ckpt, out, options.boundaries, force=options.force, progress=progress,
                          separate_head=bool(options.exit_layers) or options.separate_head,
                          quantization=quantization, formats=options.formats, gguf_dtype=options.gguf_dtype,
-                         exits=fitted)
+                         exits=fitted, device=options.device if "onnx" in options.formats else None,
+                         max_memory=options.max_memory)
 
 
 __all__ = ["ExportOptions", "QuantSpec", "check_output", "export"]

@@ -22,6 +22,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
+from ..devices.profiles import get_profile
 from ..quant.base import QuantFormat, QuantizedTensor
 from ..quant.pack_gguf import gguf_type_for, pack_gguf
 from ..quant.pack_ort import MatMulNBitsWeight, pack_matmulnbits
@@ -35,15 +36,13 @@ from .package import GgufQuantization, OnnxQuantization
 
 log = logging.getLogger(__name__)
 
-# MatMulNBits accuracy_level per target device. On CPU, int8 compute (4) is the fast path: for
-# 8- and 2-bit weights the fp32 path dequantizes every step (README: design notes on export and
-# quantization). Other execution providers pick their own compute type, so 0 (unset).
-ACCURACY_LEVELS = {"cpu": 4}
-
-
 def accuracy_level_for(device: str) -> int:
-    """MatMulNBits accuracy level for a target device name ("cpu", "cuda", ...)."""
-    return ACCURACY_LEVELS.get(device, 0)
+    """MatMulNBits accuracy level of a device profile's variant ("cpu", "cuda", ...; devices/profiles.json).
+
+    On CPU, int8 compute (4) is the fast path: for 8- and 2-bit weights the fp32 path dequantizes every
+    step (README: design notes on export and quantization); other providers pick their own (0, unset).
+    """
+    return get_profile(device).variant.accuracy_level
 
 
 def quantizable_names(spec: ModelSpec) -> list[str]:

@@ -17,7 +17,7 @@ from .draft_policy import AdaptiveDraftLength, DraftPolicy
 from .drafters import Draft, Drafter
 from .early_exit import EarlyExitRunner, ExitPoint, exit_points
 from .manifest import MANIFEST_NAME, PackageError, check_memory, read_manifest
-from .memory import MemoryMeter, MemoryUse
+from .memory import MemoryFit, MemoryMeter, MemoryUse, fit_memory, weight_file_bytes
 from .requests import RequestHandle, StreamResponse
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, scheduler_for
@@ -115,6 +115,10 @@ class Engine:
             type. Without it, kernels that differ between one new token and several move quantized
             models' logits enough to change the output where two tokens nearly tie (float
             weights: only at far closer ties). Costs decode speed (see the README).
+        max_memory: bytes the engine may use (weights, runtime, KV cache, activations; see
+            `memory.fit_memory`): picks the longest context up to `max_context` (and on llama.cpp an
+            f16 KV cache when that fits a longer one) and refuses with the smallest fit when nothing
+            does: checked on the weights' size before loading and on what loading measured after.
         speculative: this engine will decode speculatively (True, or the mode you will use). A
             backend that chooses its invariant kernels at load (llama.cpp) then loads them when
             the weights are quantized, so speculation can be exact (see `generate`'s `exact`);
@@ -123,7 +127,7 @@ class Engine:
 
     def __init__(self, package_dir: str | Path, device: str = "cpu", threads: int | None = None,
                  max_context: int | None = None, backend: str = "auto", kv_cache: str = "f32",
-                 batch_invariant: bool = False, speculative: bool | str = False):
+                 batch_invariant: bool = False, speculative: bool | str = False, max_memory: int | None = None):
         self._memory = MemoryMeter()  # before anything of the engine is loaded
         self.package_dir = Path(package_dir)
         self.manifest = read_manifest(self.package_dir)
@@ -131,12 +135,24 @@ class Engine:
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
             raise ValueError(f"max_context must be an integer >= 2, got {max_context!r}")
         self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, spec.context_length)
+        self.memory_fit: MemoryFit | None = None  # what max_memory chose
+        if max_memory is not None:
+            backend_name = backend if backend != "auto" else (self.manifest.backends or ("onnx",))[0]
+            kv_types = (kv_cache,) if kv_cache != "f32" or backend_name != "llamacpp" else ("f32", "f16")
+            self.memory_fit = fit_memory(spec, max_memory, self._weight_bytes(backend_name), kv_types,
+                                         max_context or spec.context_length)
+            self.max_context, kv_cache = self.memory_fit.max_context, self.memory_fit.kv_cache
         self._kv_itemsize = 2 if kv_cache == "f16" else 4
         self.check_kv_memory(1)  # before any weights load
         self.tokenizer = read_tokenizer(self.package_dir, self.manifest.tokenizer, spec.vocab_size)
         self.backend = open_backend(backend, self.package_dir, self.manifest, device, threads, kv_cache,
                                     batch_invariant, bool(speculative))
         self._memory.loaded(self.backend.weight_bytes)
+        if max_memory is not None:  # again with what loading measured (pre-packed weights, buffers)
+            loaded = max(self._memory.after_load - self._memory.before, self.backend.weight_bytes)
+            self.memory_fit = fit_memory(spec, max_memory, loaded, (kv_cache,), self.max_context)
+            self.max_context = self.memory_fit.max_context
+            log.info("--max-memory: %s", self.memory_fit.summary())
         self.batch_invariant = isinstance(self.backend, InvariantSteps)
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self.grammars = Grammars(self.tokenizer, spec.vocab_size, self.manifest.eos_token_ids)  # structured output
@@ -149,6 +165,11 @@ class Engine:
         # opens the model of a `draft:MODEL` drafter (edgerun.load sets one that also takes
         # checkpoints and known model names; an Engine made directly opens package folders)
         self.open_model: Callable[..., Engine] = Engine
+
+    def _weight_bytes(self, backend: str) -> int:
+        """Bytes of the weight files `backend` loads (before loading: the least loading will take)."""
+        stages = [] if backend == "llamacpp" else [s.file for s in self.manifest.stages]
+        return weight_file_bytes(self.package_dir, stages, self.manifest.gguf_path(self.package_dir))
 
     # -- text <-> tokens -------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -222,7 +222,8 @@ class LlamaCppBackend:
         self.path = _gguf_path(package_dir, manifest)
         self.weight_bytes = self.path.stat().st_size
         self.threads = threads or physical_cores()
-        gpu = llamacpp_offload(device, bool(llc.llama_supports_gpu_offload()))
+        gpu = llamacpp_offload(device, bool(llc.llama_supports_gpu_offload()),
+                               llc.llama_print_system_info().decode(errors="replace"))
         if batch_invariant:
             _untile_for_invariance(self.path, _tiled_types(manifest.weights))
             if gpu:

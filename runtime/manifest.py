@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..devices.profiles import export_devices, load_profiles
 from .home import cache_home, cached_package_dir
 
 SCHEMA_VERSION = 1
@@ -333,6 +334,13 @@ class Manifest:
     quantization: dict[str, Any] = field(default_factory=dict)
     # early-exit points: {"layer", "file" (.npz in the package), "top1_agreement", "curve"}
     exits: tuple[dict[str, Any], ...] = ()
+    # the device profile (devices/profiles.json) whose variant the ONNX graphs are; None: made before
+    # profiles existed, which is the "cpu" variant
+    device: str | None = None
+    # ORT-format copies of the stage graphs, in stage order (mobile profiles), and the operator list a
+    # reduced onnxruntime build needs for them
+    ort_models: tuple[str, ...] = ()
+    required_operators: str | None = None
 
     LIMITS: ClassVar[dict[str, tuple]] = {"bos_token_id": (0, (1 << 22) - 1)}
 
@@ -358,7 +366,7 @@ class Manifest:
         data["model"] = ModelSpec.from_dict(data.get("model"), source, "model.")
         data["stages"] = tuple(Stage.from_dict(s, source, f"stages[{k}].")
                                for k, s in enumerate(data.get("stages") or []))
-        for key in ("eos_token_ids", "kept_layers", "exits"):
+        for key in ("eos_token_ids", "kept_layers", "exits", "ort_models"):
             data[key] = tuple(data.get(key) or ())
         manifest = strict_from_dict(cls, data, source)
         manifest.check(source)
@@ -384,6 +392,11 @@ class Manifest:
                      f"at most {MAX_TEMPLATE_CHARS} characters", (self.chat_template or "")[:20])
         for k, entry in enumerate(self.exits):
             self._check_exit(entry, f"exits[{k}]", source)
+        profiles = load_profiles()
+        _require(self.device is None or self.device in profiles and profiles[self.device].onnx, source, "device",
+                 f"null or a device profile with onnxruntime graphs ({', '.join(export_devices())})", self.device)
+        _require(not self.ort_models or len(self.ort_models) == len(self.stages), source, "ort_models",
+                 f"one ORT-format file per stage ({len(self.stages)})", list(self.ort_models))
 
     def _check_exit(self, entry: Any, name: str, source: str) -> None:
         _require(isinstance(entry, dict) and set(_EXIT_KEYS) <= set(entry), source, name,
@@ -430,6 +443,10 @@ class Manifest:
             package_file(package_dir, stage.file, f"stages[{k}].file")
         for k, entry in enumerate(self.exits):
             package_file(package_dir, entry["file"], f"exits[{k}].file")
+        for k, name in enumerate(self.ort_models):
+            package_file(package_dir, name, f"ort_models[{k}]")
+        if self.required_operators is not None:
+            package_file(package_dir, self.required_operators, "required_operators")
         self.gguf_path(package_dir)
 
     def gguf_path(self, package_dir: str | Path) -> Path | None:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from .manifest import ModelSpec
 
 log = logging.getLogger(__name__)
 MB = 1e6
@@ -110,3 +114,104 @@ def _clean_mappings(names: set[str]) -> list[tuple[int, int, str]]:
                     found.append(current)
                 current = None
     return found
+
+
+# -- memory budget: the context length and KV cache type that fit --------------------------------------
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "k": 10**3, "mb": 10**6, "m": 10**6, "gb": 10**9, "g": 10**9,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+# context lengths a budget chooses between (capped by the model's and the caller's maximum)
+CONTEXT_STEPS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+KV_ITEMSIZE = {"f32": 4, "f16": 2}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in "400MB", "1.5GB", "512MiB", "300m" or a plain number of bytes.
+
+    Raises:
+        ValueError: naming the text and the accepted form.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        value, unit = (float(match[1]), match[2].lower()) if match else (0.0, "?")
+    if unit not in _UNITS or value <= 0:
+        raise ValueError(f"--max-memory must be a size such as 400MB, 1.5GB or 512MiB, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def weight_file_bytes(folder: Path, stage_files: list[str], gguf: Path | None = None) -> int:
+    """Bytes of a package's weight files: its stage graphs with their external data, else its GGUF."""
+    files = [Path(folder) / f for f in stage_files]
+    onnx = sum(f.stat().st_size for f in files + [f.with_name(f.name + ".data") for f in files] if f.is_file())
+    return onnx or (gguf.stat().st_size if gguf is not None else 0)
+
+
+def activation_bytes(spec: ModelSpec, context: int, batch: int = 1) -> int:
+    """Peak activation buffers of a prompt that fills `context` positions (fp32), per the graphs' shapes.
+
+    The largest are the attention probabilities [batch, heads, S, context] of the prompt step and the
+    MLP's [batch, S, 2 x intermediate]; the rest is a few hidden-sized rows and one row of logits.
+    """
+    per_token = 4 * (2 * spec.intermediate_size + 6 * spec.hidden_size + spec.num_heads * context)
+    return batch * (context * per_token + 4 * spec.vocab_size)
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """A context length and KV cache type that fit a memory budget, with the parts of the sum (bytes).
+
+    Attributes:
+        max_context: KV cache positions per sequence.
+        kv_cache: "f32" or "f16".
+        loaded: weights plus what loading adds (measured after load; the weights' size before).
+        kv_bytes: the KV cache at `max_context`.
+        activation_bytes: see `activation_bytes`.
+    """
+
+    max_context: int
+    kv_cache: str
+    loaded: int
+    kv_bytes: int
+    activation_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.loaded + self.kv_bytes + self.activation_bytes
+
+    def summary(self) -> str:
+        return (f"{self.total / MB:.0f} MB (weights and runtime {self.loaded / MB:.0f} MB + {self.kv_cache} KV cache "
+                f"{self.kv_bytes / MB:.0f} MB + activations {self.activation_bytes / MB:.0f} MB at "
+                f"{self.max_context} tokens)")
+
+
+def memory_need(spec: ModelSpec, loaded: int, context: int, kv_cache: str = "f32", batch: int = 1) -> MemoryFit:
+    """What a package needs at `context` positions: `loaded` (weights + runtime) + KV cache + activations."""
+    return MemoryFit(context, kv_cache, loaded, spec.kv_bytes(batch, context + 1, KV_ITEMSIZE[kv_cache]),
+                     activation_bytes(spec, context, batch))
+
+
+def fit_memory(spec: ModelSpec, budget: int, loaded: int, kv_types: tuple[str, ...] = ("f32",),
+               max_context: int | None = None, batch: int = 1) -> MemoryFit:
+    """The longest context (then the widest KV type) whose need fits `budget`.
+
+    Args:
+        spec: the package's model.
+        budget: bytes the engine may use (weights, runtime, KV cache, activations).
+        loaded: weights plus what loading adds, in bytes (measured, or the weights' size before loading).
+        kv_types: KV cache types the backend takes, preferred first ("f32", "f16").
+        max_context: the longest context to consider (default: the model's).
+    Raises:
+        ValueError: nothing fits; names the smallest fit and the fixes.
+    """
+    cap = min(max_context or spec.context_length, spec.context_length)
+    contexts = sorted({c for c in CONTEXT_STEPS if c <= cap} | {cap}, reverse=True)
+    for context in contexts:
+        for kv in kv_types:
+            need = memory_need(spec, loaded, context, kv, batch)
+            if need.total <= budget:
+                return need
+    smallest = memory_need(spec, loaded, contexts[-1], kv_types[-1], batch)
+    raise ValueError(f"nothing fits --max-memory {budget / MB:.0f} MB: the smallest fit needs {smallest.summary()}; "
+                     f"raise --max-memory to {math.ceil(smallest.total / MB)}MB or use a smaller package "
+                     f"(--quant int4)")

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..devices.providers import providers_for, resolve_device, session_options
+from ..devices.profiles import check_package_device, get_profile
+from ..devices.providers import open_session, resolve_device, session_options
 from .backend import register_backend
 from .kv_cache import KVCache
 from .manifest import Manifest, ModelSpec, PackageError, Stage, package_file
@@ -87,15 +88,22 @@ class OnnxBackend:
             raise ValueError(f"the onnx backend keeps an f32 KV cache (the graphs' dtype), not {kv_cache}; "
                              f"use --kv-cache f16 with --backend llamacpp")
         self.manifest, self.device = manifest, resolve_device(device)
+        fallback = check_package_device(manifest.device, self.device.name)
+        if fallback:
+            log.warning("%s", fallback)
+        # a mobile profile runs the package's ORT-format graphs, as the mobile runtime would
+        ort_format = get_profile(self.device.name).variant.ort_format and bool(manifest.ort_models)
         if batch_invariant and self.device.ort_device != "cpu":
             log.warning("batch-invariant steps are verified on onnxruntime's CPU kernels only; on %s the "
                         "library may still pick kernels by shape", self.device.ort_device)
-        opts = session_options(threads, spinning=len(manifest.stages) == 1)
         self.sessions = []
         for k, stage in enumerate(manifest.stages):
+            opts = session_options(threads, spinning=len(manifest.stages) == 1)  # one per session: providers go in it
             path = stage_graph(package_dir, k, stage, manifest.model)
+            if ort_format:
+                path = package_file(package_dir, manifest.ort_models[k], f"ort_models[{k}]")
             try:
-                self.sessions.append(ort.InferenceSession(str(path), opts, providers=providers_for(self.device)))
+                self.sessions.append(open_session(str(path), opts, self.device))
             except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail,
                     ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
                 raise PackageError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
@@ -199,7 +207,9 @@ class OnnxBackend:
             if stage.has_head:
                 self._bind_host(k, "logits_positions", logits_positions[..., None], np.int64)
             bound = self._bound[k]
-            if bound is None or bound[0] is not cache or bound[1] != cache.version:
+            # onnxruntime copies a host input to the provider's memory when it is bound, so there the
+            # host KV cache is bound again every step (the provider reads it from a fresh copy)
+            if bound is None or bound[0] is not cache or bound[1] != cache.version or not self.device.host_inputs:
                 self._bind_cache(k, cache)
                 self._bound[k] = (cache, cache.version)
             if stage.has_head:
@@ -221,6 +231,8 @@ class OnnxBackend:
         held = self._inputs[k].get(name)
         if held is not None and held[0].shape == np.shape(values):
             held[0][...] = values
+            if not self.device.host_inputs:  # binding copied the old values to the provider's memory
+                self.bindings[k].bind_ortvalue_input(name, held[1])
             return
         buffer = np.array(values, dtype=dtype, order="C")
         value = ort.OrtValue.ortvalue_from_numpy(buffer)

@@ -147,8 +147,8 @@ def test_llamacpp_k_quant_export(tiny256, tmp_path, capsys):
     (["--format", "gguf", "--quant", "q9_z"], "llama.cpp types work too"),
     (["--format", "gguf", "--quant", "RECIPE"], "no GGUF type holds int4_asym"),
     (["--format", "onnx,gguf", "--quant", "int8"], "one format per package"),
-    (["--accuracy-level", "3"], "use them with --quant and --format onnx"),
-    (["--format", "gguf", "--quant", "int8", "--device", "cuda"], "use them with --quant and --format onnx"),
+    (["--accuracy-level", "3"], "use it with --quant and --format onnx"),
+    (["--format", "gguf", "--quant", "int8", "--device", "cuda"], "a GGUF is the same for every llama.cpp device"),
 ])
 def test_bad_gguf_quant_flags_are_clear_errors(tiny_narrow, tmp_path, capsys, argv, message):
     recipe = tmp_path / "r.json"
