@@ -103,10 +103,10 @@ def _replay_cost(tokenizer_path: Path, answers: list[tuple[str, dict]]) -> dict:
 
 
 def run(args) -> dict:
-    import edgerun
-    from edgerun.runtime import constraints
+    from ..runtime import constraints
+    from ..runtime.engine import Engine
 
-    engine = edgerun.Engine(args.package, threads=args.threads, max_context=1024)
+    engine = Engine(args.package, threads=args.threads, max_context=1024)
     cases = prompts(args.prompts)
     encoded = [engine.encode(engine.apply_chat_template([{"role": "user", "content": text}]), add_special_tokens=False)
                for text, _ in cases]

@@ -354,3 +354,17 @@ def test_llamacpp_backend_constrained_and_speculative(tiny_fp32):
         spec = list(engine.generate("the quick brown fox", max_new_tokens=100, response_format=fmt,
                                     speculative="lookup"))
         assert [r.token for r in spec] == [r.token for r in plain]
+
+
+def test_structured_bench_runs(tool_engine, tmp_path):
+    """bench/structured.py end to end on a tiny model: its report has every figure it prints."""
+    from edgerun.bench import structured
+
+    report = structured.main([str(tool_engine.package_dir), "--prompts", "2", "--rounds", "1", "--max-tokens", "24",
+                              "--threads", "1", "--tokenizer", str(tool_engine.package_dir / "tokenizer.json"),
+                              "--json", str(tmp_path / "s.json")])
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["prompts"] and len(saved["grammar_cost"]) == 2
+    for row in report["prompts"]:
+        assert row["plain"]["tokens"] == row["constrained"]["tokens"]
+    assert all(g["us_per_token"] > 0 for g in report["grammar_cost"])
