@@ -13,7 +13,7 @@ field names), interleaved per prompt after a warm-up, `--rounds` times:
 Reported: per-token decode time of masked-only over plain (the mask's overhead), and plain time
 over constrained time for the same number of tokens (> 1: the schema's answer costs less than free
 text of the same length). Times are from the call (prompt included) and decode-only (after the
-first token), medians over rounds, summed over prompts.
+first token), medians over rounds; the ratios are per prompt, and their median over prompts.
 
 The grammar's own cost per token at other vocabularies (`--tokenizer`, e.g. Qwen2.5's 152k or
 Gemma 3's 262k tokenizer.json) is timed apart from any model: each constrained answer, re-tokenized
@@ -142,24 +142,25 @@ def run(args) -> dict:
             k: {"tokens": len(v[0][0]), "total_s": statistics.median(r[1] for r in v),
                 "decode_s": statistics.median(r[2] for r in v)} for k, v in runs.items()}})
 
-    def total(kind, key):
-        return sum(r[kind][key] for r in rows)
+    def per_token(row, kind):
+        return row[kind]["decode_s"] / max(row[kind]["tokens"] - 1, 1)
 
-    def per_token(kind):
-        return total(kind, "decode_s") / sum(max(r[kind]["tokens"] - 1, 1) for r in rows)
+    def median(values):  # over prompts: one prompt's noise spike does not move it
+        return statistics.median(list(values))
 
     report = {
         "version": __version__, "package": str(args.package), "threads": args.threads, "rounds": args.rounds,
         "prompts": rows,
-        "mask_overhead_per_token": per_token("masked") / per_token("plain") - 1,
-        "plain_over_constrained_total": total("plain", "total_s") / total("constrained", "total_s"),
-        "plain_over_constrained_decode": total("plain", "decode_s") / total("constrained", "decode_s"),
+        "mask_overhead_per_token": median(per_token(r, "masked") / per_token(r, "plain") - 1 for r in rows),
+        "plain_over_constrained_total": median(r["plain"]["total_s"] / r["constrained"]["total_s"] for r in rows),
+        "plain_over_constrained_decode": median(r["plain"]["decode_s"] / r["constrained"]["decode_s"] for r in rows),
         "grammar_cost": [_replay_cost(Path(t), [(r["answer"], cases[r["prompt"]][1]) for r in rows])
                          for t in [engine.package_dir / engine.manifest.tokenizer, *args.tokenizer]],
     }
     print(f"package {args.package}: {len(rows)} prompts x {args.rounds} rounds, {args.threads} threads, "
           f"{sum(r['complete'] for r in rows)} answers complete JSON within --max-tokens")
-    print(f"  mask overhead per decoded token (masked-only vs plain): {100 * report['mask_overhead_per_token']:+.1f}%")
+    print(f"  mask overhead per decoded token (masked-only vs plain, median over prompts): "
+          f"{100 * report['mask_overhead_per_token']:+.1f}%")
     print(f"  plain / constrained, same tokens: x{report['plain_over_constrained_total']:.2f} from the call, "
           f"x{report['plain_over_constrained_decode']:.2f} decode only")
     for g in report["grammar_cost"]:
