@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .quant.recipe import TARGETS, Calibration, Recipe, load_recipe
+from .runtime.manifest import PackageError, contained_file
 
 if TYPE_CHECKING:  # the export pipeline imports onnx (a second): only when a recipe is read
     from .export.pipeline import ExportOptions
@@ -306,7 +307,10 @@ def _calibration(reader: _Reader, data: dict, folder: Path, sequences: int | Non
     reader.table(data, ("calibration",), CALIBRATION_KEYS)
     values = dict(data)
     if "data" in values:
-        path = folder / values["data"]
+        try:  # a recipe from anyone (a pull request) reads nothing outside its own folder
+            path = contained_file(folder, values["data"], "calibration.data", "recipe", "fix the recipe")
+        except PackageError as e:
+            raise reader.error(("calibration", "data"), str(e)) from None
         if not path.is_file():
             raise reader.error(("calibration", "data"), f"{path} is not a file; give a text file relative to "
                                                         f"the recipe's folder")
@@ -342,7 +346,10 @@ def _quant(reader: _Reader, path: tuple[str, ...], quant: str | dict, target: st
     elif quant in TARGETS[target]:
         spec = quant
     elif (folder / quant).is_file():
-        spec = folder / quant
+        try:  # a recipe file the build recipe names lies in its folder too
+            spec = contained_file(folder, quant, "quant", "recipe", "fix the recipe")
+        except PackageError as e:
+            raise reader.error(path, str(e)) from None
     elif target == "gguf" and quant.lower() in _llama_types():
         return quant.lower()
     else:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..runtime.manifest import check_keys, show, strict_from_dict
+from ..runtime.manifest import PackageError, check_keys, contained_file, show, strict_from_dict
 from . import formats  # noqa: F401  (registers the formats)
 from .base import QuantFormat, get_format
 
@@ -256,6 +256,15 @@ def load_recipe(spec: str | Path | dict[str, Any] | Recipe, target: str = "onnx"
         raise ValueError(f"recipe {path} is not valid {kind}: {e}") from None
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
+        calibration = data.get("calibration")
+        if isinstance(calibration, dict) and isinstance(calibration.get("data"), str):
+            # relative to the recipe's folder and inside it: a recipe file reads nothing outside its folder
+            try:
+                where = contained_file(path.parent, calibration["data"], "calibration.data", "recipe",
+                                       "fix the recipe")
+            except PackageError as e:
+                raise ValueError(str(e)) from None
+            data["calibration"] = {**calibration, "data": str(where)}
     try:
         return Recipe.from_dict(data)
     except ValueError as e:  # name the file; the message names the rule and the key

@@ -149,20 +149,28 @@ def package_file(package_dir: str | Path, name: str, what: str) -> Path:
     Raises:
         PackageError: naming the field, the offending path and where it leads.
     """
-    root = Path(package_dir).resolve()
-    where = f"package {package_dir}: {what} {show(name, 400)}"
+    return contained_file(package_dir, name, what, "package", "re-export it")
+
+
+def contained_file(folder: str | Path, name: str, what: str, owner: str = "package", fix: str = "re-export it"
+                   ) -> Path:
+    """`name` (field `what` of a file of kind `owner`: a package's manifest, a recipe) resolved
+    inside `folder`, or a PackageError naming the field, the path and where it leads (an absolute
+    path, `..` past the folder, a symlink out of it), before anything is opened; `fix` says what to do."""
+    root = Path(folder).resolve()
+    where = f"{owner} {folder}: {what} {show(name, 400)}"
     if not isinstance(name, str) or not name or "\0" in name:
-        raise PackageError(f"{where} is not a file name; re-export the package")
+        raise PackageError(f"{where} is not a file name; {fix}")
     if Path(name).is_absolute() or Path(name).drive:
-        raise PackageError(f"{where} is an absolute path; a package names only files inside its own folder "
-                           f"(re-export it, or move the file in and name it relative to the folder)")
+        raise PackageError(f"{where} is an absolute path; a {owner} names only files inside its own folder "
+                           f"({fix}, or move the file in and name it relative to the folder)")
     path = (root / name).resolve()
     if path != root and root in path.parents:
         return path
     inside = Path(os.path.normpath(root / name))
     how = f"leads through a symlink to {path}" if inside == root or root in inside.parents else f"resolves to {path}"
-    raise PackageError(f"{where} {how}, outside the package folder {root}; a package names only files "
-                       f"inside its own folder (re-export it)")
+    raise PackageError(f"{where} {how}, outside the {owner} folder {root}; a {owner} names only files "
+                       f"inside its own folder ({fix})")
 
 
 def gguf_reference(package_dir: str | Path, gguf: str) -> Path:

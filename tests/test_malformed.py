@@ -448,6 +448,32 @@ def test_recipe_errors_name_the_file_and_the_key(tmp_path, suffix, text, expecte
         load_recipe(path)
 
 
+@pytest.mark.parametrize("data, how", [
+    ("/etc/passwd", "is an absolute path"),
+    ("../../../../etc/passwd", "outside the recipe folder"),
+    ("link/passwd", "leads through a symlink"),
+])
+def test_recipe_calibration_data_stays_in_the_recipe_folder(tmp_path, data, how):
+    """A recipe from a pull request reads no file outside its own folder (quant recipes and build recipes)."""
+    from edgerun.build_recipe import load_build_recipe
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "link").symlink_to("/etc")
+    recipe = folder / "r.json"
+    recipe.write_text(json.dumps({"default": {"format": "int4_asym"}, "calibration": {"data": data}}))
+    with pytest.raises(ValueError, match=f"calibration.data.*{how}"):
+        load_recipe(recipe)
+    build = folder / "b.toml"
+    build.write_text(f'name = "b"\n[source]\nmodel = "smollm2-135m"\n[calibration]\ndata = "{data}"\n'
+                     f'[variants.int8]\nquant = "int8"\n')
+    with pytest.raises(ValueError, match=how):
+        load_build_recipe(build)
+    (folder / "calib.txt").write_text("some text")  # inside: accepted, resolved against the recipe's folder
+    recipe.write_text(json.dumps({"default": {"format": "int4_asym"}, "calibration": {"data": "calib.txt"}}))
+    assert load_recipe(recipe).calibration.data == str((folder / "calib.txt").resolve())
+
+
 # -- writers killed half-way ---------------------------------------------------------------------------------------
 def _die_during(tmp_path: Path, code: str) -> None:
     """Run `code` in a fresh interpreter in which `die()` ends the process at once, as a kill would."""
