@@ -36,6 +36,7 @@ from tqdm import tqdm
 from .bench.report import write_json
 from .build_recipe import GATES, BuildRecipe, Variant, load_build_recipe
 from .export.checkpoint import Checkpoint, load_checkpoint, sha256_file
+from .files import save_figure_atomic, write_text_atomic
 from .runtime.manifest import MANIFEST_NAME, PackageError, read_manifest
 from .version import __version__
 
@@ -391,7 +392,7 @@ def run_build(recipe: BuildRecipe, out: str | Path, only: tuple[str, ...] = (), 
                            "decode": round(time.perf_counter() - started - build_s - eval_s, 1)}
     report["timings_s"]["total"] = round(time.perf_counter() - started, 1)
     write_json(out / "report.json", report)
-    (out / "report.md").write_text(format_markdown(report))
+    write_text_atomic(out / "report.md", format_markdown(report))
     if plot:
         plot_report(report, out / "report.png")
     return report
@@ -514,7 +515,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
                  f"{report['evaluation']['protocol']['windows']} x {report['evaluation']['protocol']['window_tokens']}"
                  f" tokens (red x: missed a gate)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 

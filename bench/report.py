@@ -5,16 +5,15 @@ import json
 import logging
 from pathlib import Path
 
+from ..files import save_figure_atomic, write_text_atomic
+
 log = logging.getLogger(__name__)
 COLORS = {"edgerun": "tab:blue", "llamacpp": "tab:orange", "ortgenai": "tab:green", "transformers": "tab:red"}
 
 
 def write_json(path: Path, data) -> None:
     """Write a JSON report whole or not at all: to `<name>.partial` beside it, then renamed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _cell(summary: dict | None, digits: int = 1, rich: bool = True) -> str:
@@ -203,9 +202,6 @@ def plot(report: dict, path: Path) -> str:
     else:
         drawn += "; no speed-vs-quality scatter: no perplexity measured (pass --ppl-windows N)"
     fig.tight_layout()
-    # whole or not at all: a kill mid-write leaves only the .partial file
-    tmp = Path(path).with_name(Path(path).name + ".partial")
-    fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
-    tmp.replace(path)
+    save_figure_atomic(fig, path)
     plt.close(fig)
     return drawn

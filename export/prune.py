@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..files import save_figure_atomic
 from ..quant.recipe import Calibration
 from .calibrate import calibration_tokens
 from .checkpoint import Checkpoint
@@ -68,10 +69,7 @@ class LayerScores:
         bottom.set_ylabel("ppl increase if removed")
         bottom.set_xlabel("block")
         fig.tight_layout()
-        # whole or not at all: a kill mid-write leaves only the .partial file
-        tmp = Path(path).with_name(Path(path).name + ".partial")
-        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
-        tmp.replace(path)
+        save_figure_atomic(fig, path, dpi=120)
         plt.close(fig)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # top-level name under edgerun -> rank; higher ranks may import lower ones
-LAYERS = {"version": 0, "console": 0, "data": 0, "devices": 1, "runtime": 2, "quant": 3, "export": 4,
+LAYERS = {"version": 0, "console": 0, "data": 0, "files": 0, "devices": 1, "runtime": 2, "quant": 3, "export": 4,
           "hub": 5, "bench": 6, "server": 6, "build": 6, "build_recipe": 6, "cli": 7, "__main__": 7, "__init__": 7}
 SHIPPED = ("*.py", "devices/**/*.py", "runtime/**/*.py", "quant/**/*.py", "export/**/*.py", "bench/*.py",
            "data/*.py", "server/*.py")
