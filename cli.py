@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests decoded at once (rows of the KV cache); more wait in a queue (default: 8)")
     p.add_argument("--speculative", default=None, metavar="MODE",
-                   help="lookup[:MAX_NGRAM[,MIN_NGRAM]]: every row drafts by prompt lookup and verifies inside the "
-                        "shared batch step")
+                   help="lookup[:MAX_NGRAM[,MIN_NGRAM]] (prompt lookup) or draft:MODEL (a draft model with "
+                        "the same tokenizer, one cache row per batch row): rows draft and verify inside the "
+                        "shared batch step while at most two decode; exact with quantized weights")
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="prompt tokens run per step for a new request, bounding how long it stalls running "
                         "streams (default: 128)")

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .constraints import choose
-from .drafters import Draft, LookupDrafter
+from .drafters import Draft, Drafter, ModelDrafter
 from .prompt_cache import PromptCache
 from .requests import RequestHandle, RequestSettings, SchedulerClosed, StreamResponse, Timings, Usage
 from .sampling import Sampler, SamplingParams
-from .speculative import constrained_draft, parse_speculative, verify
+from .speculative import constrained_draft, make_drafter, parse_speculative, verify
 from .textstream import StopMatcher, TextStream, step_text
 
 log = logging.getLogger(__name__)
@@ -136,15 +136,16 @@ class Scheduler:
         max_queue: most requests waiting for a row; submit raises QueueFull beyond it.
         prompt_cache_bytes: host memory for the KV of finished sequences kept for reuse; running
             and idle rows are searched too (0: no prompt cache at all).
-        speculative: None, or "lookup[:MAX_NGRAM[,MIN_NGRAM]]": rows draft by prompt lookup and
-            verify in the shared step.
+        speculative: None, "lookup[:MAX_NGRAM[,MIN_NGRAM]]" (prompt lookup) or "draft:MODEL" (a
+            draft model with the target's vocabulary, loaded once with a cache row per scheduler
+            row): rows draft and verify in the shared step.
         exact: with speculation on quantized weights, run every step in the batch-invariant form
             (as Engine.generate's `exact`), so speculation does not change greedy output; False:
             the fast kernels.
         draft_tokens: most drafts per row and step.
         speculate_rows: rows draft only while at most this many decode.
     Raises:
-        ValueError: a bad setting, a speculative mode other than lookup, or exact speculation on
+        ValueError: a bad setting, a speculative mode other than lookup or draft:, or exact speculation on
             a quantized llama.cpp engine not loaded with speculative=True.
     """
 
@@ -161,7 +162,7 @@ class Scheduler:
         self.settings = dict(max_batch=max_batch, prefill_chunk=prefill_chunk, max_queue=max_queue,
                              prompt_cache_bytes=prompt_cache_bytes, speculative=speculative,
                              draft_tokens=draft_tokens, speculate_rows=speculate_rows, exact=exact)
-        self.drafter = _lookup_drafter(speculative)
+        self.drafter = _drafter(speculative, engine, max_batch)
         self.backend = engine._step_backend(self.drafter is not None, exact)  # every step, prompts included
         self.draft_tokens, self.speculate_rows = draft_tokens, speculate_rows
         self.max_len = engine.max_context
@@ -387,8 +388,13 @@ class Scheduler:
         forced = [s.constraint.forced()[:r] if s.constraint is not None else [] for s, r in zip(decoding, room)]
         drafts = [Draft() for _ in decoding]
         if self.drafter is not None and len(decoding) <= self.speculate_rows:
-            limits = [min(self.draft_tokens, r - len(f)) for r, f in zip(room, forced)]
-            drafts = self.drafter.propose([s.tokens + f for s, f in zip(decoding, forced)], limits)
+            # one context per scheduler row (a draft model's cache rows follow them); idle rows draft nothing
+            contexts: list[list[int]] = [[] for _ in range(self.max_batch)]
+            limits = [0] * self.max_batch
+            for seq, r, f in zip(decoding, room, forced):
+                contexts[seq.row], limits[seq.row] = seq.tokens + f, min(self.draft_tokens, r - len(f))
+            proposed = self.drafter.propose(contexts, limits)
+            drafts = [proposed[seq.row] for seq in decoding]
         drafts = [constrained_draft(f, d, s.constraint) if s.constraint is not None else d
                   for s, f, d in zip(decoding, forced, drafts)]
         width = 1 + max(len(d.tokens) for d in drafts)
@@ -449,16 +455,24 @@ class Scheduler:
         return forward(batch, self.cache, counts, np.full((self.max_batch, 1), n - 1))[row, 0]
 
 
-def _lookup_drafter(speculative: str | None) -> LookupDrafter | None:
-    """The scheduler's drafter for a mode string: prompt lookup only (a draft model or early layers
-    would need rows of their own cache, in step with the target's)."""
+def _drafter(speculative: str | None, engine, rows: int) -> Drafter | None:
+    """The scheduler's drafter for a mode string: prompt lookup, or a draft model with a KV cache of
+    `rows` rows, one per scheduler row (self-speculation would run the target's own layers between
+    its steps, so it is not offered).
+
+    A draft model drafts greedily for every request: its drafts are then a point mass, which
+    sampled verification accepts losslessly too (at a lower rate than drafts sampled like the
+    request's own settings would pass)."""
     if speculative is None:
         return None
     spec = parse_speculative(speculative)
-    if spec.kind != "lookup":
-        raise ValueError(f"the scheduler speculates with prompt lookup only (lookup[:MAX_NGRAM[,MIN_NGRAM]]), "
-                         f"not {speculative!r}")
-    return LookupDrafter(*spec.arg)
+    if spec.kind == "self":
+        raise ValueError(f"the scheduler speculates with prompt lookup or a draft model (lookup[:...], "
+                         f"draft:MODEL), not {speculative!r}")
+    drafter = make_drafter(spec, engine, max_context=engine.max_context, threads=engine.threads)
+    if isinstance(drafter, ModelDrafter):
+        drafter.start([[0]] * rows, SamplingParams())  # a row's first proposal feeds its whole context
+    return drafter
 
 
 _STARTING = threading.Lock()

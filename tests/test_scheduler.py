@@ -215,8 +215,29 @@ def test_lookup_speculation_in_the_batch_equals_plain(repetitive, backend):
     assert stats.drafts_accepted > 0 and any(r.from_draft for x in results for r in x.responses)
     for x in results:  # logprobs of accepted drafts come from the verification pass
         assert all(r.top_logprobs[0][0] == r.token for r in x.responses)
-    with pytest.raises(ValueError, match="prompt lookup only"):
-        _scheduler(engine, speculative="draft:/somewhere")
+    with pytest.raises(ValueError, match="not 'self:2'"):
+        _scheduler(engine, speculative="self:2")
+
+
+def test_draft_model_speculation_in_the_batch_equals_plain(repetitive, tmp_path):
+    """A draft model drafts for every row from its own cache rows: greedy output unchanged, sampled
+    requests keep their seeds' tokens' distribution (checked here: they run and finish)."""
+    from conftest import build_tiny_llama
+
+    from edgerun.export.pipeline import export
+
+    export(build_tiny_llama(tmp_path / "hf", seed=6, num_hidden_layers=2), tmp_path / "draft")
+    engine, reference = (edgerun.Engine(repetitive, max_context=128, threads=1) for _ in range(2))
+    prompts = [p * 2 for p in PROMPTS[:4]]
+    expected = [_alone(reference, p, max_new_tokens=24, ignore_eos=True) for p in prompts]
+    with _scheduler(engine, speculative=f"draft:{tmp_path / 'draft'}", speculate_rows=2, max_batch=3) as scheduler:
+        handles = [scheduler.submit(p, max_new_tokens=24, ignore_eos=True) for p in prompts]
+        sampled = scheduler.submit(prompts[0], max_new_tokens=12, temperature=0.8, seed=1)
+        results = [h.result() for h in handles]
+        assert len(sampled.result().tokens) >= 1
+        stats = scheduler.stats
+    assert [r.tokens for r in results] == expected
+    assert stats.drafts_proposed > 0
 
 
 def test_lookup_speculation_on_quantized_weights_is_exact(tmp_path):
