@@ -282,8 +282,8 @@ class Engine:
                 {"type": "grammar", "lark": ...} or None / {"type": "text"}; or one per prompt of a
                 batch. Every token is chosen among those the grammar allows, tokens the grammar
                 forces are taken without sampling (several per step), and the sequence ends
-                ("stop") when the grammar is complete. Combines with lookup and draft-model
-                speculation (greedy output unchanged), not with early exit or self:K.
+                ("stop") when the grammar is complete. Combines with every drafter (greedy output
+                unchanged), not with early exit.
         Yields:
             GenerationResponse per token; the last one of each prompt carries finish_reason.
         Raises:
@@ -325,9 +325,6 @@ class Engine:
             speculative = parse_speculative(speculative)  # a bad mode is named before the exactness check
         steps = self._step_backend(speculative is not None, exact)
         drafter = self._drafter(speculative)
-        if any(grammars) and drafter is not None and drafter.target_forward is not None:
-            raise ValueError("self-speculation (self:K) does not combine with response_format; use lookup or "
-                             "draft:MODEL speculation")
         return self._generate(prompts, params, max_new_tokens, list(stop), drafter, policy, eos, steps, grammars)
 
     def _grammars(self, response_format, batch: int) -> list[Grammar | None]:
@@ -403,7 +400,10 @@ class Engine:
             t0 = time.perf_counter()  # sorting rows into classes is part of drafting
             room = [min(max_new_tokens - row.generated - 1, cache.max_len - int(start[row.index]) - 1)
                     if row.active else 0 for row in rows]
-            forced = [row.constraint.forced()[:room[row.index]] if row.active and row.constraint else []
+            # a self-speculative drafter runs its layers on its own drafts only: forced tokens are not
+            # put in front of them (verification still takes them, as the rule at every position)
+            lead = drafter is None or drafter.target_forward is None
+            forced = [row.constraint.forced()[:room[row.index]] if lead and row.active and row.constraint else []
                       for row in rows]
             limits = [0] * len(rows)
             classes: list[int] = []

@@ -14,7 +14,7 @@ from conftest import build_tiny_llama
 from structured_cases import SCHEMAS
 
 import edgerun
-from edgerun.export.pipeline import export
+from edgerun.export.pipeline import ExportOptions, export
 from edgerun.runtime.constraints import check_response_format
 from edgerun.runtime.drafters import Draft
 from edgerun.runtime.sampling import Sampler, SamplingParams
@@ -368,3 +368,18 @@ def test_structured_bench_runs(tool_engine, tmp_path):
     for row in report["prompts"]:
         assert row["plain"]["tokens"] == row["constrained"]["tokens"]
     assert all(g["us_per_token"] > 0 for g in report["grammar_cost"])
+
+
+def test_self_speculation_under_a_grammar_is_lossless(tmp_path):
+    """self:K drafts with the target's first layers; under a grammar its drafts are cut where the
+    grammar forbids them and forced tokens are taken at verification: the same tokens as without."""
+    export(build_tiny_llama(tmp_path / "hf", seed=3, initializer_range=0.2), tmp_path / "pkg",
+           ExportOptions(stage_boundaries=(2,), separate_head=True))
+    engine = edgerun.Engine(tmp_path / "pkg", max_context=256)
+    for _, schema in SCHEMAS[:8]:
+        fmt = schema_format(schema, compact=True)
+        plain = [r.token for r in engine.generate("the quick brown fox", max_new_tokens=100, response_format=fmt)]
+        spec = [r.token for r in engine.generate("the quick brown fox", max_new_tokens=100, response_format=fmt,
+                                                 speculative="self:2", draft_tokens=3)]
+        assert spec == plain
+        jsonschema.validate(json.loads(engine.decode(plain)), schema)
