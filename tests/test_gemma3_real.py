@@ -63,3 +63,18 @@ def test_greedy_agrees_with_llamacpp_on_the_same_gguf(gemma_gguf, gemma_onnx):
         ours = [r.token for r in gemma_onnx.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)]
         theirs = [r.token for r in cpp.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)]
         assert ours[:8] == theirs[:8], (gemma_onnx.decode(ours), cpp.decode(theirs))
+
+
+def test_structured_output_at_a_262k_vocabulary(gemma_onnx):
+    """The grammar's mask over Gemma's 262,144 tokens: a schema-constrained answer parses and validates."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "country": {"type": "string", "maxLength": 20}},
+              "required": ["city", "country"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+    responses = list(gemma_onnx.generate("The capital of France, as JSON:", max_new_tokens=60, response_format=fmt))
+    assert responses[-1].finish_reason == "stop"
+    jsonschema.validate(json.loads("".join(r.text for r in responses)), schema)
