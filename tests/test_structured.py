@@ -383,3 +383,19 @@ def test_self_speculation_under_a_grammar_is_lossless(tmp_path):
                                                  speculative="self:2", draft_tokens=3)]
         assert spec == plain
         jsonschema.validate(json.loads(engine.decode(plain)), schema)
+
+
+def test_quantized_constrained_speculation_equals_the_invariant_reference(tmp_path):
+    """int4 weights: constrained lookup speculation (exact by default) equals constrained decoding on a
+    batch-invariant engine."""
+    export(build_tiny_llama(tmp_path / "hf", seed=3, initializer_range=0.2), tmp_path / "int4",
+           ExportOptions(quant="int4"))
+    engine = edgerun.Engine(tmp_path / "int4", max_context=256)
+    reference = edgerun.Engine(tmp_path / "int4", max_context=256, batch_invariant=True)
+    for _, schema in SCHEMAS[:6]:
+        fmt = schema_format(schema, compact=True)
+        expected = [r.token for r in reference.generate("the quick brown fox", max_new_tokens=100,
+                                                        response_format=fmt)]
+        got = [r.token for r in engine.generate("the quick brown fox", max_new_tokens=100, response_format=fmt,
+                                                speculative="lookup")]
+        assert got == expected
