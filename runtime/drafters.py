@@ -130,19 +130,30 @@ class ModelDrafter(Drafter):
     Its KV cache follows the target's accepted tokens: each round it rolls back to the
     longest prefix it shares with the context and feeds only what is new.
 
+    With a `window`, the draft sees only the recent part of each context, from `offset[row]` on,
+    at positions counted from there: a draft needs good guesses, not the exact past (the target
+    verifies), so it skips most of a long prompt's prefill. When a row's window has grown to twice
+    `window` tokens, or would run out of the draft's cache, it restarts from the last `window`
+    tokens (one prefill of that size).
+
     Args:
         engine: the draft model.
         min_confidence: a row stops drafting after a token the draft itself gives less than this
             probability (its top-1 probability when greedy): such drafts are mostly rejected, and
             each costs a draft step plus a verified position. 0 drafts every asked position.
+        window: tokens of recent context the draft reads (None: all of it).
     """
 
-    def __init__(self, engine, min_confidence: float = 0.0) -> None:
+    def __init__(self, engine, min_confidence: float = 0.0, window: int | None = None) -> None:
         if not 0.0 <= min_confidence < 1.0:
             raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence}")
-        self.engine, self.min_confidence = engine, min_confidence
+        if window is not None and not 1 <= window < engine.max_context // 2:
+            raise ValueError(f"window must be in [1, {engine.max_context // 2}) for a draft of context "
+                             f"{engine.max_context}, got {window}")
+        self.engine, self.min_confidence, self.window = engine, min_confidence, window
         self.cache = None
         self.cached: list[list[int]] = []
+        self.offset: list[int] = []  # where each row's window starts in its context
 
     def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams, cache: Cache | None = None) -> None:
         self.params = params
@@ -152,8 +163,9 @@ class ModelDrafter(Drafter):
             raise ValueError("a model cannot draft for itself: its KV cache is the target's; "
                              "use speculative='self:K' for self-speculation")
         # prompt processing belongs with the target's prefill, not in the first round's draft time
-        self.engine.prefill(prompts, self.cache)
-        self.cached = [list(p) for p in prompts]
+        self.offset = [max(len(p) - self.window, 0) if self.window else 0 for p in prompts]
+        self.cached = [list(p[start:]) for p, start in zip(prompts, self.offset)]
+        self.engine.prefill(self.cached, self.cache)
         self.samplers = _draft_samplers(params, len(prompts), self.engine.manifest.model.vocab_size)
 
     def propose(self, contexts: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[Draft]:
@@ -162,6 +174,8 @@ class ModelDrafter(Drafter):
         # feed each row's uncached suffix (right-padded), then draft one token at a time
         new = []
         for row, context in enumerate(contexts):
+            self._slide(row, context, lengths[row])
+            context = context[self.offset[row]:]
             keep = _common_prefix(self.cached[row], context)
             keep = min(keep, len(context) - 1)  # always feed at least the last token
             self.cached[row] = list(context[:keep])
@@ -186,6 +200,15 @@ class ModelDrafter(Drafter):
             for row in np.flatnonzero(~live):
                 new[row] = []
         return drafts
+
+    def _slide(self, row: int, context: Sequence[int], drafts: int) -> None:
+        """Restart a row's window from its last `window` tokens when it has grown too long."""
+        if not self.window:
+            return
+        seen = len(context) - self.offset[row]
+        if seen >= 2 * self.window or seen + drafts >= self.cache.max_len:
+            self.offset[row] = max(len(context) - self.window, 0)
+            self.cached[row] = []  # the rollback in propose empties the row's cache
 
 
 def _draft_token(sampler: Sampler, logits: np.ndarray, draft: Draft) -> int:
