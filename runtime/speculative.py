@@ -21,7 +21,7 @@ from .suffix_lookup import SuffixDrafter
 
 SPECULATIVE_FORMS = "lookup, lookup:MAX_NGRAM[,MIN_NGRAM], suffix, draft:PATH, self:K, auto or auto:PATH"
 # context tokens a draft model reads (ModelDrafter's window): it skips the rest of a long prompt
-DRAFT_WINDOW = 256
+DRAFT_WINDOW = 512
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def _model_drafter(path: str, target, load_kwargs: dict) -> ModelDrafter:
     if ours != theirs:
         raise ValueError(f"draft {path} has a different vocabulary ({len(theirs)} tokens vs the target's "
                          f"{len(ours)}); a draft must share the target's tokenizer")
-    window = DRAFT_WINDOW if DRAFT_WINDOW < draft.max_context // 2 else None
+    window = DRAFT_WINDOW if 2 * DRAFT_WINDOW + 32 < draft.max_context else None
     return ModelDrafter(draft, window=window)
 
 

@@ -82,26 +82,26 @@ def test_greedy_suffix_and_auto_equal_plain(tiny_pair, mode, batch):
 def test_windowed_draft_equals_plain_and_slides(tiny_pair, batch):
     target, draft = tiny_pair
     prompts = PROMPTS[-batch:]
-    drafter = ModelDrafter(edgerun.Engine(draft, max_context=96), window=4)
+    drafter = ModelDrafter(edgerun.Engine(draft, max_context=96), window=4, sink=2)
     plain = _tokens(target, prompts)
     assert _tokens(target, prompts, speculative=drafter, draft_tokens=3) == plain
     assert target.stats.proposed > 0
     # 40 new tokens on windows of 4: every row slid, and the draft's cache never held more than
     # twice the window plus the drafts of a round
     assert all(offset > 0 for offset in drafter.offset)
-    assert all(len(cached) <= 2 * 4 + 3 for cached in drafter.cached)
+    assert all(len(cached) <= 2 * 4 + 2 + 3 for cached in drafter.cached)
 
 
 def test_windowed_draft_cache_after_a_slide_equals_a_fresh_window(tiny_pair):
     _, draft = tiny_pair
-    drafter = ModelDrafter(edgerun.Engine(draft, max_context=96), window=4)
+    drafter = ModelDrafter(edgerun.Engine(draft, max_context=96), window=4, sink=2)
     prompt = PROMPTS[0]
-    drafter.start([prompt], SamplingParams())
-    assert drafter.cached == [prompt[-4:]] and drafter.cache.lengths[0] == 4
-    context = prompt + [11, 12, 13, 14, 15]  # the window has now seen 9 >= 2 x 4 tokens: it slides
+    drafter.start([prompt], SamplingParams())  # the sink (2 tokens) and the last 4
+    assert drafter.cached == [prompt[:2] + prompt[-4:]] and drafter.cache.lengths[0] == 6
+    context = prompt + [11, 12, 13, 14, 15]  # the view has now 2 + 9 >= 2 + 2 x 4 tokens: it slides
     slid = drafter.propose([context], [3])[0].tokens
     assert drafter.offset == [len(context) - 4]
-    fresh = ModelDrafter(edgerun.Engine(draft, max_context=96), window=4)
+    fresh = ModelDrafter(edgerun.Engine(draft, max_context=96), window=4, sink=2)
     fresh.start([context], SamplingParams())
     assert slid == fresh.propose([context], [3])[0].tokens
 
@@ -109,7 +109,7 @@ def test_windowed_draft_cache_after_a_slide_equals_a_fresh_window(tiny_pair):
 def test_window_must_fit_the_draft(tiny_pair):
     _, draft = tiny_pair
     with pytest.raises(ValueError, match="window must be in"):
-        ModelDrafter(edgerun.Engine(draft, max_context=96), window=48)
+        ModelDrafter(edgerun.Engine(draft, max_context=96), window=40)
 
 
 def test_modes_parse():
@@ -154,7 +154,7 @@ def test_real_model_suffix_and_auto_equal_plain(smollm2_engine, smollm2_package,
     """The real model: suffix lookup and auto with a windowed draft (the same package, its own
     engine) give plain greedy's tokens."""
     engine = smollm2_engine
-    model = ModelDrafter(edgerun.Engine(smollm2_package, max_context=512), window=32)
+    model = ModelDrafter(edgerun.Engine(smollm2_package, max_context=512), window=16, sink=8)
     prompts = chat_prompts[:batch] if batch > 1 else chat_prompts[0]
     plain = list(engine.generate(prompts, max_new_tokens=48))
     for drafter in ("suffix", AutoDrafter(SuffixDrafter(), model)):
