@@ -159,4 +159,5 @@ def test_real_model_suffix_and_auto_equal_plain(smollm2_engine, smollm2_package,
     plain = list(engine.generate(prompts, max_new_tokens=48))
     for drafter in ("suffix", AutoDrafter(SuffixDrafter(), model)):
         spec = list(engine.generate(prompts, max_new_tokens=48, speculative=drafter))
-        assert [(r.index, r.token) for r in spec] == [(r.index, r.token) for r in plain]
+        for row in range(batch):  # a speculative round yields several tokens of a row at once
+            assert [r.token for r in spec if r.index == row] == [r.token for r in plain if r.index == row]
