@@ -158,8 +158,6 @@ def compare(runners: Runners, prompts_by_set: dict[str, list[list[int]]], new_to
                 row["tokens"] += len(out)
                 if len(out) > 1:  # a run that ends at its first token has no decode rate
                     row["tok_s"].append((len(out) - 1) / decode)
-                if base is not None:
-                    row["identical"] &= out == outputs[references.get(name, base)][0]
                 if stats_of is not None:
                     st = stats_of.stats
                     row["proposed"] += st.proposed
@@ -167,6 +165,9 @@ def compare(runners: Runners, prompts_by_set: dict[str, list[list[int]]], new_to
                     row["rounds"] += st.rounds
                     for k, v in st.histogram.items():
                         row["histogram"][k] = row["histogram"].get(k, 0) + v
+            for name, (_, base, _) in runners.items():  # once every run of this prompt is done
+                if base is not None:
+                    rows[name]["identical"] &= outputs[name][0] == outputs[references.get(name, base)][0]
         generated = rows["plain"]["tokens"] / len(prompts)
         print(f"\n[{set_name}] {len(prompts)} prompts x {'' if ignore_eos else 'up to '}{new_tokens} tokens "
               f"({generated:.0f} per run on average), {title}")
