@@ -150,7 +150,7 @@ def compare(runners: Runners, prompts_by_set: dict[str, list[list[int]]], new_to
                        "histogram": {}, "tok_s": [], "tokens": 0} for name in runners}
         for tokens in prompts:
             outputs = {}
-            for name, (run, base, stats_of) in runners.items():  # interleaved: noise hits every runner alike
+            for name, (run, _, stats_of) in runners.items():  # interleaved: noise hits every runner alike
                 out, seconds, decode = outputs[name] = run(tokens, new_tokens)
                 row = rows[name]
                 row["s"] += seconds
