@@ -132,6 +132,30 @@ def test_auto_sends_rows_without_a_lookup_match_to_the_model(tiny_pair):
     assert drafts[0].tokens == [10, 8, 9] and len(drafts[1].tokens) == 3
 
 
+def test_auto_starts_the_model_lazily_and_leaves_it_out_after_a_generation_it_did_not_pay(tiny_pair):
+    target, draft = tiny_pair
+    drafter = make_drafter(f"auto:{draft}", target)
+    fresh = [5, 17, 42, 99]
+    drafter.start([fresh], SamplingParams())
+    assert drafter.classes([fresh]) == [MODEL_CLASS] and not drafter.model_started
+    drafter.propose([fresh], [0])
+    assert not drafter.model_started  # no drafts asked of it: no prefill paid
+    drafter.propose([fresh], [2])
+    assert drafter.model_started
+    drafter.model_rounds = [1, 10]  # the policy gave it drafts in 1 of its 10 rounds: it did not pay
+    used = []
+    for _ in range(4):
+        drafter.start([fresh], SamplingParams())
+        used.append(drafter.classes([fresh]) == [MODEL_CLASS])
+    # left out of two generations, tried in the third, whose one model round drafted nothing: out again, longer
+    assert used == [False, False, True, False] and drafter.skip == 4
+    paying = make_drafter(f"auto:{draft}", target)
+    paying.start([fresh], SamplingParams())
+    paying.model_rounds = [9, 10]  # drafts in 9 of its 10 rounds, no slower than plain rounds
+    paying.start([fresh], SamplingParams())
+    assert paying.use_model and paying.skip == 0
+
+
 def test_policy_turns_off_an_unpaying_model_draft_but_keeps_the_lookup():
     """Costs are kept per cost group: a model draft that costs a step per token and is never
     accepted is switched off after its probes while a free, accepted lookup keeps drafting."""
