@@ -51,8 +51,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--system", default=None, help="system message for chat-templated prompts")
     p.add_argument("--speculative", default=None, metavar="MODE",
-                   help="lossless speculative decoding: lookup (prompt lookup), draft:PATH (a draft "
-                        "package with the same tokenizer) or self:K (the model's first K layers; needs "
+                   help="lossless speculative decoding: lookup (prompt lookup), suffix (longest repeat "
+                        "anywhere in the context or earlier outputs), draft:PATH (a draft package with the same "
+                        "tokenizer), auto or auto:PATH (suffix lookup where it matches, the draft elsewhere, "
+                        "plain where neither pays) or self:K (the model's first K layers; needs "
                         "a package exported with --exit-layers K); with quantized weights its steps run "
                         "batch-invariant (llama.cpp: chosen at load), so greedy output equals plain greedy "
                         "on those kernels (--batch-invariant) token for token")

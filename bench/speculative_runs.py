@@ -2,6 +2,8 @@
 
     python -m edgerun.bench.speculative_runs TARGET --drafters lookup self:10 draft:PKG \
         --prompts mt_bench edit --n 8 --new-tokens 128 --json out.json
+    python -m edgerun.bench.speculative_runs TARGET --drafters lookup suffix draft:PKG auto:PKG \
+        --prompts all --split tune heldout --n 2 --new-tokens 64 --check-invariant
 
 The speculative section of `edge-run bench --speculative` (which runs this module in its own
 process); bench/experiments/speculative.py adds llama-cpp-python's loop as a peer on the same runs.
@@ -14,7 +16,10 @@ per drafter and prompt set: decode tokens/s (median over prompts of generated to
 after the first token), speedup = plain time / speculative time summed over prompts, from the
 call to the last token (prompt, a draft model's own prefill and first token included; "decode
 only" counts from the first token on), acceptance rate, mean accepted tokens per verification,
-histogram of accepted lengths, and whether every output equalled plain greedy. Speculation runs
+histogram of accepted lengths, and whether every output equalled plain greedy. The categories of
+bench/prompt_sets.py run once per --split, each part reported per set and as the mean over its
+sets (never one set alone); --check-invariant checks every output against plain greedy of a
+batch-invariant engine, the exact reference of speculation on quantized weights. Speculation runs
 as `edge-run run --speculative` does: exact by default (with quantized weights, invariant steps;
 on llama.cpp from a second engine loaded with speculative=True), so against the default engine's
 fast plain decoding "identical" can be False at near-ties (README, "Exactness"); with
@@ -36,13 +41,14 @@ from pathlib import Path
 from .. import data
 from ..version import __version__
 from . import command, parser
+from .prompt_sets import CATEGORIES, SPLITS, prompt_set
 from .report import write_json
 
 # a run: (tokens, new_tokens) -> (generated tokens, seconds from the call, seconds from the first token)
 Run = Callable[[list[int], int], tuple[list[int], float, float]]
 # name -> (run, name of the plain run it is compared with or None, engine whose stats it reports or None)
 Runners = dict[str, tuple[Run, "str | None", object]]
-PROMPT_SETS = ("mt_bench", "edit")
+PROMPT_SETS = ("mt_bench", "edit")  # the sets the drafters were first tuned on (README)
 
 
 def _paragraphs(n: int, min_words: int = 90, max_words: int = 160) -> list[str]:
@@ -132,17 +138,19 @@ def engine_runners(engines: dict[str, object], drafters: list[str], draft_tokens
 
 
 def compare(runners: Runners, prompts_by_set: dict[str, list[list[int]]], new_tokens: int, ignore_eos: bool,
-            title: str) -> list[dict]:
-    """Run every runner on every prompt, interleaved; print a table per prompt set; the result rows."""
-    results = []
+            title: str, references: dict[str, str] | None = None) -> list[dict]:
+    """Run every runner on every prompt, interleaved; print a table per prompt set; the result rows.
+    `references` names, per runner, the run its output must equal when that is not its baseline
+    (a batch-invariant plain run for exact speculation on quantized weights)."""
+    results, references = [], references or {}
     for set_name, prompts in prompts_by_set.items():
         for run, *_ in runners.values():
-            run(prompts[0], 8)  # warm-up
+            run(prompts[0][:12], 8)  # warm-up, on the template's start: no output of a measured prompt
         rows = {name: {"s": 0.0, "decode_s": 0.0, "identical": True, "proposed": 0, "accepted": 0, "rounds": 0,
                        "histogram": {}, "tok_s": [], "tokens": 0} for name in runners}
         for tokens in prompts:
             outputs = {}
-            for name, (run, base, stats_of) in runners.items():  # interleaved: noise hits every runner alike
+            for name, (run, _, stats_of) in runners.items():  # interleaved: noise hits every runner alike
                 out, seconds, decode = outputs[name] = run(tokens, new_tokens)
                 row = rows[name]
                 row["s"] += seconds
@@ -150,8 +158,6 @@ def compare(runners: Runners, prompts_by_set: dict[str, list[list[int]]], new_to
                 row["tokens"] += len(out)
                 if len(out) > 1:  # a run that ends at its first token has no decode rate
                     row["tok_s"].append((len(out) - 1) / decode)
-                if base is not None:
-                    row["identical"] &= out == outputs[base][0]
                 if stats_of is not None:
                     st = stats_of.stats
                     row["proposed"] += st.proposed
@@ -159,6 +165,9 @@ def compare(runners: Runners, prompts_by_set: dict[str, list[list[int]]], new_to
                     row["rounds"] += st.rounds
                     for k, v in st.histogram.items():
                         row["histogram"][k] = row["histogram"].get(k, 0) + v
+            for name, (_, base, _) in runners.items():  # once every run of this prompt is done
+                if base is not None:
+                    rows[name]["identical"] &= outputs[name][0] == outputs[references.get(name, base)][0]
         generated = rows["plain"]["tokens"] / len(prompts)
         print(f"\n[{set_name}] {len(prompts)} prompts x {'' if ignore_eos else 'up to '}{new_tokens} tokens "
               f"({generated:.0f} per run on average), {title}")
@@ -192,7 +201,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of these runs (bench/experiments/speculative.py adds its own)."""
     p.add_argument("target", help="target package or model")
     p.add_argument("--drafters", nargs="+", default=["lookup"], help="lookup, self:K, draft:PATH")
-    p.add_argument("--prompts", nargs="+", default=list(PROMPT_SETS), choices=PROMPT_SETS)
+    p.add_argument("--prompts", nargs="+", default=list(PROMPT_SETS), choices=[*PROMPT_SETS, *CATEGORIES, "all"],
+                   help="prompt sets: the first-tuned mt_bench and edit, or categories of bench/prompt_sets.py "
+                        "(all: every category), run on each --split")
+    p.add_argument("--split", nargs="+", default=["heldout"], choices=SPLITS,
+                   help="parts of the categories' sets to run (default heldout; tune is what tuning may look at)")
     p.add_argument("--n", type=int, default=8, help="prompts per set")
     p.add_argument("--new-tokens", type=int, default=128, help="most tokens per run (default 128)")
     p.add_argument("--ignore-eos", action="store_true",
@@ -203,6 +216,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="also run plain and every drafter on a batch-invariant engine (tagged [inv]), "
                         "interleaved with the default engine's runs")
+    p.add_argument("--check-invariant", action="store_true",
+                   help="also run plain decoding on a batch-invariant engine and check every drafter's output "
+                        "against it (exact speculation on quantized weights equals that reference)")
     p.add_argument("--inexact-speculation", action="store_true",
                    help="also run every drafter with exact=False on the default engine (tagged [inexact])")
     p.add_argument("--json", type=Path, default=None)
@@ -234,21 +250,59 @@ def run(args: argparse.Namespace, draft_tokens: list[int | str], extra: Extra | 
         engines[" [inexact]"] = engine
     if args.batch_invariant:
         engines[" [inv]"] = load(args.target, threads=args.threads, max_context=2048, batch_invariant=True)
-    sets = prompt_sets(args.n)
+    texts = _texts(args.prompts, args.split, args.n)
     prompts_by_set = {name: [engine.encode(engine.apply_chat_template([{"role": "user", "content": t}]),
-                                           add_special_tokens=False) for t in sets[name]] for name in args.prompts}
+                                           add_special_tokens=False) for t in batch] for name, batch in texts.items()}
     runners = engine_runners(engines, args.drafters, draft_tokens, args.ignore_eos, speculating)
+    references = {}
+    if args.check_invariant:
+        invariant = load(args.target, threads=args.threads, max_context=2048, batch_invariant=True)
+        runners["plain [inv ref]"] = (lambda t, n: timed_run(invariant, t, n, ignore_eos=args.ignore_eos), None, None)
+        references = {name: "plain [inv ref]" for name, (_, base, _) in runners.items() if base == "plain"}
     title = f"target {args.target}"
     if extra is not None:
         more, note = extra(prompts_by_set, frozenset() if args.ignore_eos else engine.eos_token_ids)
         runners |= more
         title += note
-    results = compare(runners, prompts_by_set, args.new_tokens, args.ignore_eos, title)
+    results = compare(runners, prompts_by_set, args.new_tokens, args.ignore_eos, title, references)
+    means = mean_speedups(results)
     report = {"machine": platform.processor() or platform.machine(), "edge_run": __version__,
-              "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+              "args": {k: str(v) for k, v in vars(args).items()}, "results": results, "means": means}
     if args.json:
         write_json(args.json, report)
     return report
+
+
+def _texts(names: list[str], splits: list[str], n: int) -> dict[str, list[str]]:
+    """User messages per prompt set: a category of bench/prompt_sets.py once per split, named
+    "category[split]", or a first-tuned set (mt_bench, edit) by name."""
+    legacy = prompt_sets(n) if set(names) & set(PROMPT_SETS) else {}
+    names = [c for name in names for c in (CATEGORIES if name == "all" else [name])]
+    out = {}
+    for split in splits:
+        out |= {f"{name}[{split}]": prompt_set(name, split, n) for name in dict.fromkeys(names) if name in CATEGORIES}
+    return out | {name: legacy[name] for name in names if name in PROMPT_SETS}
+
+
+def mean_speedups(results: list[dict]) -> list[dict]:
+    """Per drafter and part (tune, heldout, other): the mean speedup over its sets, printed."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        if "speedup" in r:
+            part = r["prompts"].partition("[")[2].rstrip("]") or "other"
+            groups.setdefault((r["drafter"], part), []).append(r)
+    means = []
+    if groups:
+        print("\nmean over prompt sets (speedup end to end, decode only; identical in every set)")
+    for (drafter, part), rows in groups.items():
+        mean = {"drafter": drafter, "part": part, "sets": len(rows),
+                "speedup": statistics.fmean(r["speedup"] for r in rows),
+                "decode_speedup": statistics.fmean(r["decode_speedup"] for r in rows),
+                "min_speedup": min(r["speedup"] for r in rows), "identical": all(r["identical"] for r in rows)}
+        print(f"  {drafter:18} {part:8} x{mean['speedup']:.2f} (decode x{mean['decode_speedup']:.2f}) over "
+              f"{len(rows)} sets, lowest x{mean['min_speedup']:.2f}, identical: {mean['identical']}")
+        means.append(mean)
+    return means
 
 
 def main(argv: list[str] | None = None) -> dict:

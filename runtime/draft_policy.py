@@ -9,6 +9,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+# classes c and c' share their measured draft costs when c // COST_GROUP == c' // COST_GROUP: a
+# drafter that mixes cheap and expensive ways of drafting (the `auto` mode: lookup, draft model)
+# puts them in different groups so each is costed on its own
+COST_GROUP = 100
+
 
 @runtime_checkable
 class DraftPolicy(Protocol):
@@ -38,7 +43,9 @@ class AdaptiveDraftLength:
     longer length is found when the curve stays flat, and only as fast as a wasted draft is cheap.
 
     A drafter may sort its rows into classes before drafting (`Drafter.classes`: a lookup's
-    match length); each class has its own curve and its own length, while costs are shared.
+    match length); each class has its own curve and its own length. Verification costs are
+    shared; drafting costs are shared within a cost group (classes with the same
+    `cls // COST_GROUP`), so a drafter can mix a free lookup with a model draft.
 
     Costs: a round of k drafts costs its drafting, fitted as t_round + k * t_draft (a draft model
     first catches up on the tokens accepted last round), plus one verification of k + 1
@@ -69,8 +76,14 @@ class AdaptiveDraftLength:
         self.prior_hazard, self.prior_weight, self.untried_hazard = prior_hazard, prior_weight, untried_hazard
         # timings, (k, s) of drafting and (width, s) of verifying; plain steps kept apart, so a long
         # plain stretch does not push the drafting rounds out of the window
-        self.drafts, self.verifies, self.plain = deque(maxlen=window), deque(maxlen=window), deque(maxlen=window)
+        self.verifies, self.plain = deque(maxlen=window), deque(maxlen=window)
+        self.drafts: dict[int, deque] = {}  # per cost group
         self.curves: dict[int, _Curve] = {}
+
+    def _drafts(self, group: int) -> deque:
+        if group not in self.drafts:
+            self.drafts[group] = deque(maxlen=self.window)
+        return self.drafts[group]
 
     def _curve(self, cls: int) -> _Curve:
         if cls not in self.curves:
@@ -111,17 +124,19 @@ class AdaptiveDraftLength:
         hazard = np.concatenate([hazard, untried])
         return np.cumprod(1.0 - hazard)
 
-    def costs(self) -> tuple[float, float, float, float] | None:
+    def costs(self, group: int = 0) -> tuple[float, float, float, float] | None:
         """(t_step, t_extra, t_round, t_draft) in seconds: verifying w positions takes t_step +
-        (w - 1) * t_extra, and drafting k tokens t_round + k * t_draft (t_round: a draft model
-        catching up on the tokens accepted last round). None until two widths were each timed twice."""
+        (w - 1) * t_extra, and drafting k tokens of cost group `group` t_round + k * t_draft
+        (t_round: a draft model catching up on the tokens accepted last round). None until two
+        widths were each timed twice, or before the group's first draft."""
         verify = _fit([*self.plain, *self.verifies])
-        if verify is None or not self.drafts:
+        drafts = self._drafts(group)
+        if verify is None or not drafts:
             return None
         t_step, t_extra = verify[0] + verify[1], max(verify[1], 0.0)  # intercept at width 1
-        draft = _fit(self.drafts)
+        draft = _fit(drafts)
         if draft is None or draft[1] <= 0:
-            return max(t_step, 1e-9), t_extra, 0.0, float(np.median([s / k for k, s in self.drafts]))
+            return max(t_step, 1e-9), t_extra, 0.0, float(np.median([s / k for k, s in drafts]))
         return max(t_step, 1e-9), t_extra, max(draft[0], 0.0), draft[1]
 
     def lengths(self, classes: Sequence[int]) -> list[int]:
@@ -133,9 +148,9 @@ class AdaptiveDraftLength:
         """This round's draft length for rows of class `cls`; call once per class and round."""
         if self.fixed is not None:
             return self.fixed
-        fit = self.costs()
+        fit = self.costs(cls // COST_GROUP)
         if fit is None:  # two probe lengths in turn until both widths are timed
-            return self.probe if len(self.drafts) % 2 == 0 else max(self.probe // 2, 1)
+            return self.probe if len(self._drafts(cls // COST_GROUP)) % 2 == 0 else max(self.probe // 2, 1)
         t_step, t_extra, t_round, t_draft = fit
         ks = np.arange(self.max_tokens + 1)
         tokens = 1.0 + np.concatenate([[0.0], np.cumsum(self.survival(cls))])
@@ -162,9 +177,9 @@ class AdaptiveDraftLength:
         if not drafted:
             self.plain.append((1, verify_s))
             return
-        width = max(p for (p, _), _ in drafted)  # sequential draft steps, and extra verified positions
+        width, widest = max((p, cls) for (p, _), cls in drafted)  # sequential draft steps, extra positions
         self.verifies.append((width + 1, verify_s))
-        self.drafts.append((width, draft_s))
+        self._drafts(widest // COST_GROUP).append((width, draft_s))
         for row, cls in drafted:
             self._curve(cls).outcomes.append(row)
 

@@ -137,19 +137,32 @@ class ModelDrafter(Drafter):
     Its KV cache follows the target's accepted tokens: each round it rolls back to the
     longest prefix it shares with the context and feeds only what is new.
 
+    With a `window`, the draft sees only each context's first `sink` tokens (the chat template's
+    head and the start of the request, an attention sink as in StreamingLLM) followed by its
+    recent part, from `offset[row]` on, at consecutive positions: a draft needs good guesses, not
+    the exact past (the target verifies), so it skips most of a long prompt's prefill. When a
+    row's view has grown to twice `window` tokens, or would run out of the draft's cache, it
+    restarts from the last `window` tokens (one prefill of that size).
+
     Args:
         engine: the draft model.
         min_confidence: a row stops drafting after a token the draft itself gives less than this
             probability (its top-1 probability when greedy): such drafts are mostly rejected, and
             each costs a draft step plus a verified position. 0 drafts every asked position.
+        window: tokens of recent context the draft reads (None: all of it).
+        sink: first tokens of the context the windowed draft always reads.
     """
 
-    def __init__(self, engine, min_confidence: float = 0.0) -> None:
+    def __init__(self, engine, min_confidence: float = 0.0, window: int | None = None, sink: int = 32) -> None:
         if not 0.0 <= min_confidence < 1.0:
             raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence}")
-        self.engine, self.min_confidence = engine, min_confidence
+        if window is not None and not (1 <= window and 2 * window + sink < engine.max_context):
+            raise ValueError(f"window must be in [1, {(engine.max_context - sink) // 2}) for a draft of context "
+                             f"{engine.max_context} and sink {sink}, got {window}")
+        self.engine, self.min_confidence, self.window, self.sink = engine, min_confidence, window, sink
         self.cache = None
         self.cached: list[list[int]] = []
+        self.offset: list[int] = []  # where each row's window starts in its context
 
     def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams, cache: Cache | None = None) -> None:
         self.params = params
@@ -159,8 +172,9 @@ class ModelDrafter(Drafter):
             raise ValueError("a model cannot draft for itself: its KV cache is the target's; "
                              "use speculative='self:K' for self-speculation")
         # prompt processing belongs with the target's prefill, not in the first round's draft time
-        self.engine.prefill(prompts, self.cache)
-        self.cached = [list(p) for p in prompts]
+        self.offset = [self._start(len(p)) for p in prompts]
+        self.cached = [self._view(row, p) for row, p in enumerate(prompts)]
+        self.engine.prefill(self.cached, self.cache)
         self.samplers = _draft_samplers(params, len(prompts), self.engine.manifest.model.vocab_size)
 
     def propose(self, contexts: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[Draft]:
@@ -169,6 +183,8 @@ class ModelDrafter(Drafter):
         # feed each row's uncached suffix (right-padded), then draft one token at a time
         new = []
         for row, context in enumerate(contexts):
+            self._slide(row, context, lengths[row])
+            context = self._view(row, context)
             keep = _common_prefix(self.cached[row], context)
             keep = min(keep, len(context) - 1)  # always feed at least the last token
             self.cached[row] = list(context[:keep])
@@ -193,6 +209,26 @@ class ModelDrafter(Drafter):
             for row in np.flatnonzero(~live):
                 new[row] = []
         return drafts
+
+    def _start(self, length: int) -> int:
+        """Where the window of a context of `length` tokens starts (0: the whole context)."""
+        if not self.window or length <= self.window + self.sink:
+            return 0
+        return length - self.window
+
+    def _view(self, row: int, context: Sequence[int]) -> list[int]:
+        """What the draft reads of a row's context: its sink and its window, or all of it."""
+        start = self.offset[row]
+        return list(context[:self.sink]) + list(context[start:]) if start else list(context)
+
+    def _slide(self, row: int, context: Sequence[int], drafts: int) -> None:
+        """Restart a row's window from its last `window` tokens when it has grown too long."""
+        if not self.window:
+            return
+        seen = len(context) - self.offset[row] + (self.sink if self.offset[row] else 0)
+        if seen >= 2 * self.window + self.sink or seen + drafts >= self.cache.max_len:
+            self.offset[row] = self._start(len(context))
+            self.cached[row] = []  # the rollback in propose empties the row's cache
 
 
 def _draft_token(sampler: Sampler, logits: np.ndarray, draft: Draft) -> int:

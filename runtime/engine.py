@@ -15,7 +15,7 @@ from .backend import Backend, InvariantSteps, inexact_verification_types, open_b
 from .constraints import Grammar, Grammars, RowConstraint, choose
 from .draft_policy import AdaptiveDraftLength, DraftPolicy
 from .drafters import Draft, Drafter
-from .early_exit import EarlyExitRunner, ExitPoint, exit_points
+from .early_exit import EarlyExitRunner, ExitGuard, ExitPoint, exit_points
 from .manifest import MANIFEST_NAME, PackageError, check_memory, read_manifest
 from .memory import MemoryFit, MemoryMeter, MemoryUse, fit_memory, weight_file_bytes
 from .requests import RequestHandle, StreamResponse
@@ -268,7 +268,9 @@ class Engine:
                 DraftPolicy object of your own (it keeps its state between calls).
             early_exit: stop tokens at the package's exits when their calibrated top-1 agreement
                 with the full model is at least this level (e.g. 0.95); batch 1, onnx backend only.
-            exit_threshold: a raw confidence threshold for every exit instead of a quality level.
+                Exits stay on only while they are measured to pay (early_exit.ExitGuard).
+            exit_threshold: a raw confidence threshold for every exit instead of a quality level
+                (tried on every token, unguarded).
             ignore_eos: keep generating past end-of-sequence tokens until max_new_tokens or a
                 stop string (benchmarks that need equal token counts).
             exact: with speculative decoding on quantized weights, run this generation's steps
@@ -320,7 +322,8 @@ class Engine:
                 raise ValueError("early exit runs one prompt without speculative decoding")
             require_staged(self.backend, "early exit")
             points = exit_points(self.package_dir, self.manifest, early_exit, exit_threshold)
-            return self._generate_early_exit(prompts[0], params, max_new_tokens, list(stop), points, eos)
+            return self._generate_early_exit(prompts[0], params, max_new_tokens, list(stop), points, eos,
+                                             guarded=early_exit is not None)
         if isinstance(speculative, str):
             speculative = parse_speculative(speculative)  # a bad mode is named before the exactness check
         steps = self._step_backend(speculative is not None, exact)
@@ -469,12 +472,13 @@ class Engine:
 
     def _generate_early_exit(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
                              stops: list[str], points: list[ExitPoint],
-                             eos: frozenset[int]) -> Iterator[GenerationResponse]:
+                             eos: frozenset[int], guarded: bool = False) -> Iterator[GenerationResponse]:
         row = _Row(0, prompt, Sampler(params, self.manifest.model.vocab_size), TextStream(self.tokenizer),
                    StopMatcher(stops), eos, max_new_tokens)
         cache = self.fresh_cache(1)
         logits = self.prefill([prompt], cache)[0]
-        runner = EarlyExitRunner(self.backend, cache, points)
+        # a quality level keeps exits only while they pay (ExitGuard); a raw threshold always tries them
+        runner = EarlyExitRunner(self.backend, cache, points, ExitGuard() if guarded else None)
         self.exit_layers = []
         exit_layer = None
         while row.active:

@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .auto_speculation import AutoDrafter
 from .constraints import RowConstraint, choose
 from .drafters import Draft, Drafter, LookupDrafter, ModelDrafter, SelfDrafter
 from .sampling import Sampler
+from .suffix_lookup import SuffixDrafter
 
-SPECULATIVE_FORMS = "lookup, lookup:MAX_NGRAM[,MIN_NGRAM], draft:PATH or self:K"
+SPECULATIVE_FORMS = "lookup, lookup:MAX_NGRAM[,MIN_NGRAM], suffix, draft:PATH, self:K, auto or auto:PATH"
+# context tokens a draft model reads (ModelDrafter's window): it skips the rest of a long prompt
+DRAFT_WINDOW = 512
 
 
 @dataclass(frozen=True)
@@ -26,9 +30,10 @@ class SpeculativeSpec:
     """A checked speculative mode (see parse_speculative).
 
     Attributes:
-        kind: "lookup", "draft" or "self".
+        kind: "lookup", "suffix", "draft", "self" or "auto".
         arg: lookup: () or (max_ngram,) or (max_ngram, min_ngram); draft: the package, checkpoint
-            or model name (str); self: K, the number of draft layers (int).
+            or model name (str); self: K, the number of draft layers (int); auto: () or the draft
+            model (str); suffix: ().
     """
 
     kind: str
@@ -36,7 +41,8 @@ class SpeculativeSpec:
 
 
 def parse_speculative(text: str) -> SpeculativeSpec:
-    """Check a mode string: lookup, lookup:MAX_NGRAM[,MIN_NGRAM], draft:PATH or self:K.
+    """Check a mode string: lookup, lookup:MAX_NGRAM[,MIN_NGRAM], suffix, draft:PATH, self:K, auto
+    or auto:PATH.
 
     Raises:
         ValueError: naming the value and the accepted forms.
@@ -54,6 +60,13 @@ def parse_speculative(text: str) -> SpeculativeSpec:
             raise ValueError(f"bad speculative mode {text!r}: self:K needs the number of draft layers K >= 1; "
                              f"use {SPECULATIVE_FORMS}")
         return SpeculativeSpec("self", int(arg))
+    if kind == "suffix" and not colon:
+        return SpeculativeSpec("suffix")
+    if kind == "auto":
+        if colon and not arg:
+            raise ValueError(f"bad speculative mode {text!r}: auto:PATH needs a draft package, checkpoint or "
+                             f"model name (or plain auto); use {SPECULATIVE_FORMS}")
+        return SpeculativeSpec("auto", arg if colon else ())
     if kind == "draft":
         if not arg:
             raise ValueError(f"bad speculative mode {text!r}: draft:PATH needs a package, checkpoint or model "
@@ -79,14 +92,23 @@ def make_drafter(spec: str | SpeculativeSpec | Drafter | None, target, **load_kw
                         f"Drafter subclass instance, got {type(spec).__name__}")
     if spec.kind == "lookup":
         return LookupDrafter(*spec.arg)
+    if spec.kind == "suffix":
+        return SuffixDrafter()
     if spec.kind == "self":
         return SelfDrafter(target, spec.arg)
-    draft = target.open_model(spec.arg, **load_kwargs)
+    if spec.kind == "auto":
+        return AutoDrafter(SuffixDrafter(), _model_drafter(spec.arg, target, load_kwargs) if spec.arg else None)
+    return _model_drafter(spec.arg, target, load_kwargs)
+
+
+def _model_drafter(path: str, target, load_kwargs: dict) -> ModelDrafter:
+    draft = target.open_model(path, **load_kwargs)
     ours, theirs = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
     if ours != theirs:
-        raise ValueError(f"draft {spec.arg} has a different vocabulary ({len(theirs)} tokens vs the target's "
+        raise ValueError(f"draft {path} has a different vocabulary ({len(theirs)} tokens vs the target's "
                          f"{len(ours)}); a draft must share the target's tokenizer")
-    return ModelDrafter(draft)
+    window = DRAFT_WINDOW if 2 * DRAFT_WINDOW + 32 < draft.max_context else None
+    return ModelDrafter(draft, window=window)
 
 
 def verify(sampler: Sampler, draft: Draft, target_logits: np.ndarray, constraint: RowConstraint | None = None

@@ -119,3 +119,70 @@ def test_oracle_bound_uses_the_first_agreeing_exit(exit_engine):
     exits = {2: np.array([7, 1, 1, 1, 1]), 4: np.array([0, 7, 7, 1, 1])}
     np.testing.assert_array_equal(oracle_layers(exits, full, 6), [2, 4, 4, 6, 6])
     np.testing.assert_array_equal(oracle_layers(exits, full, 6, quality=0.8), [2, 4, 4, 2, 6])
+
+
+class _FakeClock:
+    """Seconds that advance by what the runner's step is made to cost."""
+
+    def __init__(self):
+        self.now, self.cost = 0.0, {True: 1.0, False: 1.0}
+
+    def __call__(self):
+        return self.now
+
+
+def _guarded_steps(engine, exit_cost: float, full_cost: float, steps: int):
+    """Run `steps` tokens through a guarded runner whose steps take exit_cost (a step that tried
+    exits) or full_cost seconds on a fake clock; the guard and the exit layers."""
+    from edgerun.runtime.early_exit import ExitGuard
+
+    clock = _FakeClock()
+    guard = ExitGuard(baseline=2, trial=3, backoff=4, clock=clock)
+    points = [dataclasses.replace(p, probe=None) for p in exit_points(engine.package_dir, engine.manifest,
+                                                                      threshold=0.0)]
+    cache = engine.backend.new_cache(1, 64)
+    engine.prefill([PROMPT], cache)
+    runner = EarlyExitRunner(engine.backend, cache, points, guard)
+    layers = []
+    for pos in range(len(PROMPT), len(PROMPT) + steps):
+        tried = guard.exits_on
+        original = runner._step
+
+        def timed(token, position, exits, original=original, tried=tried):
+            clock.now += exit_cost if tried else full_cost
+            return original(token, position, exits)
+
+        runner._step = timed
+        layers.append(runner.step(11, pos)[1])
+        runner._step = original
+    return guard, layers
+
+
+def test_guard_turns_exits_off_when_they_do_not_pay(exit_engine):
+    guard, layers = _guarded_steps(exit_engine, exit_cost=1.3, full_cost=1.0, steps=20)
+    # baseline 2 full steps, a trial of 3 exits + 1 settling step that loses, 4 off, a second trial
+    assert layers[:2] == [None, None] and layers[2:5] == [2, 2, 2] and layers[5:10] == [None] * 5
+    assert guard.failed == 2 and guard.phase == "off" and guard.backoff == 16
+    assert layers[10:13] == [2, 2, 2] and all(layer is None for layer in layers[13:])
+
+
+def test_guard_keeps_exits_that_pay(exit_engine):
+    guard, layers = _guarded_steps(exit_engine, exit_cost=0.5, full_cost=1.0, steps=20)
+    assert guard.failed == 0 and guard.phase == "on"
+    assert layers.count(2) >= 12  # every step but the baseline and one settling step per trial
+
+
+def test_a_quality_level_is_guarded_and_a_raw_threshold_is_not(exit_engine, monkeypatch):
+    from edgerun.runtime import engine as engine_module
+
+    guards = []
+
+    class Recording(EarlyExitRunner):
+        def __init__(self, backend, cache, points, guard=None):
+            guards.append(guard)
+            super().__init__(backend, cache, points, guard)
+
+    monkeypatch.setattr(engine_module, "EarlyExitRunner", Recording)
+    list(exit_engine.generate(PROMPT, max_new_tokens=4, early_exit=0.5, ignore_eos=True))
+    list(exit_engine.generate(PROMPT, max_new_tokens=4, exit_threshold=0.5, ignore_eos=True))
+    assert guards[0] is not None and guards[1] is None
