@@ -354,8 +354,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be in {low}..{high}, got {value}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.speculative is not None:
-        parse_speculative(args.speculative)
+    if args.speculative is not None and parse_speculative(args.speculative).kind not in ("lookup", "draft"):
+        raise ValueError(f"edge-run serve speculates with lookup[:MAX_NGRAM[,MIN_NGRAM]] or draft:MODEL, not "
+                         f"{args.speculative!r}")
     max_memory = _max_memory(args)  # a bad size fails before the server starts
     options = ServeOptions(model_id=args.model_name or args.model, api_key=args.api_key or os.environ.get(
                                "EDGE_RUN_API_KEY") or None, max_batch=args.max_batch,

@@ -415,7 +415,8 @@ class Engine:
                 ks = dict(zip((row.index for row in active), policy.lengths(classes)))
                 limits = [min(ks[row.index], room[row.index] - len(forced[row.index])) if row.active else 0
                           for row in rows]
-            contexts = [row.tokens + f for row, f in zip(rows, forced)]
+            # a row's own list unless forced tokens extend it (a drafter may index rows by their list)
+            contexts = [row.tokens + f if f else row.tokens for row, f in zip(rows, forced)]
             drafts = (drafter.propose(contexts, limits) if max(limits) > 0 else [Draft() for _ in rows])
             drafts = [constrained_draft(f, d, row.constraint) if row.active and row.constraint else d
                       for row, f, d in zip(rows, forced, drafts)]

@@ -392,7 +392,8 @@ class Scheduler:
             contexts: list[list[int]] = [[] for _ in range(self.max_batch)]
             limits = [0] * self.max_batch
             for seq, r, f in zip(decoding, room, forced):
-                contexts[seq.row], limits[seq.row] = seq.tokens + f, min(self.draft_tokens, r - len(f))
+                contexts[seq.row] = seq.tokens + f if f else seq.tokens
+                limits[seq.row] = min(self.draft_tokens, r - len(f))
             proposed = self.drafter.propose(contexts, limits)
             drafts = [proposed[seq.row] for seq in decoding]
         drafts = [constrained_draft(f, d, s.constraint) if s.constraint is not None else d
@@ -466,7 +467,7 @@ def _drafter(speculative: str | None, engine, rows: int) -> Drafter | None:
     if speculative is None:
         return None
     spec = parse_speculative(speculative)
-    if spec.kind == "self":
+    if spec.kind not in ("lookup", "draft"):  # suffix and auto keep state per generation, which a server lacks
         raise ValueError(f"the scheduler speculates with prompt lookup or a draft model (lookup[:...], "
                          f"draft:MODEL), not {speculative!r}")
     drafter = make_drafter(spec, engine, max_context=engine.max_context, threads=engine.threads)

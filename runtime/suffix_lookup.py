@@ -117,9 +117,10 @@ class SuffixDrafter(Drafter):
 
     def _sync(self, context: Sequence[int]) -> _RowIndex:
         index = self.rows.get(id(context))
-        if index is None or len(index.text) > len(context):  # a new row, or not a continuation
+        if index is None or index.source is not context or len(index.text) > len(context):
+            # a new row, or not a continuation (the list itself is kept: its id is not reused meanwhile)
             prompt = next((len(p) for p in self.prompts if list(context[:len(p)]) == p), len(context))
-            index = self.rows[id(context)] = _RowIndex(prompt)
+            index = self.rows[id(context)] = _RowIndex(prompt, context)
         for token in context[len(index.text):]:
             token = int(token)
             index.text.append(token)
@@ -158,8 +159,8 @@ class SuffixDrafter(Drafter):
 class _RowIndex:
     """One row's context, its automaton, and its match in the pool."""
 
-    def __init__(self, prompt_length: int) -> None:
-        self.prompt_length = prompt_length
+    def __init__(self, prompt_length: int, source: Sequence[int]) -> None:
+        self.prompt_length, self.source = prompt_length, source
         self.text: list[int] = []
         self.automaton = SuffixAutomaton()
         self.pool_state, self.pool_match = 0, 0

@@ -215,8 +215,9 @@ def test_lookup_speculation_in_the_batch_equals_plain(repetitive, backend):
     assert stats.drafts_accepted > 0 and any(r.from_draft for x in results for r in x.responses)
     for x in results:  # logprobs of accepted drafts come from the verification pass
         assert all(r.top_logprobs[0][0] == r.token for r in x.responses)
-    with pytest.raises(ValueError, match="not 'self:2'"):
-        _scheduler(engine, speculative="self:2")
+    for mode in ("self:2", "suffix", "auto"):
+        with pytest.raises(ValueError, match=f"not '{mode}'"):
+            _scheduler(engine, speculative=mode)
 
 
 def test_draft_model_speculation_in_the_batch_equals_plain(repetitive, tmp_path):

@@ -486,6 +486,7 @@ def test_cli_serve_starts_answers_and_stops_on_ctrl_c(tiny_fp32):
     (["--port", "70000"], "--port must be in 1..65535"),
     (["--max-batch", "0"], "--max-batch must be in"),
     (["--speculative", "nope"], "unknown speculative mode"),
+    (["--speculative", "self:4"], "edge-run serve speculates with lookup"),
 ])
 def test_cli_serve_rejects_bad_flags_before_loading(args, message, capsys):
     from edgerun.cli import main
