@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=None, choices=range(5), metavar="0-4",
                    help="MatMulNBits compute precision, overriding --device: 0 unset, 1 fp32, 2 fp16, 3 bf16, "
                         "4 int8")
+    p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
+                   help="the ONNX package's KV cache type: f16 halves its memory (attention runs in fp16; "
+                        "see the README for what it costs)")
     p.add_argument("--heal", action="store_true",
                    help="after pruning, fit a linear correction at each cut by least squares")
     p.add_argument("--stage-boundaries", default="",
@@ -418,7 +421,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     options = ExportOptions(formats=args.format, gguf_dtype=args.dtype, stage_boundaries=boundaries, exit_layers=exits,
                             prune_layers=args.prune_layers, keep_layers=_int_list(args.keep_layers, "--keep-layers"),
                             heal=args.heal, quant=args.quant or None, device=args.device,
-                            accuracy_level=args.accuracy_level, max_memory=args.max_memory, force=args.force)
+                            accuracy_level=args.accuracy_level, max_memory=args.max_memory, force=args.force,
+                            kv_cache=args.kv_cache)
     if not args.output and not args.analyze_layers:
         raise ValueError("export needs -o/--output DIR (or --analyze-layers to only score the blocks)")
     if args.output:
@@ -458,9 +462,10 @@ def _memory_needs(package: Path, manifest) -> str:
     weights = weight_file_bytes(package, [s.file for s in manifest.stages], manifest.gguf_path(package))
     contexts = sorted({c for c in (512, 2048, 8192) if c < manifest.model.context_length}
                       | {manifest.model.context_length})
-    needs = [memory_need(manifest.model, weights, c) for c in contexts]
+    kv = "f16" if manifest.model.kv_dtype == "float16" else "f32"
+    needs = [memory_need(manifest.model, weights, c, kv) for c in contexts]
     return (", ".join(f"{n.total / MB:.0f} MB at {n.max_context}" for n in needs)
-            + f" tokens (weights {weights / MB:.0f} MB + f32 KV cache + activations; --max-memory picks from these)")
+            + f" tokens (weights {weights / MB:.0f} MB + {kv} KV cache + activations; --max-memory picks from these)")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -485,8 +490,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("backends", ", ".join(manifest.backends)),
         ("weights", ", ".join(f"{k}={v}" for k, v in manifest.weights.items())),
         ("size on disk", f"{size / 1e6:.1f} MB"),
-        ("KV cache", f"{m.kv_bytes_per_token() / 1e3:.0f} KB per token in f32 "
-                     f"({m.kv_bytes(1, 2048) / 1e6:.0f} MB at 2048 tokens; allocated as the context grows)"),
+        ("KV cache", f"{m.kv_bytes_per_token(m.kv_itemsize) / 1e3:.0f} KB per token in "
+                     f"{'f16' if m.kv_itemsize == 2 else 'f32'} ({m.kv_bytes(1, 2048, m.kv_itemsize) / 1e6:.0f} MB "
+                     f"at 2048 tokens; allocated as the context grows)"),
         ("memory need", _memory_needs(package, manifest)),
         ("chat template", "yes" if manifest.chat_template else "no"),
         ("source", f"{manifest.source.get('format')} {manifest.source.get('path')} "

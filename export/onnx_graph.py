@@ -232,12 +232,18 @@ def _layer(g: _Graph, spec: ModelSpec, w: dict[str, np.ndarray], i: int, local: 
     extra = {"local_window_size": spec.sliding_window} if sliding else {}
     if spec.attention_scale is not None:
         extra["scale"] = spec.attention_scale
+    qkv = _attention_inputs(g, spec, h, w, p)
+    half = spec.kv_dtype == "float16"  # attention and its KV cache in fp16: cast in and out
+    if half:
+        qkv = [g.op("Cast", [x], to=TensorProto.FLOAT16)[0] if x else x for x in qkv]
     attn = g.op(
         "GroupQueryAttention",
-        [*_attention_inputs(g, spec, h, w, p), f"past_key_{local}", f"past_value_{local}", "seqlens_k",
+        [*qkv, f"past_key_{local}", f"past_value_{local}", "seqlens_k",
          "total_sequence_length", f"cos_cache{rope}", f"sin_cache{rope}"],
         n_out=3, domain=MS_DOMAIN, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
         do_rotary=1, rotary_interleaved=0, **extra)
+    if half:
+        attn = [g.op("Cast", [attn[0]], to=TensorProto.FLOAT)[0], attn[1], attn[2]]
     g.nodes.append(helper.make_node("Identity", [attn[1]], [f"present_key_{local}"]))
     g.nodes.append(helper.make_node("Identity", [attn[2]], [f"present_value_{local}"]))
     outputs += [f"present_key_{local}", f"present_value_{local}"]
@@ -278,6 +284,7 @@ def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: in
     """
     g = _Graph(packed=packed or {}, accuracy_level=accuracy_level)
     f32, kv_shape = TensorProto.FLOAT, ["batch", spec.num_kv_heads, "max_len", spec.head_dim]
+    kv_type = TensorProto.FLOAT16 if spec.kv_dtype == "float16" else f32
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]) if embeds
         else helper.make_tensor_value_info("hidden_in", f32, ["batch", "seq", spec.hidden_size]),
@@ -285,20 +292,21 @@ def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: in
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
     ]
     if end_layer > first_layer:  # a head-only stage has no attention
+        rope_dtype = np.dtype(spec.kv_dtype)  # GroupQueryAttention takes its tables in the KV type
         cos, sin = rotary_cache(spec)
-        g.const("cos_cache", cos)
-        g.const("sin_cache", sin)
+        g.const("cos_cache", cos.astype(rope_dtype))
+        g.const("sin_cache", sin.astype(rope_dtype))
         if spec.rope_local_theta is not None and set(spec.sliding_layers) & set(range(first_layer, end_layer)):
             cos, sin = rotary_cache(dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_scaling=None))
-            g.const("cos_cache_local", cos)
-            g.const("sin_cache_local", sin)
+            g.const("cos_cache_local", cos.astype(rope_dtype))
+            g.const("sin_cache_local", sin.astype(rope_dtype))
     if embeds:
         residual = _embed_scaled(g, spec, weights)
     else:
         residual = "hidden_in"
     pending, present = None, []
     for local, i in enumerate(range(first_layer, end_layer)):
-        inputs += [helper.make_tensor_value_info(f"past_{kind}_{local}", f32, kv_shape)
+        inputs += [helper.make_tensor_value_info(f"past_{kind}_{local}", kv_type, kv_shape)
                    for kind in ("key", "value")]
         residual, pending = _layer(g, spec, weights, i, local, residual, pending, present)
     if has_head:
@@ -317,7 +325,7 @@ def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: in
         final = residual if pending is None else g.op("Add", [residual, pending])[0]
         g.nodes.append(helper.make_node("Identity", [final], ["hidden_out"]))
         out = helper.make_tensor_value_info("hidden_out", f32, ["batch", "seq", spec.hidden_size])
-    outputs = [out] + [helper.make_tensor_value_info(n, f32, kv_shape) for n in present]
+    outputs = [out] + [helper.make_tensor_value_info(n, kv_type, kv_shape) for n in present]
     graph = helper.make_graph(g.nodes, f"edgerun_layers_{first_layer}_{end_layer}", inputs, outputs,
                               initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),

@@ -9,6 +9,7 @@ or a loaded `Checkpoint`; known model names are resolved by the caller (`edgerun
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -68,6 +69,9 @@ class ExportOptions:
             targets (android, ios), and is recorded in the manifest.
         accuracy_level: MatMulNBits compute precision, overriding the profile's (0 unset, 1 fp32,
             2 fp16, 3 bf16, 4 int8).
+        kv_cache: "f32" or "f16": the element type of an ONNX package's KV cache, which its attention
+            (GroupQueryAttention) runs in; f16 halves the KV memory (ONNX only; llama.cpp picks its
+            KV type at run time: `--kv-cache`).
         max_memory: a memory budget (bytes, or a size such as "400MB") the package must run in:
             an export that cannot fit at the shortest context is refused, else the longest context
             that fits is recorded in the manifest (see `write_package`).
@@ -89,6 +93,7 @@ class ExportOptions:
     device: str = "cpu"
     accuracy_level: int | None = None
     max_memory: int | str | None = None
+    kv_cache: str = "f32"
     force: bool = False
 
     @classmethod
@@ -120,6 +125,11 @@ class ExportOptions:
         """The rules between settings; messages name the CLI flags that set them."""
         if self.prune_layers < 0:
             raise ValueError(f"--prune-layers must be >= 0, got {self.prune_layers}")
+        if self.kv_cache not in ("f32", "f16"):
+            raise ValueError(f"--kv-cache must be f32 or f16, got {self.kv_cache!r}")
+        if self.kv_cache != "f32" and "onnx" not in self.formats:
+            raise ValueError("--kv-cache f16 builds ONNX graphs whose attention runs in fp16; llama.cpp picks its "
+                             "KV type at run time (edge-run run --kv-cache f16)")
         if self.gguf_dtype not in GGUF_DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(GGUF_DTYPES)}, got {self.gguf_dtype!r}")
         if "onnx" in self.formats and self.gguf_dtype != "f32":
@@ -208,6 +218,8 @@ def export(source: str | Path | Checkpoint, out: str | Path, options: ExportOpti
     options = options or ExportOptions()
     check_output(out, options.force)  # before a possibly large checkpoint is read
     ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source)
+    if options.kv_cache == "f16":
+        ckpt = dataclasses.replace(ckpt, spec=dataclasses.replace(ckpt.spec, kv_dtype="float16"))
     if options.prunes:
         from .prune import prune_for_export
 

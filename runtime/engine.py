@@ -135,6 +135,9 @@ class Engine:
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
             raise ValueError(f"max_context must be an integer >= 2, got {max_context!r}")
         self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, spec.context_length)
+        if spec.kv_dtype == "float16" and kv_cache == "f32" and backend != "llamacpp" \
+                and "onnx" in (self.manifest.backends or ("onnx",)):
+            kv_cache = "f16"  # an ONNX package's KV type is its graphs' (the default means: the package's)
         self.memory_fit: MemoryFit | None = None  # what max_memory chose
         if max_memory is not None:
             backend_name = backend if backend != "auto" else (self.manifest.backends or ("onnx",))[0]

@@ -61,8 +61,9 @@ class KVCache(_Offsets):
     def _allocate(self, capacity: int, keep: int = 0) -> None:
         shape = [self.batch, self._spec.num_kv_heads, capacity, self._spec.head_dim]
         old = getattr(self, "arrays", None)
-        arrays = ([np.zeros(shape, np.float32) for _ in range(self._num_layers)],
-                  [np.zeros(shape, np.float32) for _ in range(self._num_layers)])
+        dtype = np.dtype(self._spec.kv_dtype)
+        arrays = ([np.zeros(shape, dtype) for _ in range(self._num_layers)],
+                  [np.zeros(shape, dtype) for _ in range(self._num_layers)])
         if old is not None and keep:
             for new_side, old_side in zip(arrays, old):
                 for new, prev in zip(new_side, old_side):
@@ -91,7 +92,7 @@ class KVCache(_Offsets):
 
     def bytes_per_position(self) -> int:
         """KV bytes one position of one row takes (all layers, keys and values)."""
-        return 2 * self._num_layers * self._spec.num_kv_heads * self._spec.head_dim * 4
+        return 2 * self._num_layers * self._spec.num_kv_heads * self._spec.head_dim * self._spec.kv_itemsize
 
     def free(self) -> np.ndarray:
         """Positions still free per row."""

@@ -199,6 +199,9 @@ def gguf_reference(package_dir: str | Path, gguf: str) -> Path:
 
 
 # -- the manifest ---------------------------------------------------------------------------------------
+KV_DTYPES = ("float32", "float16")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Architecture hyper-parameters of a decoder-only transformer.
@@ -231,6 +234,8 @@ class ModelSpec:
     sliding_window: int = 0  # keys a sliding-window layer attends to (0: none)
     sliding_layers: tuple[int, ...] = ()  # layers with sliding-window attention
     rope_local_theta: float | None = None  # rope base of the sliding-window layers (None: rope_theta)
+    # element type of an ONNX package's KV cache (its attention runs in it): "float32" or "float16"
+    kv_dtype: str = "float32"
 
     LIMITS: ClassVar[dict[str, tuple]] = {
         "vocab_size": (1, 1 << 22),  # the largest real vocabularies hold ~262k tokens
@@ -257,12 +262,20 @@ class ModelSpec:
             _require(kv_heads <= heads, source, f"{prefix}num_kv_heads", f"at most num_heads ({heads})", kv_heads)
         if values.get("architecture") is not None:
             _require(values["architecture"].strip() != "", source, f"{prefix}architecture", "a name", "")
+        if values.get("kv_dtype") is not None:
+            _require(values["kv_dtype"] in KV_DTYPES, source, f"{prefix}kv_dtype", f"one of {KV_DTYPES}",
+                     values["kv_dtype"])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "model spec", prefix: str = "") -> ModelSpec:
         if isinstance(data, dict):
             cls.check_values(data, source, prefix)
         return strict_from_dict(cls, data, f"{source}: {prefix.rstrip('.')}" if prefix else source)
+
+    @property
+    def kv_itemsize(self) -> int:
+        """Bytes of one KV cache element of an ONNX package."""
+        return 2 if self.kv_dtype == "float16" else 4
 
     def kv_bytes_per_token(self, itemsize: int = 4) -> int:
         """Bytes of K+V cache one token occupies across all layers."""

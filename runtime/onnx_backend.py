@@ -84,9 +84,10 @@ class OnnxBackend:
                  kv_cache: str = "f32", batch_invariant: bool = False):
         """`batch_invariant`: nothing to choose here; onnxruntime's CPU kernels switch only between
         one row and several, which backend.InvariantSteps covers."""
-        if kv_cache != "f32":
-            raise ValueError(f"the onnx backend keeps an f32 KV cache (the graphs' dtype), not {kv_cache}; "
-                             f"use --kv-cache f16 with --backend llamacpp")
+        packaged = "f16" if manifest.model.kv_dtype == "float16" else "f32"
+        if kv_cache not in ("f32", packaged):  # the default (f32) means: the package's own
+            raise ValueError(f"this ONNX package's KV cache is {packaged} (its graphs' attention type), not "
+                             f"{kv_cache}; export with --kv-cache {kv_cache}, or use --backend llamacpp")
         self.manifest, self.device = manifest, resolve_device(device)
         fallback = check_package_device(manifest.device, self.device.name)
         if fallback:

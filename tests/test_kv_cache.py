@@ -76,3 +76,52 @@ def test_memory_report_adds_up_to_the_process_rss(engine):
     parts = use.weights + use.kv_cache + use.runtime + use.activations + use.process
     assert parts == use.rss and abs(use.rss - process_rss()) <= 0.1 * use.rss
     assert "KV cache" in use.summary() and use.summary().endswith("MB resident")
+
+
+@pytest.fixture(scope="module")
+def f16_pair(tmp_path_factory):
+    """The same tiny model exported with an f32 and an f16 KV cache."""
+    from edgerun.export.pipeline import ExportOptions
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-kv", seed=3, initializer_range=0.2)
+    root = tmp_path_factory.mktemp("kv")
+    export(folder, root / "f32")
+    export(folder, root / "f16", ExportOptions(kv_cache="f16"))
+    return edgerun.Engine(root / "f32", max_context=128), edgerun.Engine(root / "f16", max_context=128)
+
+
+def test_f16_kv_cache_halves_the_memory_and_keeps_the_logits(f16_pair):
+    f32, f16 = f16_pair
+    assert f16.manifest.model.kv_dtype == "float16" and f32.manifest.model.kv_dtype == "float32"
+    a, b = f32.backend.new_cache(2, 128), f16.backend.new_cache(2, 128)
+    assert b.arrays[0][0].dtype == np.float16 and b.nbytes * 2 == a.nbytes
+    tokens = list(range(5, 70))
+    reference, ours = f32.logits(tokens), f16.logits(tokens)
+    assert np.abs(ours - reference).max() <= 0.05 * reference.std()
+    assert (ours.argmax(-1) == reference.argmax(-1)).all()
+
+
+def test_f16_kv_cache_decodes_batches_speculates_and_serves(f16_pair):
+    """Every path that touches the cache takes an f16 one: plain, batched, speculative, the scheduler."""
+    _, f16 = f16_pair
+    prompts = ["the quick brown fox jumps", "edge run exports"]
+    alone = [[r.token for r in f16.generate(p, max_new_tokens=16, ignore_eos=True)] for p in prompts]
+    batched = list(f16.generate(prompts, max_new_tokens=16, ignore_eos=True))
+    assert [[r.token for r in batched if r.index == i] for i in range(2)] == alone
+    spec = [r.token for r in f16.generate(prompts[0], max_new_tokens=16, ignore_eos=True, speculative="lookup")]
+    assert spec == alone[0]
+    with f16.scheduler(max_batch=2) as scheduler:
+        served = [scheduler.submit(p, max_new_tokens=16, ignore_eos=True) for p in prompts]
+        assert [h.result().tokens for h in served] == alone
+
+
+def test_kv_cache_type_mismatches_are_one_line_errors(f16_pair, tmp_path):
+    from edgerun.export.pipeline import ExportOptions
+
+    f32, _ = f16_pair
+    with pytest.raises(ValueError, match="KV cache is f32.*export with --kv-cache f16"):
+        edgerun.Engine(f32.package_dir, kv_cache="f16")
+    with pytest.raises(ValueError, match="llama.cpp picks its KV type at run time"):
+        ExportOptions(formats=("gguf",), kv_cache="f16")
+    with pytest.raises(ValueError, match="--kv-cache must be f32 or f16"):
+        ExportOptions(kv_cache="q8")
