@@ -360,7 +360,7 @@ def test_kv_cache_type_choice(tiny_both):
             == edgerun.Engine(tiny_both, backend="llamacpp").backend.kv_bytes_per_token)
     np.testing.assert_allclose(half.logits(TOKENS), edgerun.Engine(tiny_both, backend="llamacpp").logits(TOKENS),
                                atol=5e-2, rtol=0)
-    with pytest.raises(ValueError, match="onnx backend keeps an f32 KV cache"):
+    with pytest.raises(ValueError, match="ONNX package's KV cache is f32.*export with --kv-cache f16"):
         edgerun.Engine(tiny_both, backend="onnx", kv_cache="f16")
     with pytest.raises(ValueError, match="kv_cache must be one of f32, f16"):
         edgerun.Engine(tiny_both, backend="llamacpp", kv_cache="q8")
