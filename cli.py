@@ -30,7 +30,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "picks the longest context (up to --max-context) and KV cache type that fit, or "
                         "refuses naming the smallest fit")
     p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
-                   help="KV cache type: f32 (default) or f16 (llama.cpp only: half the KV memory)")
+                   help="KV cache type on llama.cpp: f32 (default) or f16 (half the KV memory); an ONNX package "
+                        "uses the type it was exported with (export --kv-cache)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="run every step with >= 2 tokens per sequence so that logits do not depend on the "
                         "step's shape: batched rows then equal batch-1 output token for token, also with "
