@@ -30,13 +30,13 @@ _MT_BENCH = {"open_qa": ("stem", "humanities"), "math": ("math", "reasoning"),
              "chat": ("writing", "roleplay", "coding", "extraction")}
 _WIKITEXT_SPLIT = {"tune": "valid", "heldout": "test"}
 _LANGUAGES = ("French", "German", "Spanish")
-_JOINS = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "), (" ; ", "; "),
-          (" : ", ": "), (" 's ", "'s "), (" n't ", "n't "), ("( ", "("), (" )", ")")]
+WIKITEXT_JOINS = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "), (" ; ", "; "),
+                  (" : ", ": "), (" 's ", "'s "), (" n't ", "n't "), ("( ", "("), (" )", ")")]
 
 
 def detokenize(text: str) -> str:
     """Undo WikiText's spaced-out punctuation so the text reads as ordinary prose."""
-    for old, new in _JOINS:
+    for old, new in WIKITEXT_JOINS:
         text = text.replace(old, new)
     text = re.sub(r'" ([^"]*?) "', r'"\1"', text)
     return text.strip().removesuffix(" .").rstrip() + ("" if text.strip().endswith(".") else ".")
@@ -55,7 +55,7 @@ def articles(split: str) -> list[tuple[str, list[str]]]:
     return [(title, paras) for title, paras in out if paras]
 
 
-def _typos(text: str) -> str:
+def typos(text: str) -> str:
     """Swap two inner letters of every 7th long word: a deterministic 'fix the typos' task."""
     words = text.split()
     for i in range(3, len(words), 7):
@@ -108,7 +108,7 @@ def _translation(arts: list, n: int) -> list[str]:
 
 
 def _editing(arts: list, n: int) -> list[str]:
-    tasks = [("Fix the spelling mistakes in this text and return the corrected text in full:\n\n", _typos),
+    tasks = [("Fix the spelling mistakes in this text and return the corrected text in full:\n\n", typos),
              ("Rewrite the following text in plain, simple English, keeping every sentence:\n\n", str)]
     out = []
     for _, paras in arts[2 * len(arts) // 3:]:  # not the articles summaries and passages start with

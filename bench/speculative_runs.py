@@ -41,7 +41,7 @@ from pathlib import Path
 from .. import data
 from ..version import __version__
 from . import command, parser
-from .prompt_sets import CATEGORIES, SPLITS, prompt_set
+from .prompt_sets import CATEGORIES, SPLITS, WIKITEXT_JOINS, prompt_set, typos
 from .report import write_json
 
 # a run: (tokens, new_tokens) -> (generated tokens, seconds from the call, seconds from the first token)
@@ -64,25 +64,11 @@ def _paragraphs(n: int, min_words: int = 90, max_words: int = 160) -> list[str]:
     return out
 
 
-_WIKITEXT_JOINS = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "), (" ; ", "; "),
-                   (" : ", ": "), (" 's ", "'s "), (" n't ", "n't "), ("( ", "("), (" )", ")")]
-
-
 def _detokenize(text: str) -> str:
     """Undo WikiText's spaced-out punctuation so the paragraphs read as ordinary prose."""
-    for old, new in _WIKITEXT_JOINS:
+    for old, new in WIKITEXT_JOINS:
         text = text.replace(old, new)
     return re.sub(r'" ([^"]*?) "', r'"\1"', text).rstrip(" .") + "."
-
-
-def _typos(text: str) -> str:
-    """Swap two inner letters of every 7th long word: a deterministic 'fix the typos' task."""
-    words = text.split()
-    for i in range(3, len(words), 7):
-        w = words[i]
-        if len(w) > 4 and w.isalpha():
-            words[i] = w[0] + w[2] + w[1] + w[3:]
-    return " ".join(words)
 
 
 def prompt_sets(n: int) -> dict[str, list[str]]:
@@ -92,7 +78,7 @@ def prompt_sets(n: int) -> dict[str, list[str]]:
         per_category.setdefault(r["category"], []).append(r["turns"][0])
     mt = [p for group in zip(*per_category.values()) for p in group][:n]  # round-robin over categories
     paras = _paragraphs(n)
-    tasks = [("Fix the spelling mistakes in this text and return the corrected text in full:\n\n", _typos),
+    tasks = [("Fix the spelling mistakes in this text and return the corrected text in full:\n\n", typos),
              ("Summarize the following text:\n\n", str),
              ("Rewrite the following text, keeping every sentence but changing \"the\" to \"that\" where it "
               "fits:\n\n", str)]
