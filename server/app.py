@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..runtime.manifest import PackageError
 from ..runtime.requests import RequestHandle, SchedulerClosed, StreamResponse
 from ..runtime.scheduler import QueueFull
 from ..runtime.tools import ToolPlan, parse_tool_calls
@@ -184,9 +185,9 @@ def create_app(load: Callable[[], object], options: ServeOptions,
             else:
                 text = await asyncio.to_thread(engine.apply_chat_template, req.plain_messages())
                 tokens = await asyncio.to_thread(engine.encode, text, False)
-        except ValueError as e:  # bad tools or tool_choice
-            raise ApiError(400, str(e), "invalid_request_error", param="tools") from None
         except Exception as e:  # noqa: BLE001 - the template's own error (jinja2, package), as a 400
+            if req.tools and isinstance(e, ValueError) and not isinstance(e, PackageError):  # bad tools
+                raise ApiError(400, str(e), "invalid_request_error", param="tools") from None
             raise ApiError(400, f"the model's chat template cannot render these messages: {e}",
                            "invalid_request_error", param="messages") from None
         handle = _submit(state, tokens, req, req.max_completion_tokens or req.max_tokens,
