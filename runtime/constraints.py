@@ -80,19 +80,21 @@ def grammar_text(response_format: Any) -> tuple[str, str] | None:
     raise ValueError(f"unknown response_format type {kind!r}; use {RESPONSE_FORMATS}")
 
 
-def check_response_format(response_format: Any, tokenizer=None) -> None:
-    """Raise a one-line ValueError when `response_format` is malformed or its schema, regex or grammar
-    is invalid (`tokenizer`: an llguidance LLTokenizer to check against; None checks the grammar alone)."""
+def check_response_format(response_format: Any, tokenizer=None) -> Grammar | None:
+    """The checked grammar of `response_format` (None: plain text), or a one-line ValueError when it is
+    malformed or its schema, regex or grammar is invalid (`tokenizer`: an llguidance LLTokenizer to
+    check against; None checks the grammar alone)."""
     import llguidance as llg
 
     found = grammar_text(response_format)
     if found is None:
-        return
+        return None
     text, kind = found
     error = llg.LLMatcher.validate_grammar(text, tokenizer)
     if error:
         reason = " ".join(line.strip() for line in error.splitlines() if line.strip())
         raise ValueError(f"invalid response_format ({kind}): {reason[:300]}")
+    return Grammar(text, kind)
 
 
 class Grammars:
@@ -125,12 +127,7 @@ class Grammars:
             ValueError: a malformed response_format, or a schema, regex or grammar llguidance
                 rejects, with its message (one line, before any token is generated).
         """
-        check_response_format(response_format, self.ll_tokenizer)
-        found = grammar_text(response_format)
-        if found is None:
-            return None
-        text, kind = found
-        return Grammar(text, kind)
+        return check_response_format(response_format, self.ll_tokenizer)
 
     def matcher(self, grammar: Grammar) -> RowConstraint:
         """A fresh constraint for one row."""
