@@ -14,7 +14,7 @@ import numpy as np
 from .backend import Backend, InvariantSteps, inexact_verification_types, open_backend, require_staged
 from .constraints import Grammar, Grammars, RowConstraint, choose
 from .draft_policy import AdaptiveDraftLength, DraftPolicy
-from .drafters import Draft, Drafter
+from .drafters import Drafter
 from .early_exit import EarlyExitRunner, ExitGuard, ExitPoint, exit_points
 from .manifest import MANIFEST_NAME, PackageError, check_memory, read_manifest
 from .memory import MemoryFit, MemoryMeter, MemoryUse, fit_memory, weight_file_bytes
@@ -25,7 +25,7 @@ from .speculative import (
     SPECULATIVE_FORMS,
     SpeculativeSpec,
     SpeculativeStats,
-    constrained_draft,
+    draft_round,
     make_drafter,
     parse_speculative,
     verify,
@@ -406,23 +406,16 @@ class Engine:
             t0 = time.perf_counter()  # sorting rows into classes is part of drafting
             room = [min(max_new_tokens - row.generated - 1, cache.max_len - int(start[row.index]) - 1)
                     if row.active else 0 for row in rows]
-            # a self-speculative drafter runs its layers on its own drafts only: forced tokens are not
-            # put in front of them (verification still takes them, as the rule at every position)
-            lead = drafter is None or drafter.target_forward is None
-            forced = [row.constraint.forced()[:room[row.index]] if lead and row.active and row.constraint else []
-                      for row in rows]
-            limits = [0] * len(rows)
+            ks: dict[int, int] = {}
             classes: list[int] = []
             if drafter is not None:
                 classes = drafter.classes([row.tokens for row in active])
                 ks = dict(zip((row.index for row in active), policy.lengths(classes)))
-                limits = [min(ks[row.index], room[row.index] - len(forced[row.index])) if row.active else 0
-                          for row in rows]
-            # a row's own list unless forced tokens extend it (a drafter may index rows by their list)
-            contexts = [row.tokens + f if f else row.tokens for row, f in zip(rows, forced)]
-            drafts = (drafter.propose(contexts, limits) if max(limits) > 0 else [Draft() for _ in rows])
-            drafts = [constrained_draft(f, d, row.constraint) if row.active and row.constraint else d
-                      for row, f, d in zip(rows, forced, drafts)]
+            # a self-speculative drafter runs its layers on its own drafts only: forced tokens are not
+            # put in front of them (verification still takes them, as the rule at every position)
+            forced, drafts = draft_round(drafter, [row.tokens for row in rows], [row.constraint for row in rows],
+                                         room, [ks.get(row.index, 0) for row in rows],
+                                         lead_forced=drafter is None or drafter.target_forward is None)
             t1 = time.perf_counter()
             width = 1 + max(len(d.tokens) for d in drafts)
             tokens = np.zeros((len(rows), width), dtype=np.int64)

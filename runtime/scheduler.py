@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .constraints import choose
-from .drafters import Draft, Drafter, ModelDrafter
+from .drafters import Drafter, ModelDrafter
 from .prompt_cache import PromptCache
 from .requests import RequestHandle, RequestSettings, SchedulerClosed, StreamResponse, Timings, Usage
 from .sampling import Sampler, SamplingParams
-from .speculative import constrained_draft, make_drafter, parse_speculative, verify
+from .speculative import draft_round, make_drafter, parse_speculative, verify
 from .textstream import StopMatcher, TextStream, step_text
 
 log = logging.getLogger(__name__)
@@ -383,21 +383,19 @@ class Scheduler:
         """Draft by prompt lookup for every decoding row (when it speculates at this occupancy) and
         verify all rows in one pass (each row's pending token, the tokens its grammar forces, its
         drafts); False, having run nothing, when no row has a draft."""
-        room = [min(s.handle.settings.max_new_tokens - s.generated - 1, self.max_len - len(s.tokens))
-                for s in decoding]
-        forced = [s.constraint.forced()[:r] if s.constraint is not None else [] for s, r in zip(decoding, room)]
-        drafts = [Draft() for _ in decoding]
-        if self.drafter is not None and len(decoding) <= self.speculate_rows:
-            # one context per scheduler row (a draft model's cache rows follow them); idle rows draft nothing
-            contexts: list[list[int]] = [[] for _ in range(self.max_batch)]
-            limits = [0] * self.max_batch
-            for seq, r, f in zip(decoding, room, forced):
-                contexts[seq.row] = seq.tokens + f if f else seq.tokens
-                limits[seq.row] = min(self.draft_tokens, r - len(f))
-            proposed = self.drafter.propose(contexts, limits)
-            drafts = [proposed[seq.row] for seq in decoding]
-        drafts = [constrained_draft(f, d, s.constraint) if s.constraint is not None else d
-                  for s, f, d in zip(decoding, forced, drafts)]
+        # one entry per scheduler row (a draft model's cache rows follow them); idle rows draft nothing
+        contexts: list[list[int]] = [[] for _ in range(self.max_batch)]
+        constraints: list = [None] * self.max_batch
+        room, lengths = [0] * self.max_batch, [0] * self.max_batch
+        speculating = self.drafter is not None and len(decoding) <= self.speculate_rows
+        for seq in decoding:
+            contexts[seq.row], constraints[seq.row] = seq.tokens, seq.constraint
+            room[seq.row] = min(seq.handle.settings.max_new_tokens - seq.generated - 1, self.max_len - len(seq.tokens))
+            lengths[seq.row] = self.draft_tokens if speculating else 0
+        all_forced, all_drafts = draft_round(self.drafter if speculating else None, contexts, constraints, room,
+                                             lengths)
+        forced = [all_forced[seq.row] for seq in decoding]
+        drafts = [all_drafts[seq.row] for seq in decoding]
         width = 1 + max(len(d.tokens) for d in drafts)
         if width == 1:
             return False

@@ -172,6 +172,25 @@ def _residual_draw(sampler: Sampler, p: np.ndarray, q: np.ndarray) -> int:
     return sampler.draw_dense(residual / total if total > 0 else p)
 
 
+def draft_round(drafter: Drafter | None, contexts: list[list[int]], constraints: list[RowConstraint | None],
+                room: list[int], lengths: list[int], lead_forced: bool = True) -> tuple[list[list[int]], list[Draft]]:
+    """One round's drafts for every row: the tokens its grammar forces (`lead_forced`), then up to
+    lengths[b] of the drafter's proposal continuing after them, cut where the grammar forbids it;
+    room[b] bounds forced + drafted tokens. A row with room 0 (idle) drafts nothing.
+
+    Returns:
+        (forced tokens per row, Draft per row).
+    """
+    forced = [c.forced()[:r] if c is not None and lead_forced and r > 0 else [] for c, r in zip(constraints, room)]
+    limits = [max(0, min(k, r - len(f))) for k, r, f in zip(lengths, room, forced)]
+    # a row's own list unless forced tokens extend it (a drafter may index rows by their list)
+    contexts = [t + f if f else t for t, f in zip(contexts, forced)]
+    drafts = drafter.propose(contexts, limits) if drafter is not None and max(limits, default=0) > 0 \
+        else [Draft() for _ in contexts]
+    return forced, [constrained_draft(f, d, c) if c is not None and r > 0 else d
+                    for f, d, c, r in zip(forced, drafts, constraints, room)]
+
+
 def constrained_draft(forced: list[int], draft: Draft, constraint: RowConstraint) -> Draft:
     """The round's draft under a grammar: the tokens it forces from here (`forced`), then the
     drafter's proposal (which continues after them) cut at the first token the grammar forbids.
