@@ -41,8 +41,6 @@ def grammar_text(response_format: Any) -> tuple[str, str] | None:
     Raises:
         ValueError: a malformed response_format, naming the field and the accepted forms.
     """
-    import llguidance as llg
-
     if response_format is None:
         return None
     if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
@@ -50,6 +48,8 @@ def grammar_text(response_format: Any) -> tuple[str, str] | None:
     kind = response_format["type"]
     if kind == "text":
         return None
+    import llguidance as llg
+
     if kind == "json_object":
         return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_DEFAULTS), kind
     if kind == "json_schema":
@@ -84,12 +84,15 @@ def check_response_format(response_format: Any, tokenizer=None) -> Grammar | Non
     """The checked grammar of `response_format` (None: plain text), or a one-line ValueError when it is
     malformed or its schema, regex or grammar is invalid (`tokenizer`: an llguidance LLTokenizer to
     check against; None checks the grammar alone)."""
+    found = grammar_text(response_format)
+    return None if found is None else validated(*found, tokenizer)
+
+
+def validated(text: str, kind: str, tokenizer=None) -> Grammar:
+    """`text` (a grammar of response-format type `kind`) checked by llguidance against `tokenizer`
+    (an LLTokenizer; None checks the grammar alone); a one-line ValueError when it is invalid."""
     import llguidance as llg
 
-    found = grammar_text(response_format)
-    if found is None:
-        return None
-    text, kind = found
     error = llg.LLMatcher.validate_grammar(text, tokenizer)
     if error:
         reason = " ".join(line.strip() for line in error.splitlines() if line.strip())
@@ -127,7 +130,8 @@ class Grammars:
             ValueError: a malformed response_format, or a schema, regex or grammar llguidance
                 rejects, with its message (one line, before any token is generated).
         """
-        return check_response_format(response_format, self.ll_tokenizer)
+        found = grammar_text(response_format)  # plain text never builds the llguidance tokenizer
+        return None if found is None else validated(*found, self.ll_tokenizer)
 
     def matcher(self, grammar: Grammar) -> RowConstraint:
         """A fresh constraint for one row."""

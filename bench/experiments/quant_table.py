@@ -2,6 +2,10 @@
 
     python bench/experiments/quant_table.py --out /tmp/quant-table [--windows 40] [--no-speed]
     python bench/experiments/quant_table.py --format gguf --out /tmp/quant-gguf   # llama.cpp files
+    python bench/experiments/quant_table.py --model gemma3-270m --variants int8 int4 int4-gptq --out DIR
+
+--model takes any registry name or checkpoint path (the per-family tables in the README);
+--variants picks rows of the table below (default: all of them).
 
 Exports the fp32 reference and every variant below into --out (existing packages are kept),
 scores them in one `bench.eval` run against the reference (so its distributions are computed
@@ -52,12 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-speed", action="store_true", help="skip the decode-speed run")
+    p.add_argument("--model", default="smollm2-135m", help="registry name or checkpoint path")
+    p.add_argument("--variants", nargs="+", metavar="NAME",
+                   help="rows to build and score (default: every preset and recipe of the format)")
     p.add_argument("--format", choices=("onnx", "gguf"), default="onnx",
                    help="ONNX packages (onnxruntime) or GGUF files (llama.cpp)")
     args = p.parse_args(argv)
 
     variants, timed = (VARIANTS, TIMED) if args.format == "onnx" else (GGUF_VARIANTS, GGUF_TIMED)
-    ckpt = load_checkpoint(pull("smollm2-135m", progress=True))
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(variants))
+        if unknown:
+            p.error(f"unknown variant(s) {', '.join(unknown)}; {args.format} has: {', '.join(variants)}")
+        variants = {n: variants[n] for n in args.variants}
+        timed = [n for n in timed if n == "fp32" or n in variants]
+    model = Path(args.model) if Path(args.model).exists() else pull(args.model, progress=True)
+    ckpt = load_checkpoint(model)
     if not (args.out / "fp32" / "manifest.json").is_file():
         export(ckpt, args.out / "fp32", ExportOptions(formats=(args.format,)), progress=True)
     for name, quant in variants.items():
