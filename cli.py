@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=None, choices=range(5), metavar="0-4",
                    help="MatMulNBits compute precision, overriding --device: 0 unset, 1 fp32, 2 fp16, 3 bf16, "
                         "4 int8")
-    p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
+    p.add_argument("--kv-cache", choices=("f32", "f16"), default=None,
                    help="the ONNX package's KV cache type: f16 halves its memory (attention runs in fp16; "
-                        "see the README for what it costs)")
+                        "see the README for what it costs); default: the --device profile's (cuda: f16, else f32)")
     p.add_argument("--heal", action="store_true",
                    help="after pruning, fit a linear correction at each cut by least squares")
     p.add_argument("--stage-boundaries", default="",

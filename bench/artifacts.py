@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-ORTGENAI_PRECISIONS = ("int4", "int8", "fp32")
+ORTGENAI_PRECISIONS = ("int4", "int8", "fp16", "fp32")  # fp16: with execution_provider "cuda"
 # llama.cpp precisions made from the float weights (names as llama.cpp's LLAMA_FTYPE_MOSTLY_*)
 LLAMACPP_QUANTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q6_K", "Q4_K_M")
 LLAMACPP_FLOATS = ("F32", "F16")
@@ -99,8 +99,9 @@ def write_hf_folder(ckpt, folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
 
 
-def ortgenai_model(gguf_path: Path, precision: str) -> Path:
-    """onnxruntime-genai's own model builder run on the HF folder (made once, cached).
+def ortgenai_model(gguf_path: Path, precision: str, execution_provider: str = "cpu") -> Path:
+    """onnxruntime-genai's own model builder run on the HF folder (made once, cached), for
+    `execution_provider` (its builder's `-e`: "cpu", or "cuda" for its CUDA fp16 / int4 graphs).
 
     Raises:
         ValueError: unknown precision.
@@ -108,14 +109,15 @@ def ortgenai_model(gguf_path: Path, precision: str) -> Path:
     """
     if precision not in ORTGENAI_PRECISIONS:
         raise ValueError(f"unknown onnxruntime-genai precision {precision!r}; choose from {ORTGENAI_PRECISIONS}")
-    target = bench_cache(gguf_path) / f"ortgenai-{precision}"
+    suffix = "" if execution_provider == "cpu" else f"-{execution_provider}"
+    target = bench_cache(gguf_path) / f"ortgenai-{precision}{suffix}"
     if (target / "genai_config.json").is_file():
         return target
     source = hf_folder(gguf_path)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(tmp),
-           "-p", precision, "-e", "cpu", "-c", str(tmp.with_name(tmp.name + ".hfcache"))]
+           "-p", precision, "-e", execution_provider, "-c", str(tmp.with_name(tmp.name + ".hfcache"))]
     log.info("building the onnxruntime-genai %s model: %s", precision, " ".join(cmd))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)

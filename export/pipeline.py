@@ -27,6 +27,7 @@ from .package import FORMATS, write_package
 from .quantize import quantize_for_gguf, quantize_for_onnx, resolve_quant
 
 log = logging.getLogger(__name__)
+_KV_NAMES = {"float32": "f32", "float16": "f16"}  # --kv-cache names of the KV float types export builds
 
 QuantSpec = str | Path | dict | Recipe  # preset name, recipe file, recipe dict or Recipe
 
@@ -65,13 +66,14 @@ class ExportOptions:
         quant: None (float weights), a preset name, a recipe file (.json / .toml), a recipe dict
             or a `Recipe`; for a GGUF also a llama.cpp type name such as "q4_k_m".
         device: the device profile (devices/profiles.json) whose ONNX variant to build: it sets the
-            MatMulNBits accuracy level of a quantized package, adds ORT-format models for mobile
-            targets (android, ios), and is recorded in the manifest.
+            MatMulNBits accuracy level of a quantized package, the KV cache type (cuda: f16, so
+            attention and the cache run on the GPU), adds ORT-format models for mobile targets
+            (android, ios), and is recorded in the manifest.
         accuracy_level: MatMulNBits compute precision, overriding the profile's (0 unset, 1 fp32,
             2 fp16, 3 bf16, 4 int8).
         kv_cache: "f32" or "f16": the element type of an ONNX package's KV cache, which its attention
             (GroupQueryAttention) runs in; f16 halves the KV memory (ONNX only; llama.cpp picks its
-            KV type at run time: `--kv-cache`).
+            KV type at run time: `--kv-cache`). None: the device profile's (`variant.kv_dtype`).
         max_memory: a memory budget (bytes, or a size such as "400MB") the package must run in:
             an export that cannot fit at the shortest context is refused, else the longest context
             that fits is recorded in the manifest (see `write_package`).
@@ -93,7 +95,7 @@ class ExportOptions:
     device: str = "cpu"
     accuracy_level: int | None = None
     max_memory: int | str | None = None
-    kv_cache: str = "f32"
+    kv_cache: str | None = None
     force: bool = False
 
     @classmethod
@@ -125,9 +127,9 @@ class ExportOptions:
         """The rules between settings; messages name the CLI flags that set them."""
         if self.prune_layers < 0:
             raise ValueError(f"--prune-layers must be >= 0, got {self.prune_layers}")
-        if self.kv_cache not in ("f32", "f16"):
+        if self.kv_cache not in (None, "f32", "f16"):
             raise ValueError(f"--kv-cache must be f32 or f16, got {self.kv_cache!r}")
-        if self.kv_cache != "f32" and "onnx" not in self.formats:
+        if self.kv_cache == "f16" and "onnx" not in self.formats:
             raise ValueError("--kv-cache f16 builds ONNX graphs whose attention runs in fp16; llama.cpp picks its "
                              "KV type at run time (edge-run run --kv-cache f16)")
         if self.gguf_dtype not in GGUF_DTYPES:
@@ -155,12 +157,25 @@ class ExportOptions:
         if self.device != "cpu" and "onnx" not in self.formats:
             raise ValueError(f"--device {self.device} builds that device's ONNX variant; a GGUF is the same for every "
                              f"llama.cpp device (choose it at run time with --device), so add onnx to --format")
+        own = profile.variant.kv_dtype
+        if (self.kv_cache is not None and profile.runs_op("GroupQueryAttention", own)
+                and not profile.runs_op("GroupQueryAttention", self.kv_dtype)):
+            raise ValueError(f"--device {self.device} builds a {_KV_NAMES[own]} KV cache ({profile.provider} has no "
+                             f"{self.kv_dtype} GroupQueryAttention kernel), not {self.kv_cache}; drop --kv-cache, "
+                             f"or export with --device cpu --kv-cache {self.kv_cache}")
         if self.accuracy_level is not None and not (self.quant is not None and self.formats == ("onnx",)):
             raise ValueError("--accuracy-level sets the MatMulNBits compute of a quantized ONNX package; "
                              "use it with --quant and --format onnx")
         if self.accuracy_level is not None and self.accuracy_level not in range(5):
             raise ValueError(f"--accuracy-level must be 0-4 (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8), "
                              f"got {self.accuracy_level}")
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's float type to build: `kv_cache` when given, else the device profile's."""
+        if self.kv_cache is not None:
+            return {v: k for k, v in _KV_NAMES.items()}[self.kv_cache]
+        return load_profiles()[self.device].variant.kv_dtype
 
     @cached_property
     def recipe(self) -> Recipe | str | None:
@@ -218,8 +233,8 @@ def export(source: str | Path | Checkpoint, out: str | Path, options: ExportOpti
     options = options or ExportOptions()
     check_output(out, options.force)  # before a possibly large checkpoint is read
     ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source)
-    if options.kv_cache == "f16":
-        ckpt = dataclasses.replace(ckpt, spec=dataclasses.replace(ckpt.spec, kv_dtype="float16"))
+    if "onnx" in options.formats and options.kv_dtype != ckpt.spec.kv_dtype:
+        ckpt = dataclasses.replace(ckpt, spec=dataclasses.replace(ckpt.spec, kv_dtype=options.kv_dtype))
     if options.prunes:
         from .prune import prune_for_export
 

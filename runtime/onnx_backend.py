@@ -11,6 +11,7 @@ import onnxruntime as ort
 from ..devices.profiles import check_package_device, get_profile
 from ..devices.providers import open_session, resolve_device, session_options
 from .backend import register_backend
+from .device_kv_cache import DeviceKVCache, DeviceSpan, SpanCopier
 from .kv_cache import KVCache
 from .manifest import Manifest, ModelSpec, PackageError, Stage, package_file
 from .memory import release_mapped_pages
@@ -74,7 +75,15 @@ def _check_io(path: Path, graph, stage: Stage, spec: ModelSpec) -> None:
 
 
 class OnnxBackend:
-    """Runs stage graphs in order; hidden states pass between stages without leaving the device."""
+    """Runs stage graphs in order; hidden states pass between stages without leaving the device.
+
+    Where the KV cache lives follows the device profile (devices/profiles.json): on a profile with
+    `kv_cache: "device"` whose provider has a GroupQueryAttention kernel for the package's KV type
+    (cuda with a `--device cuda` package: fp16), it is a DeviceKVCache in the provider's memory
+    (`kv_device`); otherwise a host KVCache. `step_kv_copies` counts the KV tensors onnxruntime
+    moves between host and device for the last `forward` call (0 when the cache lives where
+    attention runs), `kv_copies` all of them since load.
+    """
 
     name = "onnx"
     library = "onnxruntime"
@@ -120,12 +129,27 @@ class OnnxBackend:
         # small host inputs (token ids, lengths, positions) likewise: bound once per shape, then
         # rewritten in place, so a decode step binds nothing
         self._inputs: list[dict[str, tuple[np.ndarray, ort.OrtValue]]] = [{} for _ in self.sessions]
+        self._place_kv(get_profile(self.device.name))
+        self.kv_copies = self.step_kv_copies = 0
+
+    def _place_kv(self, profile) -> None:
+        """Choose where the KV cache lives (`kv_device`, None: host) and where attention runs."""
+        kv_type = self.manifest.model.kv_dtype
+        attention_here = profile.runs_op("GroupQueryAttention", kv_type)
+        # where GroupQueryAttention runs: a provider without its kernel hands it to the CPU provider
+        self._attention_device = self.device.ort_device if attention_here else "cpu"
+        self.kv_device = self.device.ort_device if profile.kv_cache == "device" and attention_here else None
+        if profile.kv_cache == "device" and not attention_here:
+            log.info("KV cache on the host: %s has no GroupQueryAttention kernel for this package's %s cache; "
+                     "export with --device %s for the device-resident variant", profile.provider, kv_type,
+                     profile.name)
+        self._copier = None  # made with the first device cache
 
     def _main_output(self, stage) -> tuple[str, str]:
         """Name and device of a stage's main output: logits come to the host, hidden stays put."""
         return ("logits", "cpu") if stage.has_head else ("hidden_out", self.device.ort_device)
 
-    def _bind_cache(self, k: int, cache: KVCache) -> None:
+    def _bind_cache(self, k: int, cache: KVCache | DeviceKVCache) -> None:
         """Bind past and present of every layer to the same buffer: the graph updates it in place."""
         stage, io = self.manifest.stages[k], self.bindings[k]
         io.clear_binding_outputs()
@@ -133,8 +157,16 @@ class OnnxBackend:
         io.bind_output(*self._main_output(stage))
         for local, layer in enumerate(range(stage.first_layer, stage.end_layer)):
             for kind, buffers in (("key", cache.keys), ("value", cache.values)):
-                io.bind_ortvalue_input(f"past_{kind}_{local}", buffers[layer])
-                io.bind_ortvalue_output(f"present_{kind}_{local}", buffers[layer])
+                buffer = buffers[layer]
+                if isinstance(buffer, DeviceSpan):
+                    buffer.bind_input(io, f"past_{kind}_{local}")
+                    buffer.bind_output(io, f"present_{kind}_{local}")
+                else:
+                    io.bind_ortvalue_input(f"past_{kind}_{local}", buffer)
+                    io.bind_ortvalue_output(f"present_{kind}_{local}", buffer)
+        if (getattr(cache, "kv_device", None) or "cpu") != self._attention_device:
+            # onnxruntime copies each bound past buffer to attention's device, and present back
+            self.step_kv_copies += 4 * (stage.end_layer - stage.first_layer)
 
     def _forward_rows(self, inputs, cache: KVCache, counts, logits_positions, stages: range, start):
         inputs = inputs if isinstance(inputs, np.ndarray) else inputs.numpy()  # hidden states (CPU)
@@ -144,8 +176,8 @@ class OnnxBackend:
         for b in map(int, np.flatnonzero(counts)):
             width = int(counts[b])  # this row's tokens only: no padding
             positions = np.minimum(logits_positions[b:b + 1], width - 1) if to_head else None
-            row = self.forward(inputs[b:b + 1, :width], cache.row(b), counts[b:b + 1], positions, stages,
-                               start[b:b + 1])
+            row = self._forward(inputs[b:b + 1, :width], cache.row(b), counts[b:b + 1], positions, stages,
+                                start[b:b + 1])
             if to_head:
                 out[b] = row[0]
                 continue
@@ -155,8 +187,16 @@ class OnnxBackend:
             out[b, :width] = hidden[0]
         return out if to_head else ort.OrtValue.ortvalue_from_numpy(out)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.manifest.model, self.manifest.model.num_layers, batch, max_len)  # host memory: see KVCache
+    def new_cache(self, batch: int, max_len: int) -> KVCache | DeviceKVCache:
+        """A KV cache for `batch` rows of `max_len` positions, where `kv_device` says (None: the host)."""
+        spec = self.manifest.model
+        if self.kv_device is None:
+            return KVCache(spec, spec.num_layers, batch, max_len)  # host memory: see KVCache
+        if self._copier is None:
+            self._copier = SpanCopier(lambda model: open_session(model, session_options(1), self.device),
+                                      np.dtype(spec.kv_dtype))
+        device_id = int(self.device.options.get("device_id", 0))
+        return DeviceKVCache(spec, spec.num_layers, batch, max_len, self.kv_device, device_id, self._copier)
 
     def forward(self, inputs, cache: KVCache, counts: np.ndarray, logits_positions: np.ndarray | None = None,
                 stages: range | None = None, start: np.ndarray | None = None):
@@ -179,6 +219,13 @@ class OnnxBackend:
             float32 logits [B, N, vocab] when the run ends at the head, else the hidden OrtValue.
             A run that ends at the head with `start` unset advances cache.lengths by `counts`.
         """
+        self.step_kv_copies = 0
+        out = self._forward(inputs, cache, counts, logits_positions, stages, start)
+        self.kv_copies += self.step_kv_copies
+        return out
+
+    def _forward(self, inputs, cache, counts: np.ndarray, logits_positions: np.ndarray | None = None,
+                 stages: range | None = None, start: np.ndarray | None = None):
         stages = range(len(self.sessions)) if stages is None else stages
         advance = start is None and self.manifest.stages[stages[-1]].has_head
         start = cache.lengths if start is None else np.asarray(start, dtype=np.int32)
@@ -208,9 +255,11 @@ class OnnxBackend:
             if stage.has_head:
                 self._bind_host(k, "logits_positions", logits_positions[..., None], np.int64)
             bound = self._bound[k]
-            # onnxruntime copies a host input to the provider's memory when it is bound, so there the
-            # host KV cache is bound again every step (the provider reads it from a fresh copy)
-            if bound is None or bound[0] is not cache or bound[1] != cache.version or not self.device.host_inputs:
+            # onnxruntime copies a host input to the provider's memory when it is bound, so there a
+            # host KV cache is bound again every step (the provider reads it from a fresh copy); a
+            # cache in the provider's memory is bound once
+            rebind = not self.device.host_inputs and getattr(cache, "kv_device", None) is None
+            if bound is None or bound[0] is not cache or bound[1] != cache.version or rebind:
                 self._bind_cache(k, cache)
                 self._bound[k] = (cache, cache.version)
             if stage.has_head:

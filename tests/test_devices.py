@@ -114,6 +114,13 @@ def test_export_records_the_profile_and_its_variant(tiny_hf, tmp_path):
     levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
               if a.name == "accuracy_level"}
     assert levels == {0}
+    # the GPU-resident variant: fp16 GroupQueryAttention (casts around it) over an fp16 KV cache
+    assert manifest.model.kv_dtype == "float16"
+    past = [v for v in model.graph.input if v.name.startswith("past_")]
+    assert past and {v.type.tensor_type.elem_type for v in past} == {onnx.TensorProto.FLOAT16}
+    casts = {n.output[0] for n in model.graph.node if n.op_type == "Cast"}
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == manifest.model.num_layers and all(n.input[0] in casts for n in attention)
     export(tiny_hf, tmp_path / "float-ov", ExportOptions(device="openvino"))  # float packages take a profile too
     assert read_manifest(tmp_path / "float-ov").device == "openvino"
     assert not read_manifest(tmp_path / "float-ov").ort_models
@@ -124,6 +131,8 @@ def test_export_records_the_profile_and_its_variant(tiny_hf, tmp_path):
     (["--device", "vulkan"], "vulkan is a llama.cpp GPU backend: export --format gguf"),
     (["--device", "android", "--format", "gguf"], "add onnx to --format"),
     (["--accuracy-level", "2"], "use it with --quant and --format onnx"),
+    (["--device", "cuda", "--kv-cache", "f32"], "--device cuda builds a f16 KV cache (CUDAExecutionProvider has no "
+                                                "float32 GroupQueryAttention kernel)"),
 ])
 def test_bad_export_device_is_a_one_line_error(tiny_hf, tmp_path, capsys, argv, message):
     assert main(["export", str(tiny_hf), "-o", str(tmp_path / "x"), *argv]) == 1
@@ -140,6 +149,13 @@ def test_old_manifests_load_and_bad_device_fields_are_refused(android_int4):
         Manifest.from_dict({**data, "device": "vulkan"})
     with pytest.raises(PackageError, match="ort_models must be one ORT-format file per stage"):
         Manifest.from_dict({**data, "ort_models": ["a.ort", "b.ort"]})
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="the CUDA provider is here")
+def test_cuda_without_its_provider_is_a_one_line_error(android_int4):
+    with pytest.raises(ValueError, match="device 'cuda' needs CUDAExecutionProvider, which this onnxruntime build "
+                                         "lacks .*install onnxruntime-gpu"):
+        edgerun.Engine(android_int4, device="cuda", max_context=32)
 
 
 def test_package_on_another_device_is_a_logged_fallback(android_int4, caplog):
