@@ -30,7 +30,7 @@ LIMITS = (
     "early exit and self:K drafting: the graph is one piece, without stage boundaries or exit heads",
     "depth pruning, --heal, --exit-layers, --stage-boundaries: edge-run cannot edit a graph it did not build",
     "GGUF export and the llama.cpp backend: no family module maps its tensors",
-    "--kv-cache f16 and non-CPU device variants: the graph runs in the float type it was exported in",
+    "--kv-cache f16 and export --device variants (mobile, ORT format): the graph is exported once, in float32",
     "quantization: only --quant int8 / int4, onnxruntime's MatMulNBits (round to nearest) on the "
     "MatMul/Gemm weights; no GPTQ or recipes, embeddings stay float32",
     "speed: the graph copies its whole past into each step's present and computes logits for every new token",
