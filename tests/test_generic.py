@@ -240,3 +240,31 @@ def test_info_states_the_limits(gpt2, capsys):
     out = capsys.readouterr().out
     assert "generic, made by optimum-onnx" in out and "not available" in out
     assert all(limit in out for limit in LIMITS)
+
+
+def test_a_draft_model_speculates_on_the_generic_graph(gpt2):
+    engine, package = gpt2[3], gpt2[2]
+    prompt = TOKENS[:7]
+    speculated = _greedy(engine, prompt, 24, speculative=f"draft:{package}", draft_tokens=3)
+    assert engine.stats.accepted > 0  # the draft is the target itself: it is right every time
+    assert speculated == _greedy(engine, prompt, 24)
+
+
+def test_scheduler_batches_reuses_prompts_and_speculates(gpt2):
+    """Continuous batching over the slot cache: rows joining mid-flight, the prompt cache's row copies,
+    lookup speculation; each request equals its own plain generation."""
+    from edgerun.runtime.scheduler import Scheduler
+
+    engine = gpt2[3]
+    prompts = [TOKENS[:k] * 2 for k in (3, 7, 11)] + [TOKENS * 2]
+    expected = [_greedy(engine, p, 14) for p in prompts]
+    for speculative in (None, "lookup"):
+        scheduler = Scheduler(engine, max_batch=2, prefill_chunk=8, speculative=speculative)
+        try:
+            handles = [scheduler.submit(p, max_new_tokens=14, ignore_eos=True) for p in prompts]
+            assert [h.result().tokens for h in handles] == expected
+            again = scheduler.submit(prompts[3], max_new_tokens=14, ignore_eos=True)  # same prompt: cached prefix
+            assert again.result().tokens == expected[3]
+            assert scheduler.stats.cached_tokens > 0
+        finally:
+            scheduler.close()
