@@ -268,3 +268,14 @@ def test_scheduler_batches_reuses_prompts_and_speculates(gpt2):
             assert scheduler.stats.cached_tokens > 0
         finally:
             scheduler.close()
+
+
+def test_cli_export_of_a_folder_without_a_family(gpt2, tmp_path, capsys):
+    from edgerun.cli import main
+
+    assert main(["export", str(gpt2[0]), "-o", str(tmp_path / "cli"), "--quant", "int4"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt2, 3 layers, one generic graph made by optimum-onnx" in out
+    assert main(["export", str(gpt2[0]), "-o", str(tmp_path / "pruned"), "--prune-layers", "1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--prune-layers" in err[0] and not (tmp_path / "pruned").exists()
