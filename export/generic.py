@@ -63,22 +63,40 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _transformers_wanted() -> str | None:
+    """optimum-onnx's transformers requirement when the installed transformers does not meet it."""
+    from packaging.requirements import InvalidRequirement, Requirement  # optimum's own dependency
+
+    have = _versions().get("transformers")
+    for text in importlib.metadata.requires("optimum-onnx") or []:
+        try:
+            requirement = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if requirement.name == "transformers" and requirement.marker is None and have is not None \
+                and not requirement.specifier.contains(have, prereleases=True):
+            return f"transformers{requirement.specifier}"
+    return None
+
+
 def _main_export(architecture: str):
     """optimum's export function, or a PackageError naming the extra (and the versions, when optimum is
-    installed but cannot be imported next to this transformers)."""
+    installed next to a transformers it does not support)."""
+    versions = _versions()
+    why = f"edge-run has no family module for {architecture!r} (it has: {', '.join(supported_architectures())})"
+    if "optimum-onnx" not in versions:
+        raise PackageError(f"{why}; such models export through optimum's ONNX exporter, which is not installed: "
+                           f"{EXTRA}")
+    have = f"this environment has transformers {versions.get('transformers', 'none')}"
+    wanted = _transformers_wanted()
+    if wanted:
+        raise PackageError(f"{why}; it exports through optimum-onnx {versions['optimum-onnx']}, which needs {wanted} "
+                           f"and {have}: {EXTRA} installs a matching set (or export in an environment of its own)")
     try:
         from optimum.exporters.onnx import main_export
     except ImportError as e:
-        versions = _versions()
-        why = f"edge-run has no family module for {architecture!r} (it has: {', '.join(supported_architectures())})"
-        if "optimum-onnx" not in versions:
-            raise PackageError(f"{why}; such models export through optimum's ONNX exporter, which is not installed: "
-                               f"{EXTRA}") from None
-        wanted = [r for r in importlib.metadata.requires("optimum-onnx") or [] if r.startswith("transformers")]
         raise PackageError(f"{why}, and optimum-onnx {versions['optimum-onnx']} cannot be imported here "
-                           f"({str(e).splitlines()[0]}); it needs {', '.join(wanted) or 'another transformers'}, "
-                           f"this environment has transformers {versions.get('transformers', 'none')}: "
-                           f"{EXTRA} installs a matching set") from None
+                           f"({str(e).splitlines()[0]}; {have}): {EXTRA} installs a matching set") from None
     return main_export
 
 

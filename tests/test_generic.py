@@ -210,17 +210,17 @@ def test_limits_are_errors_at_run_time(gpt2):
 def test_missing_optimum_names_the_extra(gpt2, monkeypatch, tmp_path):
     import importlib.metadata
 
+    real = importlib.metadata.version
+
+    def version(name):
+        if name == "optimum-onnx":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
     monkeypatch.setitem(sys.modules, "optimum.exporters.onnx", None)  # import fails
+    monkeypatch.setattr(importlib.metadata, "version", version)
     with pytest.raises(PackageError, match=r"no family module for 'gpt2'.*not installed: pip install "
                                            r"\"edge-run\[export\]\"") as info:
-        real = importlib.metadata.version
-
-        def version(name):
-            if name == "optimum-onnx":
-                raise importlib.metadata.PackageNotFoundError(name)
-            return real(name)
-
-        monkeypatch.setattr(importlib.metadata, "version", version)
         export(gpt2[0], tmp_path / "out")
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
 
@@ -230,6 +230,17 @@ def test_optimum_that_cannot_import_names_the_versions(gpt2, monkeypatch, tmp_pa
     with pytest.raises(PackageError, match=r"optimum-onnx \S+ cannot be imported here.*transformers") as info:
         export(gpt2[0], tmp_path / "out")
     assert 'pip install "edge-run[export]"' in str(info.value)
+
+
+def test_a_transformers_optimum_does_not_support_names_both_versions(gpt2, monkeypatch, tmp_path):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "5.24.0" if name == "transformers" else real(name))
+    with pytest.raises(PackageError, match=r"which needs transformers\S*<4\.58.* has transformers 5\.24\.0: "
+                                           r"pip install \"edge-run\[export\]\"") as info:
+        export(gpt2[0], tmp_path / "out")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
 
 
 def test_info_states_the_limits(gpt2, capsys):
