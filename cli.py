@@ -445,6 +445,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"exit after layer {entry['layer']}: top-1 agreement with the full model "
               f"{entry['top1_agreement']:.1%} on {entry['calibration_tokens']} held-out tokens", file=sys.stderr)
     parts = [f"{len(manifest.stages)} stage graph(s)"] if manifest.stages else []
+    if manifest.generic is not None:
+        parts = [f"one generic graph made by {manifest.generic['exporter']} (limits: edge-run info {args.output})"]
     parts += [f"{manifest.gguf} ({args.quant or args.dtype})"] if manifest.gguf else []
     if manifest.ort_models:
         parts.append(f"ORT-format models and {manifest.required_operators} for {manifest.device}")
@@ -500,6 +502,13 @@ def cmd_info(args: argparse.Namespace) -> None:
                    f"sha256 {str(manifest.source.get('sha256'))[:16]}..."),
         ("tool version", manifest.tool_version),
     ]
+    if manifest.generic is not None:
+        from .runtime.generic_backend import LIMITS
+
+        generic = manifest.generic
+        rows.insert(5, ("graph", f"generic, made by {generic.get('exporter')} {generic.get('version')} "
+                                 f"({generic.get('task')}); runs plain, sampled, batched and lookup decoding"))
+        rows += [("not available" if k == 0 else "", limit) for k, limit in enumerate(LIMITS)]
     for key, value in rows:
         print(f"{key:14} {value}")
 

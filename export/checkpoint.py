@@ -265,6 +265,16 @@ def _load_hf(folder: Path) -> Checkpoint:
         return family.from_hf_tensor(canonical, w, spec) if family.from_hf_tensor else w
 
     weights = _collect(family, spec, tensors, family.hf_names, convert)
+    return Checkpoint(spec=spec, weights=weights, **hf_metadata(folder, config, family, dtypes))
+
+
+def hf_metadata(folder: Path, config: dict[str, Any], family: Family | None, dtypes: list[str]) -> dict[str, Any]:
+    """A Hugging Face folder's Checkpoint fields besides spec and weights: tokenizer, chat template,
+    BOS/EOS ids, and the source record (path, sha256 of the safetensors files, their `dtypes`).
+
+    Raises:
+        PackageError: tokenizer.json or tokenizer_config.json is malformed.
+    """
     tok_config = _read_json(folder / "tokenizer_config.json")
     try:
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -285,9 +295,7 @@ def _load_hf(folder: Path) -> Checkpoint:
     sha = hashlib.sha256()
     for file in sorted(folder.glob("*.safetensors")):
         sha.update(sha256_file(file).encode())
-    return Checkpoint(
-        spec=spec,
-        weights=weights,
+    return dict(
         tokenizer=tokenizer,
         chat_template=_template_or_standard(template, family, folder),
         bos_token_id=bos[0] if bos else None,

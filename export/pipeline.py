@@ -22,6 +22,7 @@ from ..quant.recipe import Recipe
 from ..runtime.manifest import MANIFEST_NAME, Manifest, PackageError, strict_from_dict
 from ..runtime.memory import parse_size
 from .checkpoint import Checkpoint, load_checkpoint
+from .generic import export_generic, generic_architecture
 from .gguf_writer import GGUF_DTYPES
 from .package import FORMATS, write_package
 from .quantize import quantize_for_gguf, quantize_for_onnx, resolve_quant
@@ -225,6 +226,9 @@ def export(source: str | Path | Checkpoint, out: str | Path, options: ExportOpti
     Returns:
         The manifest written. Its `kept_layers` and `exits` (with each exit's `top1_agreement`
         on held-out tokens) describe what pruning and exit fitting did.
+    A Hugging Face folder of an architecture without a family module exports through optimum's
+    ONNX exporter instead (`export.generic`: the `export` extra; fewer options apply).
+
     Raises:
         PackageError: the output folder is taken, or the checkpoint cannot be read or written.
         ValueError: a setting that does not fit this checkpoint (stage boundaries, layers out of
@@ -232,6 +236,8 @@ def export(source: str | Path | Checkpoint, out: str | Path, options: ExportOpti
     """
     options = options or ExportOptions()
     check_output(out, options.force)  # before a possibly large checkpoint is read
+    if not isinstance(source, Checkpoint) and generic_architecture(source) is not None:
+        return export_generic(source, out, options, progress)  # no family module: through optimum
     ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source)
     if "onnx" in options.formats and options.kv_dtype != ckpt.spec.kv_dtype:
         ckpt = dataclasses.replace(ckpt, spec=dataclasses.replace(ckpt.spec, kv_dtype=options.kv_dtype))

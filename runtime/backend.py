@@ -89,6 +89,9 @@ def require_staged(backend: Backend, feature: str) -> StagedBackend:
     Raises:
         ValueError: it runs the whole model in one call; names the backend and the fix.
     """
+    reason = getattr(backend, "unstaged_reason", None)
+    if not backend.staged and reason:
+        raise ValueError(f"{feature} is not available for this package: {reason}")
     if not backend.staged:
         raise ValueError(f"{feature} needs the onnx backend and a package exported with --exit-layers; the "
                          f"{backend.name} backend ({backend.library}) runs the whole model in one call: "
@@ -99,8 +102,9 @@ def require_staged(backend: Backend, feature: str) -> StagedBackend:
 BackendFactory = Callable[[Path, Manifest, str, "int | None"], Backend]
 _BACKENDS: dict[str, BackendFactory] = {}
 # backends edge-run ships, imported on first use (so onnx users never load llama.cpp and back)
-_MODULES = {"onnx": "edgerun.runtime.onnx_backend", "llamacpp": "edgerun.runtime.llamacpp_backend"}
-BACKEND_NAMES = ("auto", *_MODULES)
+_MODULES = {"onnx": "edgerun.runtime.onnx_backend", "llamacpp": "edgerun.runtime.llamacpp_backend",
+            "onnx-generic": "edgerun.runtime.generic_backend"}
+BACKEND_NAMES = ("auto", "onnx", "llamacpp")
 
 
 def register_backend(name: str, factory: BackendFactory) -> None:
@@ -192,14 +196,16 @@ def open_backend(name: str, package_dir: Path, manifest: Manifest, device: str,
     """
     if name == "auto":
         name = manifest.backends[0]
-    if name not in _BACKENDS and name in _MODULES:
-        importlib.import_module(_MODULES[name])  # registers itself
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of: auto, "
-                         f"{', '.join(dict.fromkeys([*_MODULES, *_BACKENDS]))}")
+    if name not in BACKEND_NAMES and name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of: "
+                         f"{', '.join(dict.fromkeys([*BACKEND_NAMES, *_BACKENDS]))}")
     if name not in manifest.backends:
         raise PackageError(f"package {package_dir} has nothing for the {name} backend (it has: "
                            f"{', '.join(manifest.backends)}); export it with the matching --format")
+    if name == "onnx" and manifest.generic is not None:
+        name = "onnx-generic"  # the package's graph came from a generic exporter (optimum)
+    if name not in _BACKENDS and name in _MODULES:
+        importlib.import_module(_MODULES[name])  # registers itself
     if kv_cache not in KV_CACHE_TYPES:
         raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache!r}")
     if speculative and getattr(_BACKENDS[name], "invariant_at_load", False):

@@ -1,4 +1,6 @@
-"""KV cache: one buffer per layer, updated in place by the graph, grown on demand.
+"""KV caches: one buffer per layer, updated in place by the graph, grown on demand (`KVCache`,
+for edge-run's own graphs); and the slots of a graph that concatenates past and present
+(`SlotKVCache`, for generic exported graphs).
 
 Per-sequence offsets say how many positions are valid; rolling back after rejected draft
 tokens only moves an offset, the next step overwrites the stale rows. The buffers start small and
@@ -168,3 +170,126 @@ class KVCacheRow(_Offsets):
     def reserve(self, positions: int) -> None:
         self.parent.reserve(positions)
 
+
+
+class SlotKVCache(_Offsets):
+    """KV cache of a graph that returns its past and the new keys/values concatenated (`present`),
+    as optimum's exported decoders do: the present of one step is the past of the next, unchanged.
+
+    Every step appends one slot per new token to all rows (a row with fewer new tokens gets padding
+    slots), so a row's positions can lie anywhere in the slot axis: `slot_positions[b, t]` is the
+    position slot t holds for row b, or -1 for padding and rolled-back slots, and the graph's
+    attention mask hides those. Rollback marks slots free (no key/value is copied); when free slots
+    pile up (`SLACK`), or the next step would pass max_len + 1 slots, the valid slots are packed to
+    the front (one copy of the cache). Positions are passed to the graph explicitly, so the holes do
+    not shift them.
+    """
+
+    SLACK = 64  # free slots tolerated before packing
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, batch: int, max_len: int,
+                 dtype: str = "float32"):
+        self.batch, self.max_len = batch, max_len
+        self._num_layers, self._row_shape, self._dtype = num_layers, (kv_heads, head_dim), np.dtype(dtype)
+        self.lengths = np.zeros(batch, dtype=np.int32)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every sequence and drop the buffers."""
+        self.lengths[:] = 0
+        self.arrays = [self._empty(self.batch, 0)] * (2 * self._num_layers)  # keys, values per layer
+        self.slot_positions = np.full((self.batch, 0), -1, dtype=np.int32)
+
+    def _empty(self, batch: int, slots: int) -> np.ndarray:
+        return np.zeros((batch, self._row_shape[0], slots, self._row_shape[1]), self._dtype)
+
+    @property
+    def slots(self) -> int:
+        """Slots held now (valid, padding and rolled back)."""
+        return self.slot_positions.shape[1]
+
+    def rollback(self, lengths: np.ndarray) -> None:
+        """Forget every position at or past `lengths[b]`: their slots are marked free."""
+        super().rollback(lengths)
+        self.slot_positions[self.slot_positions >= self.lengths[:, None]] = -1
+
+    def step_inputs(self, counts: np.ndarray, seq: int) -> tuple[np.ndarray, np.ndarray]:
+        """Position ids [B, seq] and attention mask [B, slots + seq] (int64) of a step that appends
+        `seq` tokens per row, `counts[b]` of them real (right-padded).
+
+        A padding token takes its row's last real position and may see every slot before it (so its
+        softmax is never empty); real tokens never see it, being earlier in causal order.
+
+        Raises:
+            ValueError: a row would pass max_len positions.
+        """
+        counts = np.asarray(counts, dtype=np.int64)
+        longest = int((self.lengths + counts).max())
+        if longest > self.max_len + 1:
+            raise ValueError(f"sequence of {longest} tokens exceeds the cache ({self.max_len}); raise max_context")
+        if self.slots - int(self.lengths.max()) >= self.SLACK or self.slots + seq > self.max_len + 1 + self.SLACK:
+            self.pack()
+        offsets = np.minimum(np.arange(seq)[None, :], np.maximum(counts - 1, 0)[:, None])
+        positions = np.minimum(self.lengths[:, None] + offsets, max(self.max_len - 1, 0)).astype(np.int64)
+        mask = np.concatenate([self.slot_positions >= 0, np.ones((self.batch, seq), bool)], axis=1)
+        return positions, mask.astype(np.int64)
+
+    def append(self, presents: list[np.ndarray], counts: np.ndarray) -> None:
+        """Take a step's presents (keys, values per layer: [B, heads, slots + seq, head_dim]) as the
+        cache and mark the first `counts[b]` new slots of row b valid."""
+        seq = presents[0].shape[2] - self.slots
+        new = np.arange(seq, dtype=np.int32)[None, :]
+        positions = np.where(new < np.asarray(counts)[:, None], self.lengths[:, None] + new, -1).astype(np.int32)
+        self.arrays = list(presents)
+        self.slot_positions = np.concatenate([self.slot_positions, positions], axis=1)
+        self.advance(np.asarray(counts))
+
+    def pack(self) -> None:
+        """Move every row's valid slots to the front, in position order, and drop the rest."""
+        keep = int(self.lengths.max())
+        order = np.argsort(np.where(self.slot_positions >= 0, self.slot_positions, np.iinfo(np.int32).max),
+                           axis=1, kind="stable")[:, :keep]
+        positions = np.take_along_axis(self.slot_positions, order, axis=1)
+        index = order[:, None, :, None]
+        self.arrays = [np.take_along_axis(a, index, axis=2) for a in self.arrays]
+        self.slot_positions = positions
+
+    def _rows(self, row: int, n: int) -> np.ndarray:
+        """Slots of `row` holding positions 0..n-1, in position order."""
+        slots = np.flatnonzero((self.slot_positions[row] >= 0) & (self.slot_positions[row] < n))
+        return slots[np.argsort(self.slot_positions[row, slots])]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now (keys and values of every layer, every slot)."""
+        return sum(a.nbytes for a in self.arrays)
+
+    def bytes_per_position(self) -> int:
+        """KV bytes one position of one row takes (all layers, keys and values)."""
+        return 2 * self._num_layers * self._row_shape[0] * self._row_shape[1] * self._dtype.itemsize
+
+    def free(self) -> np.ndarray:
+        """Positions still free per row."""
+        return self.max_len - self.lengths
+
+    def save_row(self, row: int, n: int) -> list[np.ndarray]:
+        """A copy of positions 0..n-1 of `row` (per layer and side: [heads, n, head_dim])."""
+        slots = self._rows(row, n)
+        return [a[row][:, slots] for a in self.arrays]  # fancy indexing copies
+
+    def load_row(self, saved: list[np.ndarray], dst: int, n: int) -> None:
+        """Make the first n positions of a `save_row` copy row dst's contents (in n new slots)."""
+        self.slot_positions[dst] = -1
+        self.lengths[dst] = n
+        if n == 0:
+            return
+        self.arrays = [np.concatenate([a, self._empty(self.batch, n)], axis=2) for a in self.arrays]
+        for a, s in zip(self.arrays, saved):
+            a[dst, :, -n:] = s[:, :n]
+        positions = np.full((self.batch, n), -1, dtype=np.int32)
+        positions[dst] = np.arange(n)
+        self.slot_positions = np.concatenate([self.slot_positions, positions], axis=1)
+
+    def copy_row(self, src: int, dst: int, n: int) -> None:
+        """Copy the first n positions of row src into row dst and make them dst's contents."""
+        self.load_row(self.save_row(src, n), dst, n)

@@ -362,6 +362,10 @@ class Manifest:
     # reduced onnxruntime build needs for them
     ort_models: tuple[str, ...] = ()
     required_operators: str | None = None
+    # set when the one stage graph was made by a generic exporter rather than edge-run's builder
+    # (an architecture without a family module): {"exporter": "optimum-onnx", "version", "task",
+    # ...}; the onnx backend then runs it as such a graph (runtime/generic_backend.py)
+    generic: dict[str, Any] | None = None
 
     LIMITS: ClassVar[dict[str, tuple]] = {"bos_token_id": (0, (1 << 22) - 1)}
 
@@ -418,6 +422,11 @@ class Manifest:
                  f"null or a device profile with onnxruntime graphs ({', '.join(export_devices())})", self.device)
         _require(not self.ort_models or len(self.ort_models) == len(self.stages), source, "ort_models",
                  f"one ORT-format file per stage ({len(self.stages)})", list(self.ort_models))
+        if self.generic is not None:
+            _require(len(self.stages) == 1 and isinstance(self.generic.get("exporter"), str), source, "generic",
+                     "an object naming its exporter, in a package of one stage graph", self.generic)
+            _require(not self.exits and not self.ort_models, source, "generic",
+                     "absent in a package with exits or ORT-format models", self.generic)
 
     def _check_exit(self, entry: Any, name: str, source: str) -> None:
         _require(isinstance(entry, dict) and set(_EXIT_KEYS) <= set(entry), source, name,

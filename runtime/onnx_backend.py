@@ -19,9 +19,10 @@ from .memory import release_mapped_pages
 log = logging.getLogger(__name__)
 
 
-def stage_graph(package_dir: Path, k: int, stage: Stage, spec: ModelSpec) -> Path:
+def stage_graph(package_dir: Path, k: int, stage: Stage, spec: ModelSpec, check_io=None) -> Path:
     """Stage `k`'s graph file, checked before onnxruntime opens it: it and every external data file
-    it names lie inside the package, and its inputs and outputs fit the manifest.
+    it names lie inside the package, and its inputs and outputs fit the manifest (`check_io(path,
+    graph, stage, spec)`, default: those of edge-run's own graphs).
 
     Raises:
         PackageError: the graph is missing or unreadable, leads outside the package, or does not
@@ -50,7 +51,7 @@ def stage_graph(package_dir: Path, k: int, stage: Stage, spec: ModelSpec) -> Pat
                 if entry.key == "location":  # relative to the graph's folder
                     package_file(package_dir, str(Path(name).parent / entry.value),
                                  f"{name}'s external data of {tensor.name!r}")
-    _check_io(path, model.graph, stage, spec)
+    (check_io or _check_io)(path, model.graph, stage, spec)
     return path
 
 
