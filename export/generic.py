@@ -113,7 +113,7 @@ def check_generic_options(options, architecture: str) -> None:
                (bool(options.exit_layers or options.stage_boundaries or options.separate_head),
                 "--exit-layers / --stage-boundaries", "the graph is one piece"),
                ("gguf" in options.formats, "--format gguf", "no family module maps its tensors to llama.cpp's"),
-               (options.kv_cache != "f32", "--kv-cache f16", "the graph keeps its KV cache in float32"),
+               (options.kv_cache == "f16", "--kv-cache f16", "the graph keeps its KV cache in float32"),
                (options.device != "cpu", f"--device {options.device}", "only the CPU variant exists"),
                (options.max_memory is not None, "--max-memory", "edge-run cannot size a graph it did not build")]
     for bad, flag, reason in refused:
