@@ -321,7 +321,20 @@ def start_engines(specs: list[EngineSpec], threads: int, max_context: int, logs:
 
 
 def measure(runs: list[EngineRun], cases: list[Case], repeats: int, threads: int, say: Callable[[str], None]) -> None:
-    """One warm-up of every case, then `repeats` interleaved rounds; fills run.records."""
+    """One warm-up of every case, then `repeats` interleaved rounds; fills run.records.
+
+    Batch-1 cases (warm-up and rounds) all run before any batched case, so a worker's batch-1
+    peak RSS is that of a process that has only decoded at batch 1: memory an engine keeps after
+    a batch (allocator arenas, caches sized for the batch) is not charged to its batch-1 figure.
+    """
+    single = [case for case in cases if case.batch == 1]
+    for group in (single, [case for case in cases if case.batch > 1]):
+        if group:
+            _measure_cases(runs, group, repeats, threads, say)
+
+
+def _measure_cases(runs: list[EngineRun], cases: list[Case], repeats: int, threads: int,
+                   say: Callable[[str], None]) -> None:
     for repeat in range(-1, repeats):  # -1: warm-up, excluded
         shift = max(repeat, 0) % max(len(runs), 1)
         order = runs[shift:] + runs[:shift]  # rotate who goes first

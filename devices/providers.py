@@ -129,6 +129,10 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
     opts.intra_op_num_threads = threads or physical_cores()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # no CPU arena: it keeps the high-water mark of every shape it served (a batch of 8, a long
+    # prompt) for the session's life; freed buffers go back to the allocator instead (README:
+    # design notes, runtime)
+    opts.enable_cpu_mem_arena = False
     if not spinning:
         # with several stage sessions, a finished session's spinning workers starve the next one
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
