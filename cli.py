@@ -29,8 +29,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="memory the model may use (e.g. 400MB): weights + runtime + KV cache + activations; "
                         "picks the longest context (up to --max-context) and KV cache type that fit, or "
                         "refuses naming the smallest fit")
-    p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
-                   help="KV cache type on llama.cpp: f32 (default) or f16 (half the KV memory); an ONNX package "
+    p.add_argument("--kv-cache", choices=("f32", "f16", "q8_0"), default="f32",
+                   help="KV cache type on llama.cpp: f32 (default), f16 (half the KV memory) or q8_0 (34/128 of "
+                        "it; turns on llama.cpp's flash attention, so not with --batch-invariant or exact "
+                        "speculation of quantized weights); an ONNX package "
                         "uses the type it was exported with (export --kv-cache)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="run every step with >= 2 tokens per sequence so that logits do not depend on the "

@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime
 
 from .. import data
+from ..runtime.backend import BACKEND_NAMES, KV_CACHE_TYPES
 from ..runtime.manifest import package_file
 from ..version import __version__
 from . import command, parser
@@ -100,8 +101,12 @@ def weight_bits(folder: Path, manifest) -> tuple[float, float]:
 
 
 def evaluate(packages: list[str], reference: str | None = None, windows: int = 40, window_tokens: int = 512,
-             threads: int | None = None, text_file: Path | None = None, progress: bool = False) -> dict[str, Any]:
+             threads: int | None = None, text_file: Path | None = None, progress: bool = False,
+             kv_cache: str = "f32", backend: str = "auto") -> dict[str, Any]:
     """Score `packages` (and the reference) on the protocol in the module docstring.
+
+    `kv_cache` and `backend` apply to `packages`, not to the reference: scoring a package with a
+    smaller KV cache type against itself with the default f32 cache measures what that type costs.
 
     Returns:
         {"protocol": ..., "reference": Result | None, "results": [Result, ...]} as plain dicts.
@@ -113,7 +118,9 @@ def evaluate(packages: list[str], reference: str | None = None, windows: int = 4
     from ..hub import load
 
     names = ([reference] if reference else []) + list(packages)
-    engines = [load(p, threads=threads, max_context=window_tokens + 1) for p in names]
+    engines = [load(p, threads=threads, max_context=window_tokens + 1,
+                    **({} if reference and k == 0 else {"kv_cache": kv_cache, "backend": backend}))
+               for k, p in enumerate(names)]
     text = Path(text_file).read_text() if text_file else data.wikitext("test")
     batch = np.asarray(perplexity_windows(engines[0].tokenizer, windows, window_tokens, text))
     probe = text[:2000]
@@ -149,7 +156,7 @@ def evaluate(packages: list[str], reference: str | None = None, windows: int = 4
     protocol = {"text": str(text_file) if text_file else "WikiText-2 test (edgerun.data)",
                 "windows": int(batch.shape[0]), "window_tokens": int(batch.shape[1]),
                 "tokens": int(batch.size), "scored_positions": scored, "special_tokens": False,
-                "kl": "KL(reference || package), nats per position"}
+                "kl": "KL(reference || package), nats per position", "kv_cache": kv_cache, "backend": backend}
     return {"protocol": protocol, "reference": asdict(results[0]) if reference else None,
             "results": [asdict(r) for r in (results[1:] if reference else results)]}
 
@@ -166,9 +173,11 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"| {r['package']} | {r['size_mb']:.1f} | {r['bits_per_weight']:.2f} / "
                      f"{r['linear_bits_per_weight']:.2f} | {r['perplexity']:.3f} | {delta} | {kl} | {top1} |")
     p = report["protocol"]
+    kv = p.get("kv_cache", "f32")
     lines.append(f"\nWikiText-2 test, first {p['tokens']} tokens as {p['windows']} independent "
                  f"{p['window_tokens']}-token "
-                 f"windows, {p['scored_positions']} positions scored; KL and top-1 against the reference.")
+                 f"windows, {p['scored_positions']} positions scored; KL and top-1 against the reference"
+                 + (f"; scored packages with a {kv} KV cache." if kv != "f32" else "."))
     return "\n".join(lines)
 
 
@@ -180,6 +189,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-tokens", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--text", type=Path, default=None, help="text file (default: WikiText-2 test)")
+    p.add_argument("--kv-cache", choices=KV_CACHE_TYPES, default="f32",
+                   help="KV cache type of the scored packages (not the reference's): f16 and q8_0 on llama.cpp")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="backend of the scored packages")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
@@ -189,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--windows must be >= 1 and --window-tokens >= 2, "
                          f"got {args.windows} and {args.window_tokens}")
     report = evaluate(args.packages, args.reference, args.windows, args.window_tokens, args.threads,
-                      args.text, progress=True)
+                      args.text, progress=True, kv_cache=args.kv_cache, backend=args.backend)
     print(format_table(report))
     if args.json:
         report["machine"] = {"processor": platform.processor() or platform.machine(),

@@ -111,7 +111,7 @@ def register_backend(name: str, factory: BackendFactory) -> None:
     _BACKENDS[name] = factory
 
 
-KV_CACHE_TYPES = ("f32", "f16")
+KV_CACHE_TYPES = ("f32", "f16", "q8_0")  # q8_0: llama.cpp only
 # the CPU kernels are not invariant to the number of new tokens in a step; with float weights the
 # difference stays at rounding level, with quantized ones it can flip near-ties (README, "Exactness")
 _FLOAT_TYPES = {"float32", "float16", "tied"}
@@ -185,7 +185,8 @@ def open_backend(name: str, package_dir: Path, manifest: Manifest, device: str,
                  speculative: bool = False) -> Backend:
     """Create backend `name` ("auto": the package's first) for a package.
 
-    `kv_cache` is the KV cache's element type: "f32", or "f16" (llama.cpp only; half the memory).
+    `kv_cache` is the KV cache's element type: "f32", or on llama.cpp "f16" (half the memory) or
+    "q8_0" (a little over a quarter; not batch-invariant).
     `batch_invariant`: logits independent of the step's shape (see InvariantSteps), so greedy
     speculative decoding and any batch size reproduce plain batch-1 greedy output exactly.
     `speculative`: the caller will verify drafts exactly; a backend that chooses its invariant

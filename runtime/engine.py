@@ -17,7 +17,7 @@ from .draft_policy import AdaptiveDraftLength, DraftPolicy
 from .drafters import Drafter
 from .early_exit import EarlyExitRunner, ExitGuard, ExitPoint, exit_points
 from .manifest import MANIFEST_NAME, PackageError, check_memory, read_manifest
-from .memory import MemoryFit, MemoryMeter, MemoryUse, fit_memory, weight_file_bytes
+from .memory import KV_ITEMSIZE, MemoryFit, MemoryMeter, MemoryUse, fit_memory, weight_file_bytes
 from .requests import RequestHandle, StreamResponse
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, scheduler_for
@@ -108,7 +108,9 @@ class Engine:
         backend: "onnx", "llamacpp" or "auto" (the package's first).
         threads: intra-op threads (default: physical cores).
         max_context: KV cache length per sequence (default: min(model context, 2048)).
-        kv_cache: "f32" (default), or "f16" on llama.cpp for half the KV memory.
+        kv_cache: "f32" (default), or on llama.cpp "f16" for half the KV memory or "q8_0" for
+            34/128 of it (needs llama.cpp's flash attention, so not with batch-invariant steps or
+            exact speculative decoding of quantized weights).
         batch_invariant: compute every step with at least two tokens per sequence, so logits do
             not depend on the step's shape: any batch size, plain or speculative, then reproduces
             plain batch-1 greedy of such an engine token for token, on every backend and weight
@@ -134,6 +136,8 @@ class Engine:
         spec = self.manifest.model
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
             raise ValueError(f"max_context must be an integer >= 2, got {max_context!r}")
+        if kv_cache not in KV_ITEMSIZE:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_ITEMSIZE)}, got {kv_cache!r}")
         self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, spec.context_length)
         if spec.kv_dtype == "float16" and kv_cache == "f32" and backend != "llamacpp" \
                 and "onnx" in (self.manifest.backends or ("onnx",)):
@@ -145,7 +149,7 @@ class Engine:
             self.memory_fit = fit_memory(spec, max_memory, self._weight_bytes(backend_name), kv_types,
                                          max_context or spec.context_length)
             self.max_context, kv_cache = self.memory_fit.max_context, self.memory_fit.kv_cache
-        self._kv_itemsize = 2 if kv_cache == "f16" else 4
+        self._kv_itemsize = KV_ITEMSIZE[kv_cache]
         self.check_kv_memory(1)  # before any weights load
         self.tokenizer = read_tokenizer(self.package_dir, self.manifest.tokenizer, spec.vocab_size)
         self.backend = open_backend(backend, self.package_dir, self.manifest, device, threads, kv_cache,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import weakref
 from collections.abc import Iterator
@@ -32,7 +33,9 @@ _last_level = 0
 # kernels round a chunk of several new tokens differently from one token, enough for greedy
 # speculative output to leave plain greedy's, so only F32 keeps speculative decoding token-exact;
 # it costs some decode speed and twice the KV memory (README, "Design notes: runtime").
-_KV_TYPES = {"f32": (llc.GGML_TYPE_F32, 4), "f16": (llc.GGML_TYPE_F16, 2)}
+# q8_0 (int8 with an fp16 scale per 32 values) needs flash attention, llama.cpp's only attention
+# path that reads a quantized V cache; see _FLASH_ATTN for what that costs in invariance.
+_KV_TYPES = {"f32": (llc.GGML_TYPE_F32, 4), "f16": (llc.GGML_TYPE_F16, 2), "q8_0": (llc.GGML_TYPE_Q8_0, 34 / 32)}
 # Flash attention stays off: llama.cpp's CPU kernel picks one of three paths by shape (query rows
 # >= 64: tiled F32; one row over >= 512 cells: split-KV; else F16 accumulation), so a sequence's
 # logits would depend on what else shares its batch (enough to change greedy output) and on draft
@@ -165,7 +168,8 @@ class LlamaCppCache:
         params.n_ubatch = min(params.n_batch, params.n_ubatch)
         params.n_threads = params.n_threads_batch = backend.threads
         params.type_k = params.type_v = backend.kv_type
-        params.flash_attn_type = _FLASH_ATTN
+        params.flash_attn_type = (llc.LLAMA_FLASH_ATTN_TYPE_ENABLED if backend.kv_type == llc.GGML_TYPE_Q8_0
+                                  else _FLASH_ATTN)
         params.no_perf = True
         global _contexts_made
         _contexts_made = True
@@ -218,6 +222,11 @@ class LlamaCppBackend:
                  kv_cache: str = "f32", batch_invariant: bool = False):
         """`batch_invariant`: choose kernels that do not switch by the number of rows (no weight
         repacking, no tiled K-quant kernel); backend.InvariantSteps does the rest."""
+        if batch_invariant and kv_cache == "q8_0":
+            raise ValueError("a q8_0 KV cache needs llama.cpp's flash attention, whose CPU kernel changes with the "
+                             "step's shape, so it cannot give batch-invariant steps (--batch-invariant, or exact "
+                             "speculative decoding of quantized weights); use --kv-cache f16 or f32, or "
+                             "--inexact-speculation")
         self.manifest = manifest
         self.path = _gguf_path(package_dir, manifest)
         self.weight_bytes = self.path.stat().st_size
@@ -236,7 +245,7 @@ class LlamaCppBackend:
             raise PackageError(f"{self.path} has {self.vocab_size} tokens but the manifest says "
                                f"{manifest.model.vocab_size}; re-export the package")
         self.kv_type, itemsize = _KV_TYPES[kv_cache]
-        self.kv_bytes_per_token = manifest.model.kv_bytes_per_token(itemsize)
+        self.kv_bytes_per_token = math.ceil(manifest.model.kv_bytes_per_token(itemsize))
         log.info("llama.cpp loaded %s (%d threads, %s KV cache, gpu offload: %s)",
                  self.path, self.threads, kv_cache.upper(), gpu)
 

@@ -121,7 +121,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "k": 10**3, "mb": 10**6, "m": 10**6, "gb":
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 # context lengths a budget chooses between (capped by the model's and the caller's maximum)
 CONTEXT_STEPS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-KV_ITEMSIZE = {"f32": 4, "f16": 2}
+KV_ITEMSIZE = {"f32": 4, "f16": 2, "q8_0": 34 / 32}  # q8_0: 32 int8 + an fp16 scale per block
 
 
 def parse_size(text: str | int) -> int:

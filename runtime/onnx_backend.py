@@ -96,8 +96,9 @@ class OnnxBackend:
         one row and several, which backend.InvariantSteps covers."""
         packaged = "f16" if manifest.model.kv_dtype == "float16" else "f32"
         if kv_cache not in ("f32", packaged):  # the default (f32) means: the package's own
+            fix = f"export with --kv-cache {kv_cache}" if kv_cache == "f16" else "ONNX packages have f32 or f16"
             raise ValueError(f"this ONNX package's KV cache is {packaged} (its graphs' attention type), not "
-                             f"{kv_cache}; export with --kv-cache {kv_cache}, or use --backend llamacpp")
+                             f"{kv_cache}; {fix}, or use --backend llamacpp")
         self.manifest, self.device = manifest, resolve_device(device)
         fallback = check_package_device(manifest.device, self.device.name)
         if fallback:

@@ -362,5 +362,22 @@ def test_kv_cache_type_choice(tiny_both):
                                atol=5e-2, rtol=0)
     with pytest.raises(ValueError, match="ONNX package's KV cache is f32.*export with --kv-cache f16"):
         edgerun.Engine(tiny_both, backend="onnx", kv_cache="f16")
-    with pytest.raises(ValueError, match="kv_cache must be one of f32, f16"):
+    with pytest.raises(ValueError, match="kv_cache must be one of f32, f16, q8_0"):
         edgerun.Engine(tiny_both, backend="llamacpp", kv_cache="q8")
+
+
+@pytest.mark.slow
+def test_q8_0_kv_cache_on_llamacpp(smollm2_llama, smollm2_package, chat_prompts):
+    """q8_0 K/V (llama.cpp's flash attention) holds 34/128 of the f32 cache's bytes, decodes close to
+    it, and is refused where batch-invariant steps are needed; ONNX packages do not have it."""
+    q8 = edgerun.Engine(smollm2_package, backend="llamacpp", max_context=256, kv_cache="q8_0")
+    assert q8.backend.kv_bytes_per_token * 128 == smollm2_llama.backend.kv_bytes_per_token * 34
+    tokens = chat_prompts[0]
+    full, quant = smollm2_llama.logits(tokens), q8.logits(tokens)
+    assert (full.argmax(-1) == quant.argmax(-1)).mean() > 0.9
+    greedy = [r.token for r in q8.generate(tokens, max_new_tokens=16)]
+    assert greedy[:4] == [r.token for r in smollm2_llama.generate(tokens, max_new_tokens=4)]
+    with pytest.raises(ValueError, match="q8_0 KV cache needs llama.cpp's flash attention.*--kv-cache f16 or f32"):
+        edgerun.Engine(smollm2_package, backend="llamacpp", kv_cache="q8_0", batch_invariant=True)
+    with pytest.raises(ValueError, match="ONNX packages have f32 or f16"):
+        edgerun.Engine(smollm2_package, backend="onnx", kv_cache="q8_0")
