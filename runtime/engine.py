@@ -145,7 +145,8 @@ class Engine:
         self.memory_fit: MemoryFit | None = None  # what max_memory chose
         if max_memory is not None:
             backend_name = backend if backend != "auto" else (self.manifest.backends or ("onnx",))[0]
-            kv_types = (kv_cache,) if kv_cache != "f32" or backend_name != "llamacpp" else ("f32", "f16")
+            kv_types = (kv_cache,) if kv_cache != "f32" or backend_name != "llamacpp" else (
+                ("f32", "f16") if batch_invariant or speculative else ("f32", "f16", "q8_0"))  # q8_0: not invariant
             self.memory_fit = fit_memory(spec, max_memory, self._weight_bytes(backend_name), kv_types,
                                          max_context or spec.context_length)
             self.max_context, kv_cache = self.memory_fit.max_context, self.memory_fit.kv_cache

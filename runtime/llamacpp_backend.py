@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
 import weakref
 from collections.abc import Iterator
@@ -245,7 +244,7 @@ class LlamaCppBackend:
             raise PackageError(f"{self.path} has {self.vocab_size} tokens but the manifest says "
                                f"{manifest.model.vocab_size}; re-export the package")
         self.kv_type, itemsize = _KV_TYPES[kv_cache]
-        self.kv_bytes_per_token = math.ceil(manifest.model.kv_bytes_per_token(itemsize))
+        self.kv_bytes_per_token = manifest.model.kv_bytes_per_token(itemsize)
         log.info("llama.cpp loaded %s (%d threads, %s KV cache, gpu offload: %s)",
                  self.path, self.threads, kv_cache.upper(), gpu)
 

@@ -277,9 +277,10 @@ class ModelSpec:
         """Bytes of one KV cache element of an ONNX package."""
         return 2 if self.kv_dtype == "float16" else 4
 
-    def kv_bytes_per_token(self, itemsize: int = 4) -> int:
-        """Bytes of K+V cache one token occupies across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+    def kv_bytes_per_token(self, itemsize: float = 4) -> int:
+        """Bytes of K+V cache one token occupies across all layers (`itemsize` may be fractional:
+        a block-quantized cache type's bytes per value)."""
+        return math.ceil(2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize)
 
     def kv_bytes(self, batch: int, positions: int, itemsize: int = 4) -> int:
         """Bytes of a KV cache of `batch` rows of `positions` each."""

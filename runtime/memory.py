@@ -163,7 +163,7 @@ class MemoryFit:
 
     Attributes:
         max_context: KV cache positions per sequence.
-        kv_cache: "f32" or "f16".
+        kv_cache: "f32", "f16" or "q8_0" (llama.cpp).
         loaded: weights plus what loading adds (measured after load; the weights' size before).
         kv_bytes: the KV cache at `max_context`.
         activation_bytes: see `activation_bytes`.

@@ -270,7 +270,13 @@ def test_fit_memory_picks_the_longest_context_and_kv_type_that_fit():
     # an f16 KV cache (llama.cpp) is taken when it fits a longer context than f32 does
     f16 = memory_need(spec, loaded, 2048, "f16")
     assert memory_need(spec, loaded, 2048, "f32").total > f16.total
-    assert (fit_memory(spec, f16.total, loaded, ("f32", "f16")).max_context, "f16") == (2048, "f16")
+    fit = fit_memory(spec, f16.total, loaded, ("f32", "f16"))
+    assert (fit.max_context, fit.kv_cache) == (2048, "f16")
+    # and q8_0 (34 bytes per 32 values) where neither does
+    q8 = memory_need(spec, loaded, 2048, "q8_0")
+    assert q8.kv_bytes == spec.kv_bytes(1, 2049, 34 / 32) < f16.kv_bytes
+    fit = fit_memory(spec, q8.total, loaded, ("f32", "f16", "q8_0"))
+    assert (fit.max_context, fit.kv_cache) == (2048, "q8_0")
     assert fit_memory(spec, 10**12, loaded, max_context=300).max_context == 300  # the caller's cap
     smallest = memory_need(spec, loaded, 128)
     with pytest.raises(ValueError, match=rf"nothing fits --max-memory 100 MB: the smallest fit needs "
