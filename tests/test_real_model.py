@@ -119,3 +119,18 @@ def test_memory_report_on_the_real_model(smollm2_engine, chat_prompts):
     assert use.weights == sum(f.stat().st_size for f in smollm2_engine.package_dir.glob("stage*.onnx*"))
     assert use.weights + use.kv_cache + use.runtime + use.activations + use.process == use.rss
     assert abs(use.rss - process_rss()) <= 0.1 * use.rss
+
+
+def test_f16_kv_cache_greedy_equals_f32_on_mt_bench(smollm2_gguf, chat_prompts, hf_greedy, tmp_path_factory):
+    """The fp32 package exported with an f16 KV cache (`export --kv-cache f16`) decodes the MT-Bench
+    prompts exactly as transformers' f32 greedy does (the f32-KV package's reference here)."""
+    import edgerun
+    from edgerun.export.pipeline import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("pkg") / "smollm2-f16kv"
+    export(smollm2_gguf, out, ExportOptions(formats=("onnx",), kv_cache="f16"))
+    engine = edgerun.Engine(out, max_context=512)
+    assert engine.manifest.model.kv_dtype == "float16"
+    for tokens, expected in zip(chat_prompts, hf_greedy):
+        ours = [r.token for r in engine.generate(tokens, max_new_tokens=NEW_TOKENS)]
+        assert ours == expected[:len(ours)] and (len(ours) == NEW_TOKENS or ours[-1] == 2)
