@@ -148,3 +148,18 @@ def tiny_fp32(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pkg") / "tiny-serve-fp32"
     export(folder, out, ExportOptions(formats=("onnx", "gguf")))  # backend auto: onnx; F32 GGUF for llama.cpp
     return out
+
+
+def count_kv_copies(backend) -> list[int]:
+    """Record the onnx backend's host<->device KV copies (`step_kv_copies`) of every forward call
+    from now on: the returned list grows by one entry per call."""
+    steps: list[int] = []
+    forward = backend.forward
+
+    def counted(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        steps.append(backend.step_kv_copies)
+        return out
+
+    backend.forward = counted
+    return steps

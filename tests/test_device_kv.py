@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, count_kv_copies
 
 import edgerun
 from edgerun.devices.profiles import get_profile, load_profiles
@@ -38,20 +38,6 @@ def _resident(monkeypatch, package, **kwargs) -> edgerun.Engine:
     """An engine on the cpu profile with its KV cache on the 'device' (CPU OrtValues)."""
     monkeypatch.setitem(load_profiles(), "cpu", dataclasses.replace(get_profile("cpu"), kv_cache="device"))
     return edgerun.Engine(package, max_context=96, threads=1, **kwargs)
-
-
-def _counting(backend) -> list[int]:
-    """Record the backend's KV copies of every forward call."""
-    steps: list[int] = []
-    forward = backend.forward
-
-    def counted(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        steps.append(backend.step_kv_copies)
-        return out
-
-    backend.forward = counted
-    return steps
 
 
 def _tokens(engine, prompts, **options) -> list[list[int]]:
@@ -81,7 +67,7 @@ def test_greedy_output_equals_the_host_cache_with_no_kv_copies(tiny_f16, monkeyp
     host = edgerun.Engine(tiny_f16, max_context=96, threads=1)
     expected = _tokens(host, PROMPTS)
     engine = _resident(monkeypatch, tiny_f16)
-    steps = _counting(engine.backend)
+    steps = count_kv_copies(engine.backend)
     options = {"speculative": speculative, "draft_tokens": 3} if speculative else {}
     assert _tokens(engine, PROMPTS[:1], **options) == expected[:1]  # batch 1
     assert _tokens(engine, PROMPTS, **options) == expected  # batch 3, unequal lengths

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, count_kv_copies
 
 import edgerun
 from edgerun.devices.profiles import get_profile, load_profiles
@@ -80,20 +80,6 @@ def test_cuda_matches_cpu(tiny_both, backend):
 
 
 # -- the GPU-resident fp16 variant (export --device cuda) -------------------------------------------------
-def _counting(backend) -> list[int]:
-    """Record the backend's host<->device KV copies of every forward call."""
-    steps: list[int] = []
-    forward = backend.forward
-
-    def counted(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        steps.append(backend.step_kv_copies)
-        return out
-
-    backend.forward = counted
-    return steps
-
-
 @pytest.fixture(scope="module")
 def tiny_cuda(tmp_path_factory) -> Path:
     hf = build_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny", seed=5, initializer_range=0.2)
@@ -108,7 +94,7 @@ def test_gpu_resident_tiny_matches_cpu_with_no_kv_copies(tiny_cuda, monkeypatch)
     cpu = edgerun.Engine(tiny_cuda, max_context=64)  # the same fp16-attention package on the CPU provider
     gpu = edgerun.Engine(tiny_cuda, device="cuda", max_context=64)
     assert gpu.backend.kv_device == "cuda"
-    steps = _counting(gpu.backend)
+    steps = count_kv_copies(gpu.backend)
     np.testing.assert_allclose(gpu.logits(TOKENS), cpu.logits(TOKENS), atol=1e-2, rtol=0)
     expected = _greedy(cpu, PROMPTS)
     assert _greedy(gpu, PROMPTS) == expected
@@ -129,7 +115,7 @@ def test_gpu_resident_tiny_matches_cpu_with_no_kv_copies(tiny_cuda, monkeypatch)
     # the counter counts: the same package with its cache on the host moves it every step
     monkeypatch.setitem(load_profiles(), "cuda", dataclasses.replace(get_profile("cuda"), kv_cache="host"))
     host = edgerun.Engine(tiny_cuda, device="cuda", max_context=64)
-    host_steps = _counting(host.backend)
+    host_steps = count_kv_copies(host.backend)
     assert _greedy(host, PROMPTS[:1]) == expected[:1]
     assert min(host_steps) == 4 * host.manifest.model.num_layers
 
@@ -155,7 +141,7 @@ def test_gpu_resident_fp16_variant_matches_the_fp16_cpu_reference(smollm2_cuda, 
     want, got = cpu.logits(prompts[0]), gpu.logits(prompts[0])
     scale = float(np.abs(want).max())
     assert float(np.abs(got - want).max()) <= 1e-2 * scale, "logits beyond fp16 tolerance"
-    steps = _counting(gpu.backend)
+    steps = count_kv_copies(gpu.backend)
     decoded, seconds = 0, 0.0
     for k, prompt in enumerate(prompts):
         expected = [r.token for r in cpu.generate(prompt, max_new_tokens=64, ignore_eos=True)]
