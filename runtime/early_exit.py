@@ -77,7 +77,7 @@ def exit_points(package_dir: Path, manifest: Manifest, quality: float | None = N
         raise ValueError(f"early_exit is a top-1 agreement level in (0, 1], got {quality!r}")
     if not manifest.exits:
         raise PackageError(f"package {package_dir} has no early exits; export it with "
-                           f"--exit-layers K1,K2 --exit-adapters")
+                           f"--exit-layers K1,K2")
     starts = {s.first_layer: k for k, s in enumerate(manifest.stages)}
     points = []
     for entry in manifest.exits:

@@ -1,6 +1,13 @@
 """Early-exit decoding against plain decoding of the same package: speed and agreement.
 
     python bench/experiments/early_exit.py PACKAGE --quality 0.99 0.95 0.9 0.8 --new-tokens 64
+    python bench/experiments/early_exit.py PACKAGE --quality 0.95 --prompts heldout-qa --n 3 --rounds 2 --unguarded
+
+With --prompts heldout-qa the prompts are the held-out open-QA and chat prompts of
+bench/prompt_sets.py (--n of each), never used to fit exits or tune the guard; --rounds repeats
+every setting in interleaved rounds (times summed); --unguarded adds, per quality level, a row that
+tries the exits on every token at that level's lowest exit threshold (`exit_threshold`, no
+ExitGuard): what the guard saves.
 
 PACKAGE needs exits (`edge-run export MODEL --exit-layers 10,15,20,25 -o PACKAGE`). Each MT-Bench
 prompt (one per category) runs plain and at every quality level back to back; reported: speedup
@@ -64,13 +71,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quality", type=float, nargs="+", default=[0.99, 0.95, 0.9, 0.8])
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompts", choices=("mt_bench", "heldout-qa"), default="mt_bench",
+                   help="MT-Bench (one per category) or the held-out open-QA + chat prompts")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds over every prompt and setting")
+    p.add_argument("--unguarded", action="store_true",
+                   help="also run each quality's lowest exit threshold on every token, without the guard")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
     engine = load(args.package, max_context=2048)
+    if args.prompts == "heldout-qa":
+        from edgerun.bench.prompt_sets import prompt_set
+
+        texts = prompt_set("open_qa", "heldout", args.n) + prompt_set("chat", "heldout", args.n)
+    else:
+        texts = prompt_sets(args.n)["mt_bench"]
     prompts = [engine.encode(engine.apply_chat_template([{"role": "user", "content": t}]), add_special_tokens=False)
-               for t in prompt_sets(args.n)["mt_bench"]]
+               for t in texts]
     settings = [("plain", {})] + [(f"q={q}", {"early_exit": q}) for q in args.quality]
+    if args.unguarded:
+        from edgerun.runtime.early_exit import exit_points
+
+        settings += [(f"q={q} unguarded", {"exit_threshold": min(
+            p.threshold for p in exit_points(engine.package_dir, engine.manifest, q))}) for q in args.quality]
 
     def run(tokens, kw):
         start = time.perf_counter()
@@ -83,7 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     totals = {name: {"s": 0.0, "layers": [], "agree": []} for name, _ in settings}
     num_layers = engine.manifest.model.num_layers
     oracle = {1.0: [], min(args.quality): []}
-    for tokens in prompts:
+    for tokens in [t for _ in range(args.rounds) for t in prompts]:
         for name, kw in settings:
             out, seconds = run(tokens, kw)
             generated = slice(len(tokens) - 1, -1)
