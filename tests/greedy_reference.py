@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 NEAR_TIE = 1e-3  # logit gap under which two fp32 implementations may order the top two either way
 
 
@@ -17,13 +15,11 @@ class TeacherForced:
         checked: positions compared (one per generated token).
         flips: (position, gap) where the reference's top logit beats our token's by <= NEAR_TIE.
         mismatches: (position, gap) where it beats it by more: a real disagreement.
-        min_gap: the smallest top-1 / top-2 gap of the reference over the checked positions.
     """
 
     checked: int = 0
     flips: list[tuple[int, float]] = field(default_factory=list)
     mismatches: list[tuple[int, float]] = field(default_factory=list)
-    min_gap: float = float("inf")
 
 
 def teacher_forced(model, prompt: list[int], generated: list[int]) -> TeacherForced:
@@ -42,8 +38,6 @@ def teacher_forced(model, prompt: list[int], generated: list[int]) -> TeacherFor
     with torch.no_grad():
         logits = model(torch.tensor([prompt + generated[:-1]])).logits[0, len(prompt) - 1:].numpy()
     result = TeacherForced(checked=len(generated))
-    top2 = np.partition(logits, -2, axis=-1)[:, -2:]
-    result.min_gap = float((top2[:, 1] - top2[:, 0]).min())
     for position, (row, token) in enumerate(zip(logits, generated)):
         best = int(row.argmax())
         if best != token:
