@@ -1,13 +1,21 @@
 """Gemma 3 270M (Q4_K_M GGUF assembled from four PyPI parts): the gemma3 family on the real model.
-Our fp32 ONNX export against transformers loading the same GGUF, and against llama.cpp."""
+Our fp32 ONNX export against transformers loading the same GGUF, and against llama.cpp (on that GGUF
+and on our own F32 GGUF export of it)."""
 from __future__ import annotations
+
+import gc
+import warnings
 
 import numpy as np
 import pytest
+from greedy_reference import teacher_forced
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "Water boils at a temperature of", "def fibonacci(n):"]
 NEW_TOKENS = 16
+GREEDY_TOKENS = 64  # per MT-Bench prompt, checked against transformers
+BATCH_TOKENS = 32
+GGUF_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +26,57 @@ def gemma_gguf():
 
 
 @pytest.fixture(scope="module")
-def gemma_onnx(gemma_gguf, tmp_path_factory):
-    import edgerun
+def gemma_package(gemma_gguf, tmp_path_factory):
+    """fp32 ONNX graphs plus our writer's F32 GGUF of the same weights, in one package (this
+    checkpoint's attention scale is 1/sqrt(head_dim), which the GGUF writer needs)."""
     from edgerun.export.pipeline import ExportOptions, export
 
     out = tmp_path_factory.mktemp("pkg") / "gemma-fp32"
-    export(gemma_gguf, out, ExportOptions(formats=("onnx",)))
-    return edgerun.Engine(out, max_context=256)
+    export(gemma_gguf, out, ExportOptions(formats=("onnx", "gguf")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def gemma_onnx(gemma_package):
+    import edgerun
+
+    engine = edgerun.Engine(gemma_package, max_context=512)
+    assert engine.backend.name == "onnx"
+    return engine
+
+
+@pytest.fixture(scope="module")
+def mt_tokens(gemma_onnx, mt_bench_prompts) -> list[list[int]]:
+    """The 8 MT-Bench prompts (one per category) in Gemma's standard chat template."""
+    engine = gemma_onnx
+    return [engine.encode(engine.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
+            for p in mt_bench_prompts]
+
+
+@pytest.fixture(scope="module")
+def greedy(gemma_onnx, mt_tokens) -> list[list[int]]:
+    """Our package's batch-1 greedy tokens per MT-Bench prompt (past end of turn too)."""
+    return [[r.token for r in gemma_onnx.generate(t, max_new_tokens=GREEDY_TOKENS, ignore_eos=True)]
+            for t in mt_tokens]
+
+
+@pytest.fixture(scope="module")
+def reference(gemma_gguf, gemma_onnx, mt_tokens, greedy) -> dict:
+    """What the tests need from transformers on the same GGUF, computed once, the model released after."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.set_num_threads(2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gemma_gguf.parent), gguf_file=gemma_gguf.name, dtype=torch.float32).eval()
+    engine = gemma_onnx
+    tokens = engine.encode(engine.apply_chat_template([{"role": "user", "content": "Explain recursion."}]),
+                           add_special_tokens=False)
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].numpy()
+    forced = [teacher_forced(model, prompt, ours) for prompt, ours in zip(mt_tokens, greedy)]
+    del model
+    gc.collect()
+    return {"tokens": tokens, "logits": logits, "forced": forced}
 
 
 def test_spec_and_template_of_the_real_model(gemma_onnx):
@@ -37,20 +89,45 @@ def test_spec_and_template_of_the_real_model(gemma_onnx):
     assert gemma_onnx.tokenizer.token_to_id("<end_of_turn>") in gemma_onnx.eos_token_ids
 
 
-def test_logits_match_transformers_on_the_same_gguf(gemma_gguf, gemma_onnx):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.set_num_threads(2)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gemma_gguf.parent), gguf_file=gemma_gguf.name, dtype=torch.float32).eval()
-    engine = gemma_onnx
-    tokens = engine.encode(engine.apply_chat_template([{"role": "user", "content": "Explain recursion."}]),
-                           add_special_tokens=False)
-    with torch.no_grad():
-        ref = model(torch.tensor([tokens])).logits[0].numpy()
-    ours = engine.logits(tokens)
-    assert ours.shape == ref.shape == (len(tokens), 262144)
+def test_logits_match_transformers_on_the_same_gguf(gemma_onnx, reference):
+    ours = gemma_onnx.logits(reference["tokens"])
+    ref = reference["logits"]
+    assert ours.shape == ref.shape == (len(reference["tokens"]), 262144)
     assert np.abs(ours - ref).max() <= 2e-3
+
+
+def test_greedy_on_mt_bench_matches_transformers(mt_tokens, greedy, reference):
+    """64 greedy tokens on each of 8 chat-templated MT-Bench prompts: at every position transformers'
+    argmax, given the same prefix, is our next token. A flip where transformers' top logit beats our
+    token's by <= 1e-3 is a near-tie of two fp32 implementations: reported as a warning, not failed."""
+    assert len({len(t) for t in mt_tokens}) > 1
+    for i, forced in enumerate(reference["forced"]):
+        assert forced.checked == GREEDY_TOKENS == len(greedy[i])
+        assert not forced.mismatches, f"prompt {i}: (position, logit gap) {forced.mismatches}"
+    flips = {i: f.flips for i, f in enumerate(reference["forced"]) if f.flips}
+    if flips:
+        warnings.warn(f"near-tie flips (prompt: [(position, gap)]): {flips}", stacklevel=1)
+
+
+def test_batch4_of_unequal_lengths_equals_batch1(gemma_onnx, mt_tokens, greedy):
+    for start in (0, 4):
+        group = mt_tokens[start:start + 4]
+        assert len({len(t) for t in group}) > 1, "prompts must differ in length"
+        responses = list(gemma_onnx.generate(group, max_new_tokens=BATCH_TOKENS, ignore_eos=True))
+        for row in range(4):
+            assert [r.token for r in responses if r.index == row] == greedy[start + row][:BATCH_TOKENS], row
+
+
+def test_our_f32_gguf_on_llamacpp_equals_the_onnx_package(gemma_package, mt_tokens, greedy):
+    """Our writer's F32 GGUF of the same weights on llama.cpp (fp32 matmuls there too): greedy
+    identical to the fp32 ONNX package."""
+    import edgerun
+
+    cpp = edgerun.Engine(gemma_package, max_context=512, backend="llamacpp")
+    assert cpp.backend.name == "llamacpp"
+    for i in range(4):
+        theirs = [r.token for r in cpp.generate(mt_tokens[i], max_new_tokens=GGUF_TOKENS, ignore_eos=True)]
+        assert theirs == greedy[i][:GGUF_TOKENS], (i, cpp.decode(theirs), cpp.decode(greedy[i][:GGUF_TOKENS]))
 
 
 def test_greedy_agrees_with_llamacpp_on_the_same_gguf(gemma_gguf, gemma_onnx):

@@ -1,15 +1,23 @@
 """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF assembled from six PyPI parts): the qwen2 family on the
-real model. Our fp32 ONNX export against transformers loading the same GGUF, and against llama.cpp."""
+real model. Our fp32 ONNX export against transformers loading the same GGUF, and against llama.cpp
+(on that GGUF and on our own F32 GGUF export of it)."""
 from __future__ import annotations
+
+import gc
+import warnings
 
 import numpy as np
 import pytest
+from greedy_reference import teacher_forced
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
            "What does the SQL keyword JOIN do?",
            "Explain recursion in one sentence."]
 NEW_TOKENS = 16
+GREEDY_TOKENS = 64  # per MT-Bench prompt, checked against transformers
+BATCH_TOKENS = 32
+GGUF_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
@@ -20,20 +28,62 @@ def qwen_gguf():
 
 
 @pytest.fixture(scope="module")
-def qwen_onnx(qwen_gguf, tmp_path_factory):
-    import edgerun
+def qwen_package(qwen_gguf, tmp_path_factory):
+    """fp32 ONNX graphs plus our writer's F32 GGUF of the same weights, in one package."""
     from edgerun.export.pipeline import ExportOptions, export
 
     out = tmp_path_factory.mktemp("pkg") / "qwen-fp32"
-    export(qwen_gguf, out, ExportOptions(formats=("onnx",)))
-    return edgerun.Engine(out, max_context=256)
+    export(qwen_gguf, out, ExportOptions(formats=("onnx", "gguf")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen_onnx(qwen_package):
+    import edgerun
+
+    engine = edgerun.Engine(qwen_package, max_context=512)
+    assert engine.backend.name == "onnx"
+    return engine
+
+
+def _templated(engine, prompts: list[str]) -> list[list[int]]:
+    return [engine.encode(engine.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
+            for p in prompts]
 
 
 @pytest.fixture(scope="module")
 def chat_tokens(qwen_onnx) -> list[list[int]]:
-    engine = qwen_onnx
-    return [engine.encode(engine.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
-            for p in PROMPTS]
+    return _templated(qwen_onnx, PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def mt_tokens(qwen_onnx, mt_bench_prompts) -> list[list[int]]:
+    """The 8 MT-Bench prompts (one per category) in Qwen's chat template (its default system prompt)."""
+    return _templated(qwen_onnx, mt_bench_prompts)
+
+
+@pytest.fixture(scope="module")
+def greedy(qwen_onnx, mt_tokens) -> list[list[int]]:
+    """Our package's batch-1 greedy tokens per MT-Bench prompt (past end of turn too)."""
+    return [[r.token for r in qwen_onnx.generate(t, max_new_tokens=GREEDY_TOKENS, ignore_eos=True)]
+            for t in mt_tokens]
+
+
+@pytest.fixture(scope="module")
+def reference(qwen_gguf, chat_tokens, mt_tokens, greedy) -> dict:
+    """What the tests need from transformers on the same GGUF, computed once; the model (2 GB in
+    fp32) is released before the llama.cpp tests load theirs."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.set_num_threads(2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(qwen_gguf.parent), gguf_file=qwen_gguf.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([chat_tokens[0]])).logits[0].numpy()
+    forced = [teacher_forced(model, prompt, ours) for prompt, ours in zip(mt_tokens, greedy)]
+    del model
+    gc.collect()
+    return {"logits": logits, "forced": forced}
 
 
 def test_spec_of_the_real_model(qwen_onnx):
@@ -43,18 +93,45 @@ def test_spec_of_the_real_model(qwen_onnx):
     assert spec.attention_bias and spec.rope_theta == 1e6  # this GGUF stores an output.weight: untied
 
 
-def test_logits_match_transformers_on_the_same_gguf(qwen_gguf, qwen_onnx, chat_tokens):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.set_num_threads(2)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(qwen_gguf.parent), gguf_file=qwen_gguf.name, dtype=torch.float32).eval()
-    tokens = chat_tokens[0]
-    with torch.no_grad():
-        ref = model(torch.tensor([tokens])).logits[0].numpy()
-    ours = qwen_onnx.logits(tokens)
-    assert ours.shape == ref.shape == (len(tokens), 151936)
+def test_logits_match_transformers_on_the_same_gguf(qwen_onnx, chat_tokens, reference):
+    ours = qwen_onnx.logits(chat_tokens[0])
+    ref = reference["logits"]
+    assert ours.shape == ref.shape == (len(chat_tokens[0]), 151936)
     assert np.abs(ours - ref).max() <= 2e-3
+
+
+def test_greedy_on_mt_bench_matches_transformers(mt_tokens, greedy, reference):
+    """64 greedy tokens on each of 8 chat-templated MT-Bench prompts: at every position transformers'
+    argmax, given the same prefix, is our next token. A flip where transformers' top logit beats our
+    token's by <= 1e-3 is a near-tie of two fp32 implementations: reported as a warning, not failed."""
+    assert len({len(t) for t in mt_tokens}) > 1
+    for i, forced in enumerate(reference["forced"]):
+        assert forced.checked == GREEDY_TOKENS == len(greedy[i])
+        assert not forced.mismatches, f"prompt {i}: (position, logit gap) {forced.mismatches}"
+    flips = {i: f.flips for i, f in enumerate(reference["forced"]) if f.flips}
+    if flips:
+        warnings.warn(f"near-tie flips (prompt: [(position, gap)]): {flips}", stacklevel=1)
+
+
+def test_batch4_of_unequal_lengths_equals_batch1(qwen_onnx, mt_tokens, greedy):
+    for start in (0, 4):
+        group = mt_tokens[start:start + 4]
+        assert len({len(t) for t in group}) > 1, "prompts must differ in length"
+        responses = list(qwen_onnx.generate(group, max_new_tokens=BATCH_TOKENS, ignore_eos=True))
+        for row in range(4):
+            assert [r.token for r in responses if r.index == row] == greedy[start + row][:BATCH_TOKENS], row
+
+
+def test_our_f32_gguf_on_llamacpp_equals_the_onnx_package(qwen_package, mt_tokens, greedy):
+    """Our writer's F32 GGUF of the same weights on llama.cpp (fp32 matmuls there too): greedy
+    identical to the fp32 ONNX package."""
+    import edgerun
+
+    cpp = edgerun.Engine(qwen_package, max_context=512, backend="llamacpp")
+    assert cpp.backend.name == "llamacpp"
+    for i in range(4):
+        theirs = [r.token for r in cpp.generate(mt_tokens[i], max_new_tokens=GGUF_TOKENS, ignore_eos=True)]
+        assert theirs == greedy[i][:GGUF_TOKENS], (i, cpp.decode(theirs), cpp.decode(greedy[i][:GGUF_TOKENS]))
 
 
 def test_greedy_agrees_with_llamacpp_on_the_same_gguf(qwen_gguf, qwen_onnx, chat_tokens):
