@@ -4,20 +4,22 @@ real model. Our fp32 ONNX export against transformers loading the same GGUF, and
 from __future__ import annotations
 
 import gc
-import warnings
 
 import numpy as np
 import pytest
-from greedy_reference import teacher_forced
+from greedy_reference import (
+    GREEDY_TOKENS,
+    check_batch4_equals_batch1,
+    check_gguf_equals_onnx,
+    check_teacher_forced,
+    teacher_forced,
+)
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
            "What does the SQL keyword JOIN do?",
            "Explain recursion in one sentence."]
 NEW_TOKENS = 16
-GREEDY_TOKENS = 64  # per MT-Bench prompt, checked against transformers
-BATCH_TOKENS = 32
-GGUF_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
@@ -104,34 +106,17 @@ def test_greedy_on_mt_bench_matches_transformers(mt_tokens, greedy, reference):
     """64 greedy tokens on each of 8 chat-templated MT-Bench prompts: at every position transformers'
     argmax, given the same prefix, is our next token. A flip where transformers' top logit beats our
     token's by <= 1e-3 is a near-tie of two fp32 implementations: reported as a warning, not failed."""
-    assert len({len(t) for t in mt_tokens}) > 1
-    for i, forced in enumerate(reference["forced"]):
-        assert forced.checked == GREEDY_TOKENS == len(greedy[i])
-        assert not forced.mismatches, f"prompt {i}: (position, logit gap) {forced.mismatches}"
-    flips = {i: f.flips for i, f in enumerate(reference["forced"]) if f.flips}
-    if flips:
-        warnings.warn(f"near-tie flips (prompt: [(position, gap)]): {flips}", stacklevel=1)
+    check_teacher_forced(mt_tokens, greedy, reference["forced"])
 
 
 def test_batch4_of_unequal_lengths_equals_batch1(qwen_onnx, mt_tokens, greedy):
-    for start in (0, 4):
-        group = mt_tokens[start:start + 4]
-        assert len({len(t) for t in group}) > 1, "prompts must differ in length"
-        responses = list(qwen_onnx.generate(group, max_new_tokens=BATCH_TOKENS, ignore_eos=True))
-        for row in range(4):
-            assert [r.token for r in responses if r.index == row] == greedy[start + row][:BATCH_TOKENS], row
+    check_batch4_equals_batch1(qwen_onnx, mt_tokens, greedy)
 
 
 def test_our_f32_gguf_on_llamacpp_equals_the_onnx_package(qwen_package, mt_tokens, greedy):
     """Our writer's F32 GGUF of the same weights on llama.cpp (fp32 matmuls there too): greedy
     identical to the fp32 ONNX package."""
-    import edgerun
-
-    cpp = edgerun.Engine(qwen_package, max_context=512, backend="llamacpp")
-    assert cpp.backend.name == "llamacpp"
-    for i in range(4):
-        theirs = [r.token for r in cpp.generate(mt_tokens[i], max_new_tokens=GGUF_TOKENS, ignore_eos=True)]
-        assert theirs == greedy[i][:GGUF_TOKENS], (i, cpp.decode(theirs), cpp.decode(greedy[i][:GGUF_TOKENS]))
+    check_gguf_equals_onnx(qwen_package, mt_tokens, greedy)
 
 
 def test_greedy_agrees_with_llamacpp_on_the_same_gguf(qwen_gguf, qwen_onnx, chat_tokens):
