@@ -10,8 +10,10 @@ onnxruntime, a load-time hint on llama.cpp) while plain decoding keeps the one-t
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -261,12 +263,13 @@ def test_q4_1_lookup_speculation_and_batch4_equal_plain_greedy(smollm2_gguf, cha
 
 
 @pytest.fixture(scope="module")
-def smollm2_quantized(smollm2_gguf, tmp_path_factory) -> dict[str, Path]:
+def smollm2_quantized(smollm2_gguf, tmp_path_factory) -> Iterator[dict[str, Path]]:
     """INT4 and INT8 ONNX packages of the default model."""
     out = tmp_path_factory.mktemp("smollm2q")
     for preset in ("int4", "int8"):
         export(smollm2_gguf, out / preset, ExportOptions(quant=preset))
-    return {preset: out / preset for preset in ("int4", "int8")}
+    yield {preset: out / preset for preset in ("int4", "int8")}
+    shutil.rmtree(out)
 
 
 @pytest.mark.slow

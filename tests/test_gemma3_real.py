@@ -4,6 +4,7 @@ and on our own F32 GGUF export of it)."""
 from __future__ import annotations
 
 import gc
+import shutil
 
 import numpy as np
 import pytest
@@ -35,7 +36,8 @@ def gemma_package(gemma_gguf, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("pkg") / "gemma-fp32"
     export(gemma_gguf, out, ExportOptions(formats=("onnx", "gguf")))
-    return out
+    yield out
+    shutil.rmtree(out.parent)  # gigabytes of fp32: free them before the next module
 
 
 @pytest.fixture(scope="module")

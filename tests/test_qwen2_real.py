@@ -4,6 +4,7 @@ real model. Our fp32 ONNX export against transformers loading the same GGUF, and
 from __future__ import annotations
 
 import gc
+import shutil
 
 import numpy as np
 import pytest
@@ -36,7 +37,8 @@ def qwen_package(qwen_gguf, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("pkg") / "qwen-fp32"
     export(qwen_gguf, out, ExportOptions(formats=("onnx", "gguf")))
-    return out
+    yield out
+    shutil.rmtree(out.parent)  # gigabytes of fp32: free them before the next module
 
 
 @pytest.fixture(scope="module")
