@@ -74,6 +74,7 @@ class _Graph:
     names: set = field(default_factory=set)
     packed: Mapping[str, MatMulNBitsWeight] = field(default_factory=dict)  # quantized linear weights
     accuracy_level: int = 0  # MatMulNBits compute precision
+    pad_attention: bool = False  # attention rows picked by an input (see build_stage)
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
         self.count += 1
@@ -236,12 +237,17 @@ def _layer(g: _Graph, spec: ModelSpec, w: dict[str, np.ndarray], i: int, local: 
     half = spec.kv_dtype == "float16"  # attention and its KV cache in fp16: cast in and out
     if half:
         qkv = [g.op("Cast", [x], to=TensorProto.FLOAT16)[0] if x else x for x in qkv]
+    if g.pad_attention:  # the rows the runtime picks: the step's, or with its last one again
+        qkv = [g.op("Gather", [x, "attention_rows"], axis=1)[0] if x else x for x in qkv]
     attn = g.op(
         "GroupQueryAttention",
         [*qkv, f"past_key_{local}", f"past_value_{local}", "seqlens_k",
          "total_sequence_length", f"cos_cache{rope}", f"sin_cache{rope}"],
         n_out=3, domain=MS_DOMAIN, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
         do_rotary=1, rotary_interleaved=0, **extra)
+    if g.pad_attention:  # the step's own rows
+        attn = [g.op("Slice", [attn[0], g.const("pad.zero", np.array([0])), "step_length",
+                               g.const("pad.seq_axis", np.array([1]))])[0], attn[1], attn[2]]
     if half:
         attn = [g.op("Cast", [attn[0]], to=TensorProto.FLOAT)[0], attn[1], attn[2]]
     g.nodes.append(helper.make_node("Identity", [attn[1]], [f"present_key_{local}"]))
@@ -267,7 +273,7 @@ def _post_norm(g: _Graph, spec: ModelSpec, w: dict[str, np.ndarray], name: str, 
 
 def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: int, end_layer: int,
                 embeds: bool, has_head: bool, packed: Mapping[str, MatMulNBitsWeight] | None = None,
-                accuracy_level: int = 0) -> onnx.ModelProto:
+                accuracy_level: int = 0, pad_attention: bool = False) -> onnx.ModelProto:
     """Build the graph for layers [first_layer, end_layer), optionally with embedding / head.
 
     Args:
@@ -279,10 +285,19 @@ def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: in
         packed: canonical weight name -> MatMulNBits layout for the quantized ones (the same
             object under "embed" and "lm_head" shares one copy).
         accuracy_level: MatMulNBits compute precision (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).
+        pad_attention: take an input `attention_rows` int64 [R]: the rows of the step that
+            GroupQueryAttention gets (R = S: all of them; R = S + 1: the last one again, when the
+            runtime also feeds seqlens_k and total_sequence_length one higher; its key/value land
+            one position past the step, where the next step overwrites them, and its output row
+            is dropped). onnxruntime's CPU attention computes a one-token step with other
+            kernels than a step of several, whose rows agree bit for bit: with the copy every
+            step takes the several-token path, so where every linear layer is a MatMulNBits at
+            accuracy level 4 (rows independent of their number) a step's logits do not depend
+            on how many tokens it carries. The KV buffers then need one slot more.
     Returns:
         The ONNX model (initializers inline; the writer moves them to external data).
     """
-    g = _Graph(packed=packed or {}, accuracy_level=accuracy_level)
+    g = _Graph(packed=packed or {}, accuracy_level=accuracy_level, pad_attention=pad_attention)
     f32, kv_shape = TensorProto.FLOAT, ["batch", spec.num_kv_heads, "max_len", spec.head_dim]
     kv_type = TensorProto.FLOAT16 if spec.kv_dtype == "float16" else f32
     inputs = [
@@ -300,6 +315,11 @@ def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: in
             cos, sin = rotary_cache(dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_scaling=None))
             g.const("cos_cache_local", cos.astype(rope_dtype))
             g.const("sin_cache_local", sin.astype(rope_dtype))
+    if pad_attention and end_layer > first_layer:
+        inputs.append(helper.make_tensor_value_info("attention_rows", TensorProto.INT64, ["attention_rows"]))
+        g.nodes.append(helper.make_node("Shape", [inputs[0].name], ["step_length"], start=1, end=2))
+    else:
+        g.pad_attention = False
     if embeds:
         residual = _embed_scaled(g, spec, weights)
     else:

@@ -201,13 +201,15 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
     if ranges and separate_head:
         ranges.append((ckpt.spec.num_layers, ckpt.spec.num_layers))
     packed = quantization.packed if quantization else None
+    invariant = _step_invariant(ckpt, quantization)
     stages = []
     with atomic_dir(Path(out_dir), force=force) as tmp:
         for k, (start, end) in enumerate(tqdm(ranges, desc="export", unit="stage", disable=not progress or not ranges)):
             stage = Stage(file=f"stage{k}.onnx", first_layer=start, end_layer=end,
                           embeds=k == 0, has_head=k == len(ranges) - 1)
             model = build_stage(ckpt.spec, ckpt.weights, start, end, stage.embeds, stage.has_head, packed=packed,
-                                accuracy_level=quantization.accuracy_level if quantization else 0)
+                                accuracy_level=quantization.accuracy_level if quantization else 0,
+                                pad_attention=invariant)
             onnx.save_model(model, tmp / stage.file, save_as_external_data=True,
                             all_tensors_to_one_file=True, location=f"{stage.file}.data", size_threshold=1024)
             stages.append(stage)
@@ -226,7 +228,7 @@ def write_package(ckpt: Checkpoint, out_dir: str | Path, stage_boundaries: Seque
                              f"separate head stage (--exit-layers does both)")
         for layer, arrays in adapters.items():
             np.savez(tmp / f"exit{layer}.npz", **arrays)
-        extra = {}
+        extra = {"attention_rows": True} if stages and invariant else {}
         if max_memory is not None:
             extra["memory_budget"] = _memory_budget(ckpt.spec, tmp, [s.file for s in stages], max_memory)
         manifest = _write_manifest(
@@ -291,6 +293,22 @@ def _memory_budget(spec, folder: Path, stage_files: list[str], budget: int) -> d
     kv_types = ("f32",) if stage_files else ("f32", "f16")  # a GGUF-only package runs on llama.cpp
     fit = fit_memory(spec, budget, weights, kv_types)
     return {"bytes": budget, "max_context": fit.max_context, "kv_cache": fit.kv_cache, "need": fit.total}
+
+
+def _step_invariant(ckpt: Checkpoint, quantization: OnnxQuantization | None) -> bool:
+    """Whether the ONNX graphs can compute a step's logits independently of how many tokens it
+    carries: every matrix product a MatMulNBits of 4- or 8-bit codes (integer zero points) at
+    accuracy level 4, whose rows do not depend on the number of rows, and attention padded to
+    two or more rows (onnx_graph.build_stage, pad_attention). Float matrix products (an
+    unquantized projection or head, a pruned model's healing map) take other kernels for one row."""
+    if quantization is None or quantization.accuracy_level != 4:
+        return False
+    packed = quantization.packed
+    linear = [n for n, w in ckpt.weights.items() if w.ndim == 2 and n != "embed"]
+    if "lm_head" not in linear:
+        linear.append("lm_head")
+    return all(n in packed and packed[n].bits in (4, 8)
+               and (packed[n].zero_points is None or packed[n].zero_points.dtype == np.uint8) for n in linear)
 
 
 def _write_manifest(folder: Path, ckpt: Checkpoint, **fields: Any) -> Manifest:

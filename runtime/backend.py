@@ -139,6 +139,9 @@ class InvariantSteps:
     scores a neighbour (the last layer and the LM head only run on scored rows). That costs decode
     speed (the step computes twice the tokens) and buys exact reproducibility (figures: README,
     "Design notes: runtime"). Wraps a Backend or a StagedBackend; `staged` is the inner one's.
+    A backend with `pads_attention` (ONNX packages whose graphs pick their attention rows, on the
+    CPU) gives invariant steps itself with `forward(..., invariant=True)`: only attention gets
+    the copy, which costs less.
     """
 
     def __init__(self, backend: Backend):
@@ -149,6 +152,8 @@ class InvariantSteps:
 
     def forward(self, inputs, cache: Cache, counts: np.ndarray, logits_positions: np.ndarray | None = None,
                 *args, **kwargs):
+        if getattr(self.inner, "pads_attention", False):  # the graphs' own invariant steps: no copied token
+            return self.inner.forward(inputs, cache, counts, logits_positions, *args, invariant=True, **kwargs)
         counts = np.asarray(counts)
         short = counts == 1
         lone = logits_positions is not None and logits_positions.shape[1] == 1

@@ -96,10 +96,11 @@ class SpanCopier:
 
 
 class DeviceKVCache(_Offsets):
-    """Key/value buffers [batch, kv_heads, max_len + 1, head_dim] per layer in `device` memory.
+    """Key/value buffers [batch, kv_heads, max_len + 1 + extra_slots, head_dim] per layer in `device` memory.
 
     Allocated once at full length (one scratch slot past max_len, which padding positions of a
-    finished row may write) and zeroed; it never grows, since growing would copy device memory.
+    finished row may write, and `extra_slots` as kv_cache.KVCache) and zeroed; it never grows,
+    since growing would copy device memory.
     Rollback moves `lengths` only. Same interface as kv_cache.KVCache, except that `keys` and
     `values` are DeviceSpans and row contents reach the host only through `save_row`.
 
@@ -114,8 +115,9 @@ class DeviceKVCache(_Offsets):
     """
 
     def __init__(self, spec: ModelSpec, num_layers: int, batch: int, max_len: int, device: str,
-                 device_id: int, copier: SpanCopier):
-        self.batch, self.max_len, self.capacity = batch, max_len, max_len + 1
+                 device_id: int, copier: SpanCopier, extra_slots: int = 0):
+        self.batch, self.max_len, self.capacity = batch, max_len, max_len + 1 + extra_slots
+        self.extra_slots = extra_slots
         self.kv_device, self.device_id, self.copier = device, device_id, copier
         self.dtype = np.dtype(spec.kv_dtype)
         self.lengths = np.zeros(batch, dtype=np.int32)
@@ -152,7 +154,7 @@ class DeviceKVCache(_Offsets):
         Raises:
             ValueError: more than max_len + 1 positions.
         """
-        if positions > self.capacity:
+        if positions > self.max_len + 1:
             raise ValueError(f"sequence of {positions} tokens exceeds the cache ({self.max_len}); raise max_context")
 
     @property

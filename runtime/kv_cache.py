@@ -44,13 +44,16 @@ class KVCache(_Offsets):
     float32 graphs (the CUDA kernel takes fp16/bf16 only).
 
     `capacity` is the number of positions allocated now: at most `max_len + 1` (one scratch slot
-    past max_len, which padding positions of a finished row may write). `reserve(n)` grows the
-    buffers so every row holds n positions; growing replaces the arrays and bumps `version`, so a
-    backend that bound the old ones binds again.
+    past max_len, which padding positions of a finished row may write) plus `extra_slots`, which
+    are always allocated past the positions reserved (a step-invariant graph writes one copied
+    token's key/value past the step). `reserve(n)` grows the buffers so every row holds n
+    positions; growing replaces the arrays and bumps `version`, so a backend that bound the old
+    ones binds again.
     """
 
-    def __init__(self, spec: ModelSpec, num_layers: int, batch: int, max_len: int, capacity: int | None = None):
-        self.batch, self.max_len = batch, max_len
+    def __init__(self, spec: ModelSpec, num_layers: int, batch: int, max_len: int, capacity: int | None = None,
+                 extra_slots: int = 0):
+        self.batch, self.max_len, self.extra_slots = batch, max_len, extra_slots
         self._spec, self._num_layers = spec, num_layers
         self.lengths = np.zeros(batch, dtype=np.int32)
         self.version = 0
@@ -58,7 +61,7 @@ class KVCache(_Offsets):
         self._allocate(self._rounded(capacity or GROWTH))
 
     def _rounded(self, positions: int) -> int:
-        return min(-(-positions // GROWTH) * GROWTH, self.max_len + 1)
+        return min(-(-(positions + self.extra_slots) // GROWTH) * GROWTH, self.max_len + 1 + self.extra_slots)
 
     def _allocate(self, capacity: int, keep: int = 0) -> None:
         shape = [self.batch, self._spec.num_kv_heads, capacity, self._spec.head_dim]
@@ -81,7 +84,7 @@ class KVCache(_Offsets):
         Raises:
             ValueError: more than max_len + 1 positions.
         """
-        if positions <= self.capacity:
+        if positions + self.extra_slots <= self.capacity:
             return
         if positions > self.max_len + 1:
             raise ValueError(f"sequence of {positions} tokens exceeds the cache ({self.max_len}); raise max_context")

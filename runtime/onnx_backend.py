@@ -93,13 +93,19 @@ class OnnxBackend:
     def __init__(self, package_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  kv_cache: str = "f32", batch_invariant: bool = False):
         """`batch_invariant`: nothing to choose here; onnxruntime's CPU kernels switch only between
-        one row and several, which backend.InvariantSteps covers."""
+        one row and several, which backend.InvariantSteps covers (with `invariant=True` steps
+        where the package's graphs pick their attention rows: `pads_attention`)."""
         packaged = "f16" if manifest.model.kv_dtype == "float16" else "f32"
         if kv_cache not in ("f32", packaged):  # the default (f32) means: the package's own
             fix = f"export with --kv-cache {kv_cache}" if kv_cache == "f16" else "ONNX packages have f32 or f16"
             raise ValueError(f"this ONNX package's KV cache is {packaged} (its graphs' attention type), not "
                              f"{kv_cache}; {fix}, or use --backend llamacpp")
         self.manifest, self.device = manifest, resolve_device(device)
+        # graphs that pick their attention rows (export/onnx_graph.py: pad_attention) take the
+        # invariant form on request (`forward(..., invariant=True)`), verified on the CPU kernels;
+        # a padded step writes one key/value slot past its tokens
+        self._padded = bool(manifest.extra.get("attention_rows"))
+        self.pads_attention = self._padded and self.device.ort_device == "cpu"
         fallback = check_package_device(manifest.device, self.device.name)
         if fallback:
             log.warning("%s", fallback)
@@ -170,7 +176,7 @@ class OnnxBackend:
             # onnxruntime copies each bound past buffer to attention's device, and present back
             self.step_kv_copies += 4 * (stage.end_layer - stage.first_layer)
 
-    def _forward_rows(self, inputs, cache: KVCache, counts, logits_positions, stages: range, start):
+    def _forward_rows(self, inputs, cache: KVCache, counts, logits_positions, stages: range, start, invariant):
         inputs = inputs if isinstance(inputs, np.ndarray) else inputs.numpy()  # hidden states (CPU)
         to_head = self.manifest.stages[stages[-1]].has_head
         out = (np.zeros((inputs.shape[0], logits_positions.shape[1], self.manifest.model.vocab_size), np.float32)
@@ -179,7 +185,7 @@ class OnnxBackend:
             width = int(counts[b])  # this row's tokens only: no padding
             positions = np.minimum(logits_positions[b:b + 1], width - 1) if to_head else None
             row = self._forward(inputs[b:b + 1, :width], cache.row(b), counts[b:b + 1], positions, stages,
-                                start[b:b + 1])
+                                start[b:b + 1], invariant)
             if to_head:
                 out[b] = row[0]
                 continue
@@ -193,15 +199,16 @@ class OnnxBackend:
         """A KV cache for `batch` rows of `max_len` positions, where `kv_device` says (None: the host)."""
         spec = self.manifest.model
         if self.kv_device is None:
-            return KVCache(spec, spec.num_layers, batch, max_len)  # host memory: see KVCache
+            return KVCache(spec, spec.num_layers, batch, max_len, extra_slots=int(self._padded))  # see KVCache
         if self._copier is None:
             self._copier = SpanCopier(lambda model: open_session(model, session_options(1), self.device),
                                       np.dtype(spec.kv_dtype))
         device_id = int(self.device.options.get("device_id", 0))
-        return DeviceKVCache(spec, spec.num_layers, batch, max_len, self.kv_device, device_id, self._copier)
+        return DeviceKVCache(spec, spec.num_layers, batch, max_len, self.kv_device, device_id, self._copier,
+                             extra_slots=int(self._padded))
 
     def forward(self, inputs, cache: KVCache, counts: np.ndarray, logits_positions: np.ndarray | None = None,
-                stages: range | None = None, start: np.ndarray | None = None):
+                stages: range | None = None, start: np.ndarray | None = None, invariant: bool = False):
         """Run new tokens through the package's stages (all, or a contiguous run of them).
 
         Running a prefix of the stages returns the residual stream, which a later call can pass
@@ -217,32 +224,42 @@ class OnnxBackend:
             stages: indices of the stages to run (default: all).
             start: first position of the new tokens per row (default: cache.lengths). When
                 given, the caller owns the offsets: the cache does not advance.
+            invariant: run the step's attention on its several-token kernels, also for a
+                one-token step, so logits do not depend on the step's shape (`pads_attention`
+                packages only; backend.InvariantSteps asks for it).
         Returns:
             float32 logits [B, N, vocab] when the run ends at the head, else the hidden OrtValue.
             A run that ends at the head with `start` unset advances cache.lengths by `counts`.
         """
         self.step_kv_copies = 0
-        out = self._forward(inputs, cache, counts, logits_positions, stages, start)
+        if invariant and not self._padded:
+            raise ValueError("invariant steps need a package whose graphs pick their attention rows "
+                             "(re-export it with this edge-run); wrap the backend in backend.InvariantSteps")
+        out = self._forward(inputs, cache, counts, logits_positions, stages, start, invariant)
         self.kv_copies += self.step_kv_copies
         return out
 
     def _forward(self, inputs, cache, counts: np.ndarray, logits_positions: np.ndarray | None = None,
-                 stages: range | None = None, start: np.ndarray | None = None):
+                 stages: range | None = None, start: np.ndarray | None = None, invariant: bool = False):
         stages = range(len(self.sessions)) if stages is None else stages
         advance = start is None and self.manifest.stages[stages[-1]].has_head
         start = cache.lengths if start is None else np.asarray(start, dtype=np.int32)
         batch, seq = inputs.shape[:2] if isinstance(inputs, np.ndarray) else inputs.shape()[:2]
         cache.reserve(int(start.max()) + seq)  # grows the buffers (or says the context is full)
-        if batch > 1 and seq > 1 and start.any():
+        if batch > 1 and seq + invariant > 1 and start.any():
             # onnxruntime's CPU GroupQueryAttention rejects several new tokens on top of a cache
-            # at batch > 1, so such steps (batched speculative verification) run row by row; that
+            # at batch > 1, so such steps (batched speculative verification, invariant steps: their
+            # attention gets two or more) run row by row; that
             # kernel runs these float32 graphs on every provider (see KVCache)
-            logits = self._forward_rows(inputs, cache, counts, logits_positions, stages, start.copy())
+            logits = self._forward_rows(inputs, cache, counts, logits_positions, stages, start.copy(), invariant)
             if advance:
                 cache.advance(counts)
             return logits
-        seqlens = (start + (seq - 1)).astype(np.int32)
+        pad = int(invariant)  # attention also gets each row's last token again, one position further
+        seqlens = (start + (seq - 1 + pad)).astype(np.int32)
         total = np.array(int(seqlens.max()) + 1, dtype=np.int32)
+        rows = np.arange(seq + pad, dtype=np.int64)
+        rows[seq:] = seq - 1
         out = inputs
         for k in stages:
             stage, io = self.manifest.stages[k], self.bindings[k]
@@ -254,6 +271,8 @@ class OnnxBackend:
                 self._inputs[k].pop(name, None)
             self._bind_host(k, "seqlens_k", seqlens, np.int32)
             self._bind_host(k, "total_sequence_length", total, np.int32)
+            if self._padded and stage.end_layer > stage.first_layer:
+                self._bind_host(k, "attention_rows", rows, np.int64)
             if stage.has_head:
                 self._bind_host(k, "logits_positions", logits_positions[..., None], np.int64)
             bound = self._bound[k]

@@ -88,6 +88,34 @@ def test_lone_row_scores_one_position_and_cache_advances_by_real_tokens(quantize
     assert cache.lengths.tolist() == [6, 5]
 
 
+def test_onnx_invariant_steps_copy_only_attentions_row(quantized):
+    """Quantized ONNX graphs pick their attention rows: invariant steps copy a one-token step's row
+    for attention only, and give the logits of the whole-token copy (the form of other backends)
+    bit for bit; plain steps are untouched."""
+    if not quantized.name.startswith("onnx"):
+        pytest.skip("llama.cpp chooses invariant kernels at load")
+    engine = edgerun.Engine(quantized, max_context=64, batch_invariant=True)
+    assert engine.manifest.extra["attention_rows"] is True and engine.backend.inner.pads_attention
+    single = _continuation_logits(engine, 0)
+    engine.backend.inner.pads_attention = False  # InvariantSteps copies whole tokens instead
+    np.testing.assert_array_equal(_continuation_logits(engine, 0), single)
+    np.testing.assert_array_equal(_continuation_logits(engine, 3), single)
+    backend = engine.backend.inner
+    backend._padded = False  # as a package exported before graphs picked their attention rows
+    with pytest.raises(ValueError, match="pick their attention rows"):
+        backend.forward(np.array([PROMPT]), backend.new_cache(1, 64), np.array([len(PROMPT)]),
+                        np.array([[0]]), invariant=True)
+
+
+def test_invariant_steps_fill_the_context_to_its_last_position(quantized):
+    """A padded step writes one slot past its tokens: a generation that ends exactly at
+    max_context still fits, speculating or not."""
+    engine = edgerun.Engine(quantized, max_context=32, batch_invariant=True)
+    for kw in ({}, {"speculative": "lookup", "draft_tokens": 3}):
+        out = [r.token for r in engine.generate(PROMPT, max_new_tokens=32 - len(PROMPT), ignore_eos=True, **kw)]
+        assert len(out) == 32 - len(PROMPT), kw
+
+
 def test_k_quants_untile_in_a_fresh_process(tiny256, tmp_path):
     assert main(["export", str(tiny256), "--format", "gguf", "--quant", "q4_k_m", "-o", str(tmp_path / "k")]) == 0
     script = f"""
@@ -151,11 +179,13 @@ def tiny_draft(tiny256, tmp_path_factory) -> Path:
 
 
 def _spy(monkeypatch, backend) -> list[tuple[list[int], int]]:
-    """Every call to this backend object's forward: (tokens per row, positions scored per row)."""
+    """Every call to this backend object's forward: (tokens per row, positions scored per row), and
+    for an invariant step of the graphs' own (onnx, `invariant=True`) a third entry, True."""
     calls, forward = [], backend.forward
 
     def spy(inputs, cache, counts, logits_positions=None, *args, **kwargs):
-        calls.append((np.asarray(counts).tolist(), None if logits_positions is None else logits_positions.shape[1]))
+        call = (np.asarray(counts).tolist(), None if logits_positions is None else logits_positions.shape[1])
+        calls.append((*call, True) if kwargs.get("invariant") else call)
         return forward(inputs, cache, counts, logits_positions, *args, **kwargs)
 
     monkeypatch.setattr(backend, "forward", spy)
@@ -181,7 +211,10 @@ def test_speculation_is_exact_by_default_and_plain_keeps_the_fast_path(quantized
         for prompt, tokens in zip(prompts, expected):
             calls.clear()
             assert _greedy(engine, prompt, speculative=mode, draft_tokens=3) == tokens, mode
-            assert all(min(c for c in counts if c) >= 2 and scored >= 2 for counts, scored in calls), calls
+            if llamacpp:  # every step carries two tokens or more and scores two positions or more
+                assert all(min(c for c in counts if c) >= 2 and scored >= 2 for counts, scored in calls), calls
+            else:  # every step asks the graphs for their invariant form
+                assert all(len(call) == 3 for call in calls), calls
     if llamacpp:
         return
     assert engine._invariant.inner is engine.backend  # no second model load
