@@ -473,6 +473,18 @@ def _memory_needs(package: Path, manifest) -> str:
             + f" tokens (weights {weights / MB:.0f} MB + {kv} KV cache + activations; --max-memory picks from these)")
 
 
+def _invariant_steps(manifest) -> str:
+    """How the ONNX graphs give steps whose logits do not depend on their shape (exact speculation,
+    --batch-invariant; README "Exactness with quantized weights")."""
+    from .runtime.backend import inexact_verification_types
+
+    if not inexact_verification_types(manifest.weights):
+        return "not needed: float weights (speculation runs the fast kernels)"
+    if manifest.extra.get("attention_rows"):
+        return "attention copies a one-token row (on the CPU); plain steps run the fast kernels"
+    return "whole-token copies (exported before attention_rows: re-export for cheaper exact steps)"
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .hub import resolve_package
     from .runtime.manifest import read_manifest
@@ -504,6 +516,8 @@ def cmd_info(args: argparse.Namespace) -> None:
                    f"sha256 {str(manifest.source.get('sha256'))[:16]}..."),
         ("tool version", manifest.tool_version),
     ]
+    if manifest.stages and manifest.generic is None:
+        rows.insert(-3, ("exact steps", _invariant_steps(manifest)))
     if manifest.generic is not None:
         from .runtime.generic_backend import LIMITS
 

@@ -88,7 +88,7 @@ def test_lone_row_scores_one_position_and_cache_advances_by_real_tokens(quantize
     assert cache.lengths.tolist() == [6, 5]
 
 
-def test_onnx_invariant_steps_copy_only_attentions_row(quantized):
+def test_onnx_invariant_steps_copy_only_attentions_row(quantized, capsys):
     """Quantized ONNX graphs pick their attention rows: invariant steps copy a one-token step's row
     for attention only, and give the logits of the whole-token copy (the form of other backends)
     bit for bit; plain steps are untouched."""
@@ -96,6 +96,8 @@ def test_onnx_invariant_steps_copy_only_attentions_row(quantized):
         pytest.skip("llama.cpp chooses invariant kernels at load")
     engine = edgerun.Engine(quantized, max_context=64, batch_invariant=True)
     assert engine.manifest.extra["attention_rows"] is True and engine.backend.inner.pads_attention
+    assert main(["info", str(quantized)]) == 0
+    assert "exact steps    attention copies a one-token row" in capsys.readouterr().out
     single = _continuation_logits(engine, 0)
     engine.backend.inner.pads_attention = False  # InvariantSteps copies whole tokens instead
     np.testing.assert_array_equal(_continuation_logits(engine, 0), single)

@@ -326,6 +326,7 @@ def test_info_on_package(capsys, tiny_pkg):
     assert rows["stages"] == "stage0.onnx [0,4)"
     assert rows["package"] == str(tiny_pkg)
     assert "chat template  yes" in out
+    assert "exact steps    not needed: float weights" in out
 
 
 def test_info_on_checkpoint_exports_once_into_the_cache(capsys, home, tiny_hf):
