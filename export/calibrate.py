@@ -106,9 +106,14 @@ Quantizer = Callable[[str, np.ndarray, Callable[[], np.ndarray]], "QuantizedTens
 
 
 def _llama_sequential(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: np.ndarray,
-                      quantize: Quantizer, embed_table: np.ndarray, head: bool, progress: bool) -> np.ndarray:
+                      quantize: Quantizer, embed_table: np.ndarray, head: bool, progress: bool,
+                      start: int = 0, x: np.ndarray | None = None,
+                      record: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
     """Run `tokens` [n, T] through the Llama layers, calling `quantize` for every linear layer in
-    execution order with its (already partly quantized) inputs; returns the final hidden states."""
+    execution order with its (already partly quantized) inputs; returns the final hidden states.
+
+    With `start` > 0, `x` is the hidden state [n, T, hidden] entering layer `start` (as `record`
+    saw it) and the layers before it are skipped; `record(i, x)` receives the input of every layer."""
     tables = {False: tuple(c[:tokens.shape[1]] for c in rotary_cache(spec))}
     local = dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_scaling=None) \
         if spec.rope_local_theta is not None else spec
@@ -148,11 +153,16 @@ def _llama_sequential(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: n
     def post_norm(x: np.ndarray, name: str) -> np.ndarray:
         return rms_norm(x, weights[name], spec.rms_norm_eps) if spec.post_norms else x
 
-    x = embed_table[tokens]
-    if spec.embed_scale != 1.0:
-        x = (x * np.float32(spec.embed_scale)).astype(np.float32)
-    for i in tqdm(range(spec.num_layers), desc="calibrate", unit="layer", disable=not progress):
+    if x is None:
+        if start:
+            raise ValueError("starting after layer 0 needs that layer's input x")
+        x = embed_table[tokens]
+        if spec.embed_scale != 1.0:
+            x = (x * np.float32(spec.embed_scale)).astype(np.float32)
+    for i in tqdm(range(start, spec.num_layers), desc="calibrate", unit="layer", disable=not progress):
         p = f"layers.{i}."
+        if record is not None:
+            record(i, x)
         x = cut(x, i)
         h = rms_norm(x, weights[p + "attn_norm"], spec.rms_norm_eps)
         q, k, v = project(h, [p + "q", p + "k", p + "v"])
@@ -229,3 +239,83 @@ def quantize_calibrated(spec: ModelSpec, weights: dict[str, np.ndarray], tokens:
         source = weights[head_weight_name(weights)]
         done["lm_head"] = formats["lm_head"].quantize(source, "lm_head")
     return done
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """In float64: the KL of one 8-bit tensor can be below float32's resolution of log-probabilities."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def tensor_sensitivity(spec: ModelSpec, weights: dict[str, np.ndarray], tokens: np.ndarray,
+                       candidates: dict[str, QuantFormat], positions: int = 256,
+                       progress: bool = False) -> dict[str, float]:
+    """How much rounding each candidate tensor alone hurts the model, on calibration tokens.
+
+    For every tensor in `candidates` (canonical layer names such as "layers.3.down"), the float
+    model is run with only that tensor rounded to nearest in its format, and the result is the mean
+    KL divergence KL(float || perturbed) of the next-token distributions. Layer inputs of the float
+    model are cached, so a tensor of layer i re-runs layers i.. only; the LM head is evaluated at
+    `positions` evenly spaced positions (at most), which keeps large vocabularies cheap.
+
+    Args:
+        spec, weights: the float model (weights by canonical name, as `quantize_calibrated` takes).
+        tokens: calibration token windows [n, T] (calibration_tokens' first rows).
+        candidates: canonical layer tensor name -> the format it would be rounded to.
+        positions: how many of the n x T positions the KL is averaged over.
+    Returns:
+        canonical name -> KL in nats per token (>= 0; 0 when rounding changes nothing).
+    """
+    try:
+        run = SEQUENTIAL[spec.architecture]
+    except KeyError:
+        raise NotImplementedError(f"the sensitivity scan has no forward for architecture {spec.architecture!r} "
+                                  f"(have: {', '.join(SEQUENTIAL)})") from None
+    bad = sorted(n for n in candidates if not n.startswith("layers.") or n not in weights)
+    if bad:
+        raise ValueError(f"sensitivity scan: {bad[:3]} are not linear layers of this model")
+    flat = np.linspace(0, tokens.size - 1, min(positions, tokens.size)).round().astype(int)
+    head, norm = weights[head_weight_name(weights)], weights["final_norm"]
+
+    def log_probs(hidden: np.ndarray) -> np.ndarray:
+        h = hidden.reshape(-1, hidden.shape[-1])[flat]
+        return _log_softmax(rms_norm(h, norm, spec.rms_norm_eps) @ head.T)
+
+    def keep_float(name, weight, get_hessian):
+        return None
+
+    inputs: dict[int, np.ndarray] = {}
+    reference = log_probs(run(spec, weights, tokens, keep_float, weights["embed"], False, False,
+                              record=inputs.__setitem__))
+    p_ref = np.exp(reference)
+    scores = {}
+    for name in tqdm(sorted(candidates, key=lambda n: int(n.split(".")[1])), desc="sensitivity", unit="tensor",
+                     disable=not progress):
+        rounded = candidates[name].quantize(weights[name], name)
+
+        def only(n, weight, get_hessian, name=name, rounded=rounded):
+            return rounded if n == name else None
+
+        layer = int(name.split(".")[1])
+        out = run(spec, weights, tokens, only, weights["embed"], False, False, start=layer, x=inputs[layer])
+        kl = np.sum(p_ref * (reference - log_probs(out)), axis=-1)
+        scores[name] = max(float(kl.mean()), 0.0)
+    return scores
+
+
+def select_promotions(scores: dict[str, float], extra_bytes: dict[str, float], budget: float) -> list[str]:
+    """The tensors to promote: by decreasing score per extra byte, each taken while the running total
+    of extra bytes stays within `budget` (a tensor that does not fit is skipped and smaller ones after
+    it may still be taken). Ties keep the order of `scores`. Tensors scoring 0 are never taken.
+
+    Returns:
+        the chosen names, best first.
+    """
+    order = sorted(scores, key=lambda n: -scores[n] / max(extra_bytes[n], 1e-9))
+    chosen, spent = [], 0.0
+    for name in order:
+        if scores[name] > 0 and spent + extra_bytes[name] <= budget:
+            chosen.append(name)
+            spent += extra_bytes[name]
+    return chosen

@@ -28,7 +28,7 @@ from ..quant.pack_gguf import gguf_type_for, pack_gguf
 from ..quant.pack_ort import MatMulNBitsWeight, pack_matmulnbits
 from ..quant.recipe import Recipe, TensorRule, load_recipe
 from ..runtime.manifest import ModelSpec
-from .calibrate import LAYER_LINEARS, calibration_tokens, quantize_calibrated
+from .calibrate import LAYER_LINEARS, calibration_tokens, quantize_calibrated, select_promotions, tensor_sensitivity
 from .checkpoint import Checkpoint, head_weight_name
 from .families import get_family
 from .gguf_writer import PackedTensor
@@ -93,6 +93,42 @@ def plan(ckpt: Checkpoint, recipe: Recipe, target: str = "onnx") -> tuple[dict[s
     return formats, methods, gguf_types
 
 
+def promote_sensitive(ckpt: Checkpoint, recipe: Recipe, formats: dict[str, QuantFormat | None],
+                      progress: bool = False) -> dict[str, QuantFormat | None]:
+    """`formats` with the tensors `recipe.promote` picks moved to its format (see `quant.recipe.Promote`).
+
+    Candidates are the layer tensors in a format of fewer bits than the promoted one; the budget is
+    `promote.budget` x the bytes of every quantized tensor in `formats` (the embedding and a tied
+    head it shares counted once). The scan runs on the first `promote.windows` calibration windows.
+    """
+    promote = recipe.promote
+    target = promote.make_format()
+    spec = ckpt.spec
+    shapes = {name: _shape(ckpt, name) for name, fmt in formats.items() if fmt is not None}
+    tied_once = spec.tie_embeddings and formats.get("embed") is not None and formats["embed"] == formats["lm_head"]
+    total = sum(formats[n].storage_bytes(shapes[n]) for n in shapes if not (tied_once and n == "lm_head"))
+    candidates = {}
+    for name in shapes:
+        fmt = formats[name]
+        if name.startswith("layers.") and fmt.bits < target.bits:
+            try:
+                target.check_shape(shapes[name], name)
+            except ValueError:
+                continue
+            candidates[name] = fmt
+    if not candidates:
+        return formats
+    tokens = calibration_tokens(ckpt.tokenizer, recipe.calibration)[:promote.windows]
+    log.info("sensitivity scan of %d tensors on %d x %d calibration tokens", len(candidates), *tokens.shape)
+    scores = tensor_sensitivity(spec, ckpt.weights, tokens, candidates, progress=progress)
+    extra = {n: target.storage_bytes(shapes[n]) - candidates[n].storage_bytes(shapes[n]) for n in candidates}
+    log.debug("sensitivity (KL, nats/token): %s", {n: float(f"{v:.4g}") for n, v in scores.items()})
+    chosen = select_promotions(scores, extra, promote.budget * total)
+    log.info("promoted to %s: %d tensors, +%.2f MB of %.2f MB (%s)", target.describe(), len(chosen),
+             sum(extra[n] for n in chosen) / 1e6, total / 1e6, ", ".join(chosen))
+    return {**formats, **{n: target for n in chosen}}
+
+
 def quantize_checkpoint(ckpt: Checkpoint, recipe: Recipe, progress: bool = False,
                         target: str = "onnx") -> dict[str, QuantizedTensor]:
     """Quantize the checkpoint's weights as `recipe` says (for `target` "onnx" or "gguf").
@@ -103,6 +139,8 @@ def quantize_checkpoint(ckpt: Checkpoint, recipe: Recipe, progress: bool = False
         head's inputs when the lm_head rule says gptq).
     """
     formats, methods, _ = plan(ckpt, recipe, target)
+    if recipe.promote is not None:
+        formats = promote_sensitive(ckpt, recipe, formats, progress)
     shared = ckpt.spec.tie_embeddings and formats["embed"] is not None and formats["embed"] == formats["lm_head"]
     if shared and methods["lm_head"] != "gptq":
         formats = {**formats, "lm_head": None}  # quantized once, as the embedding

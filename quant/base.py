@@ -172,6 +172,15 @@ class QuantFormat:
                              f"(weights up to {float(np.abs(scale).max()):.3g}); use scale_dtype float32")
         return stored
 
+    def storage_bytes(self, shape: tuple[int, int]) -> float:
+        """Bytes of codes + scales + offsets of a [out, in] matrix in this format (as
+        `QuantizedTensor.bits_per_weight` counts them), for budgeting before quantizing."""
+        out, k = shape
+        bs = self.block_size_for(k)
+        scale_bits = 16 if self.scale_dtype == "float16" else 32
+        offset_bits = {None: 0, "int": self.bits, "float": scale_bits}[self.offset_kind]
+        return out * -(-k // bs) * (bs * self.bits + scale_bits + offset_bits) / 8
+
     def block_size_for(self, in_features: int) -> int:
         """The block length used for rows of `in_features` elements."""
         return self.block_size or in_features

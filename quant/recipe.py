@@ -127,6 +127,46 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Promote:
+    """Sensitivity-driven mixed precision: move the tensors whose rounding hurts the model most to
+    `format` (8 bits), the most damage avoided per byte first, within a byte budget.
+
+    Before quantizing, every tensor the rules put in a narrower format is scored on the first
+    `windows` calibration windows (the recipe's calibration text, WikiText-2 *valid* by default):
+    the KL divergence of the float model's next-token distribution from that of the float model
+    with only this tensor rounded to nearest in its rule's format (`export.calibrate.tensor_sensitivity`).
+    Tensors are then promoted in decreasing order of KL per extra byte while the extra bytes stay
+    within `budget` x the bytes of all quantized weights before promotion (a shared embedding / LM
+    head counted once); see `export.calibrate.select_promotions`.
+
+    Attributes:
+        format, block_size: the format promoted tensors get (None = the format's default block).
+        budget: extra weight bytes allowed, as a fraction of the unpromoted quantized weights.
+        windows: calibration windows the scan runs on (the first ones of `calibration`).
+    """
+
+    format: str = "int8_block"
+    block_size: int | None = 32
+    budget: float = 0.08
+    windows: int = 4
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Promote:
+        promote = _from_dict(cls, data, "promote")
+        if promote.format == FLOAT:
+            raise ValueError("promote: format must be a quantized format (float32 tensors are not counted in bytes)")
+        TensorRule(format=promote.format, block_size=promote.block_size).make_format("promote")
+        if not 0 <= promote.budget <= 1:
+            raise ValueError(f"promote budget must be a fraction in [0, 1], got {promote.budget}")
+        if promote.windows < 1:
+            raise ValueError(f"promote windows must be >= 1, got {promote.windows}")
+        return promote
+
+    def make_format(self) -> QuantFormat:
+        return get_format(self.format, self.block_size)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Ordered rules mapping tensor names to formats; see the module docstring."""
 
@@ -135,6 +175,7 @@ class Recipe:
     rules: tuple[TensorRule, ...] = ()
     method: str = "rtn"
     calibration: Calibration = field(default_factory=Calibration)
+    promote: Promote | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -157,12 +198,16 @@ class Recipe:
             raise ValueError(f"recipe method {method!r} is unknown; use one of {METHODS}")
         return cls(name=str(data.get("name", "custom")), default=TensorRule.from_dict(data["default"], "default"),
                    rules=tuple(rules), method=method,
-                   calibration=Calibration.from_dict(data.get("calibration", {})))
+                   calibration=Calibration.from_dict(data.get("calibration", {})),
+                   promote=None if data.get("promote") is None else Promote.from_dict(data["promote"]))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data that `from_dict` reads back (unset fields left out)."""
-        return {"name": self.name, "method": self.method, "default": self.default.to_dict(keep_pattern=False),
-                "rules": [r.to_dict() for r in self.rules], "calibration": dataclasses.asdict(self.calibration)}
+        out = {"name": self.name, "method": self.method, "default": self.default.to_dict(keep_pattern=False),
+               "rules": [r.to_dict() for r in self.rules], "calibration": dataclasses.asdict(self.calibration)}
+        if self.promote is not None:
+            out["promote"] = dataclasses.asdict(self.promote)
+        return out
 
     def resolve(self, names: Iterable[str]) -> dict[str, TensorRule]:
         """The rule deciding each tensor (first matching rule, else the default).
@@ -207,7 +252,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # keep int8 closer to the reference (README: design notes on export and quantization)
     "int8": {"name": "int8", "default": {"format": "int8_block", "block_size": 16}, "rules": _TABLES},
     "int4": {"name": "int4", "default": _INT4, "rules": _TABLES + _SENSITIVE},
-    "int4-gptq": {"name": "int4-gptq", "method": "gptq", "default": _INT4, "rules": _TABLES + _SENSITIVE},
+    # plus the tensors a calibration scan finds most sensitive, at 8 bits within +9% of the weight
+    # bytes (Promote; README: design notes on export and quantization)
+    "int4-gptq": {"name": "int4-gptq", "method": "gptq", "default": _INT4, "rules": _TABLES + _SENSITIVE,
+                  "promote": {**_INT8, "budget": 0.09, "windows": 4}},
     "ternary": {"name": "ternary", "default": {"format": "ternary", "block_size": 64}, "rules": _TABLES},
 }
 # The same presets for a GGUF, in the formats its block types hold (int8_block b32 = Q8_0,

@@ -12,11 +12,11 @@ from conftest import build_tiny_llama
 from onnx import TensorProto, helper, numpy_helper
 
 import edgerun
-from edgerun.export.calibrate import _llama_sequential, rms_norm
+from edgerun.export.calibrate import _llama_sequential, rms_norm, select_promotions, tensor_sensitivity
 from edgerun.export.checkpoint import load_checkpoint
 from edgerun.export.package import write_package
 from edgerun.export.pipeline import ExportOptions, export
-from edgerun.export.quantize import quantize_checkpoint
+from edgerun.export.quantize import plan, quantize_checkpoint
 from edgerun.quant import Recipe, get_format, gptq_quantize, load_recipe
 from edgerun.quant.pack_gguf import gguf_types_for, pack_gguf
 from edgerun.quant.pack_ort import pack_matmulnbits
@@ -396,6 +396,65 @@ def test_gptq_package_from_calibration_text(tiny):
     assert manifest.quantization["tensors"]["layers.0.q"] == "int4_asym(b32)[gptq]"
     assert manifest.quantization["tensors"]["embed"] == "int8_block(b32)[rtn]"
     assert _kl(ref, edgerun.Engine(folder / "gptq").logits(TOKENS)) < 0.05
+
+
+def test_promotion_picks_by_damage_per_byte_within_the_budget():
+    scores = {"a": 4.0, "b": 3.0, "c": 1.0, "d": 0.0, "e": 0.5}
+    extra = {"a": 4.0, "b": 1.0, "c": 1.0, "d": 1.0, "e": 2.0}
+    # per byte: b 3, c 1, a 1 (ties keep the scores' order: a before c), e 0.25, d 0
+    assert select_promotions(scores, extra, budget=6.0) == ["b", "a", "c"]
+    assert select_promotions(scores, extra, budget=3.0) == ["b", "c"]  # a does not fit; c still does
+    assert select_promotions(scores, extra, budget=100.0) == ["b", "a", "c", "e"]  # never a tensor scoring 0
+    assert select_promotions(scores, extra, budget=0.0) == []
+
+
+def test_sensitivity_scan_is_the_kl_of_rounding_one_tensor(tiny):
+    hf, _, _ = tiny
+    ckpt = load_checkpoint(hf)
+    tokens = np.array([TOKENS[:8], TOKENS[3:11]])
+    int4, int8 = get_format("int4_asym", 32), get_format("int8_block", 32)
+    names = ["layers.0.q", "layers.1.down", "layers.3.o"]
+    coarse = tensor_sensitivity(ckpt.spec, ckpt.weights, tokens, dict.fromkeys(names, int4))
+    fine = tensor_sensitivity(ckpt.spec, ckpt.weights, tokens, dict.fromkeys(names, int8))
+    assert set(coarse) == set(names) and all(coarse[n] > 5 * fine[n] > 0 for n in names)
+    # the scan's value for one tensor equals a full forward with only that tensor rounded
+    rounded = dict(ckpt.weights, **{"layers.1.down": int4.quantize(ckpt.weights["layers.1.down"]).dequantize()})
+
+    def log_probs(weights):
+        x = _llama_sequential(ckpt.spec, weights, tokens, lambda *a: None, weights["embed"], False, False)
+        z = (rms_norm(x, weights["final_norm"], ckpt.spec.rms_norm_eps) @ weights["embed"].T).astype(np.float64)
+        z = z - z.max(-1, keepdims=True)
+        return (z - np.log(np.exp(z).sum(-1, keepdims=True))).reshape(-1, z.shape[-1])
+
+    p, q = log_probs(ckpt.weights), log_probs(rounded)
+    assert coarse["layers.1.down"] == pytest.approx(float((np.exp(p) * (p - q)).sum(-1).mean()), rel=1e-3)
+
+
+def test_gptq_preset_promotes_the_most_sensitive_tensors_within_its_budget(tiny):
+    hf, _, _ = tiny
+    ckpt = load_checkpoint(hf)
+    base = dict(load_recipe("int4-gptq").to_dict(), calibration={"sequences": 4, "tokens": 64})
+    assert base["promote"] == {"format": "int8_block", "block_size": 32, "budget": 0.09, "windows": 4}
+    assert load_recipe("int4").promote is None  # RTN int4 keeps its fixed rules
+    formats, _, _ = plan(ckpt, Recipe.from_dict(base))
+    size = {n: f.storage_bytes(tuple(ckpt.weights["embed" if n == "lm_head" else n].shape))
+            for n, f in formats.items() if f is not None}
+    total = sum(v for n, v in size.items() if n != "lm_head")  # tied: one shared copy
+    sizes = []
+    for budget in (0.0, 0.09, 0.3):
+        recipe = Recipe.from_dict(dict(base, promote=dict(base["promote"], budget=budget)))
+        assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+        done = quantize_checkpoint(ckpt, recipe)
+        promoted = [n for n, qt in done.items() if qt.fmt.bits == 8 and formats[n].bits == 4]
+        extra = sum(done[n].fmt.storage_bytes(done[n].shape) - size[n] for n in promoted)
+        assert extra <= budget * total and all(done[n].method == "gptq" for n in promoted)
+        assert bool(promoted) == (budget > 0)
+        sizes.append(extra)
+    assert sizes[0] == 0 < sizes[1] < sizes[2]
+    with pytest.raises(ValueError, match="budget must be a fraction"):
+        Recipe.from_dict(dict(base, promote={"budget": 1.5}))
+    with pytest.raises(ValueError, match=r"promote: unknown keys \['bits'\]"):
+        Recipe.from_dict(dict(base, promote={"bits": 8}))
 
 
 def test_bad_recipe_fails_before_anything_is_written(tiny, tmp_path):
