@@ -297,6 +297,7 @@ def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: in
     Returns:
         The ONNX model (initializers inline; the writer moves them to external data).
     """
+    pad_attention = pad_attention and end_layer > first_layer  # a head-only stage has no attention
     g = _Graph(packed=packed or {}, accuracy_level=accuracy_level, pad_attention=pad_attention)
     f32, kv_shape = TensorProto.FLOAT, ["batch", spec.num_kv_heads, "max_len", spec.head_dim]
     kv_type = TensorProto.FLOAT16 if spec.kv_dtype == "float16" else f32
@@ -315,11 +316,9 @@ def build_stage(spec: ModelSpec, weights: dict[str, np.ndarray], first_layer: in
             cos, sin = rotary_cache(dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_scaling=None))
             g.const("cos_cache_local", cos.astype(rope_dtype))
             g.const("sin_cache_local", sin.astype(rope_dtype))
-    if pad_attention and end_layer > first_layer:
+    if pad_attention:
         inputs.append(helper.make_tensor_value_info("attention_rows", TensorProto.INT64, ["attention_rows"]))
         g.nodes.append(helper.make_node("Shape", [inputs[0].name], ["step_length"], start=1, end=2))
-    else:
-        g.pad_attention = False
     if embeds:
         residual = _embed_scaled(g, spec, weights)
     else:

@@ -117,7 +117,6 @@ class DeviceKVCache(_Offsets):
     def __init__(self, spec: ModelSpec, num_layers: int, batch: int, max_len: int, device: str,
                  device_id: int, copier: SpanCopier, extra_slots: int = 0):
         self.batch, self.max_len, self.capacity = batch, max_len, max_len + 1 + extra_slots
-        self.extra_slots = extra_slots
         self.kv_device, self.device_id, self.copier = device, device_id, copier
         self.dtype = np.dtype(spec.kv_dtype)
         self.lengths = np.zeros(batch, dtype=np.int32)

@@ -258,8 +258,8 @@ class OnnxBackend:
         pad = int(invariant)  # attention also gets each row's last token again, one position further
         seqlens = (start + (seq - 1 + pad)).astype(np.int32)
         total = np.array(int(seqlens.max()) + 1, dtype=np.int32)
-        rows = np.arange(seq + pad, dtype=np.int64)
-        rows[seq:] = seq - 1
+        if self._padded:  # the rows attention gets: the step's, then the copy's
+            rows = np.minimum(np.arange(seq + pad, dtype=np.int64), seq - 1)
         out = inputs
         for k in stages:
             stage, io = self.manifest.stages[k], self.bindings[k]
@@ -271,7 +271,7 @@ class OnnxBackend:
                 self._inputs[k].pop(name, None)
             self._bind_host(k, "seqlens_k", seqlens, np.int32)
             self._bind_host(k, "total_sequence_length", total, np.int32)
-            if self._padded and stage.end_layer > stage.first_layer:
+            if self._padded and stage.end_layer > stage.first_layer:  # stages with attention
                 self._bind_host(k, "attention_rows", rows, np.int64)
             if stage.has_head:
                 self._bind_host(k, "logits_positions", logits_positions[..., None], np.int64)
