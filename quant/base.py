@@ -93,10 +93,7 @@ class QuantizedTensor:
     def bits_per_weight(self) -> float:
         """Storage cost of codes + scales + offsets in the format's own terms, per real weight."""
         out, k = self.shape
-        scale_bits = 16 if self.fmt.scale_dtype == "float16" else 32
-        offset_bits = {None: 0, "int": self.fmt.bits, "float": scale_bits}[self.fmt.offset_kind]
-        total = out * self.n_blocks * (self.block_size * self.fmt.bits + scale_bits + offset_bits)
-        return total / (out * k)
+        return self.fmt.storage_bytes(self.shape) * 8 / (out * k)
 
     def describe(self) -> str:
         return f"{self.fmt.describe()}[{self.method}]"
@@ -173,8 +170,8 @@ class QuantFormat:
         return stored
 
     def storage_bytes(self, shape: tuple[int, int]) -> float:
-        """Bytes of codes + scales + offsets of a [out, in] matrix in this format (as
-        `QuantizedTensor.bits_per_weight` counts them), for budgeting before quantizing."""
+        """Bytes of codes + scales + offsets of a [out, in] matrix in this format (what
+        `QuantizedTensor.bits_per_weight` counts), for budgeting before quantizing."""
         out, k = shape
         bs = self.block_size_for(k)
         scale_bits = 16 if self.scale_dtype == "float16" else 32
