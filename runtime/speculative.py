@@ -10,6 +10,7 @@ leaves the target distribution p unchanged for any draft distribution q.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,7 @@ from .suffix_lookup import SuffixDrafter
 SPECULATIVE_FORMS = "lookup, lookup:MAX_NGRAM[,MIN_NGRAM], suffix, draft:PATH, self:K, auto or auto:PATH"
 # context tokens a draft model reads (ModelDrafter's window): it skips the rest of a long prompt
 DRAFT_WINDOW = 512
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,29 @@ def make_drafter(spec: str | SpeculativeSpec | Drafter | None, target, **load_kw
     if spec.kind == "self":
         return SelfDrafter(target, spec.arg)
     if spec.kind == "auto":
-        return AutoDrafter(SuffixDrafter(), _model_drafter(spec.arg, target, load_kwargs) if spec.arg else None)
-    return _model_drafter(spec.arg, target, load_kwargs)
+        model = _model_drafter(spec.arg, target, load_kwargs) if spec.arg else None
+        if model is not None and not _lighter(model.engine, target):
+            log.warning("auto leaves draft %s out: %s; it drafts by lookup only", spec.arg,
+                        _weights_per_token(model.engine, target))
+            model = None
+        return AutoDrafter(SuffixDrafter(), model)
+    drafter = _model_drafter(spec.arg, target, load_kwargs)
+    if not _lighter(drafter.engine, target):
+        log.warning("draft %s cannot make decoding faster: %s (the output stays exact); use a smaller draft, "
+                    "or lookup, suffix or auto", spec.arg, _weights_per_token(drafter.engine, target))
+    return drafter
+
+
+def _lighter(draft, target) -> bool:
+    """Whether a draft step reads fewer weight bytes than a target step. A decode step on these
+    small-batch engines costs about its weights' bytes, and a draft must cost well under a target
+    step to pay: one that reads as many bytes (INT8 drafting INT4) loses on every round."""
+    return draft.backend.weight_bytes < target.backend.weight_bytes
+
+
+def _weights_per_token(draft, target) -> str:
+    return (f"it reads {draft.backend.weight_bytes / 1e6:.0f} MB of weights per token, the target "
+            f"{target.backend.weight_bytes / 1e6:.0f} MB")
 
 
 def _model_drafter(path: str, target, load_kwargs: dict) -> ModelDrafter:

@@ -132,6 +132,24 @@ def test_auto_sends_rows_without_a_lookup_match_to_the_model(tiny_pair):
     assert drafts[0].tokens == [10, 8, 9] and len(drafts[1].tokens) == 3
 
 
+def test_a_draft_no_lighter_than_its_target_is_left_out_by_auto_and_warned_of(tiny_pair, caplog):
+    """A draft that reads as many weight bytes per token as its target cannot pay: `auto` drafts by
+    lookup alone, and an explicit `draft:` runs (exact) with a warning that says why it will not pay."""
+    target, draft = tiny_pair
+    heavy = target.package_dir  # the target's own package: the same bytes per token
+    with caplog.at_level("WARNING", logger="edgerun.runtime.speculative"):
+        auto = make_drafter(f"auto:{heavy}", target)
+        assert isinstance(auto, AutoDrafter) and auto.model is None
+        assert "auto leaves draft" in caplog.text and "by lookup only" in caplog.text
+        caplog.clear()
+        explicit = make_drafter(f"draft:{heavy}", target)
+        assert isinstance(explicit, ModelDrafter)
+        assert "cannot make decoding faster" in caplog.text and "MB of weights per token" in caplog.text
+        caplog.clear()
+        assert make_drafter(f"auto:{draft}", target).model is not None  # the 2-layer draft is lighter
+        assert caplog.text == ""
+
+
 def test_auto_starts_the_model_lazily_and_leaves_it_out_after_a_generation_it_did_not_pay(tiny_pair):
     target, draft = tiny_pair
     drafter = make_drafter(f"auto:{draft}", target)
