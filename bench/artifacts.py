@@ -51,11 +51,13 @@ def hf_folder(gguf_path: Path) -> Path:
         return target
     from ..export.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(gguf_path)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_hf_folder(ckpt, tmp)
+    if load_checkpoint(gguf_path, weights=False).spec.architecture == "llama":
+        write_hf_folder(load_checkpoint(gguf_path), tmp)
+    else:
+        save_with_transformers(Path(gguf_path), tmp)
     log.info("wrote a Hugging Face folder for %s to %s", gguf_path, target)
     return _publish(tmp, target)
 
@@ -69,7 +71,7 @@ def write_hf_folder(ckpt, folder: Path) -> None:
     spec = ckpt.spec
     if spec.architecture != "llama":
         raise NotImplementedError(f"the Hugging Face folder writer knows llama models only, not "
-                                  f"{spec.architecture!r}; benchmark the peers on a llama GGUF")
+                                  f"{spec.architecture!r}; hf_folder writes other families with transformers")
     names = layer_names(get_family(spec.architecture).hf_names, spec.num_layers)
     tensors = {names[k]: w for k, w in ckpt.weights.items() if not (k == "lm_head" and spec.tie_embeddings)}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -97,6 +99,27 @@ def write_hf_folder(ckpt, folder: Path) -> None:
     if ckpt.chat_template:
         tok_config["chat_template"] = ckpt.chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+
+
+def save_with_transformers(gguf_path: Path, folder: Path) -> None:
+    """Write a GGUF of any family transformers' GGUF loader reads (Gemma 3, Qwen2, ...) as an HF folder:
+    its dequantized float32 weights, config and tokenizer (transformers and torch: the bench extra)."""
+    import torch
+    import transformers
+
+    kw = {"gguf_file": gguf_path.name}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
+    # the loader marks the model as GGUF-quantized (which save_pretrained refuses) though its weights
+    # are dequantized: a plain model of the same config takes them
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    model.save_pretrained(str(folder))
+    del model
+    transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw).save_pretrained(str(folder))
 
 
 def ortgenai_model(gguf_path: Path, precision: str, execution_provider: str = "cpu") -> Path:

@@ -172,6 +172,31 @@ def test_gguf_export_runs_on_llamacpp(family, tmp_path):
     assert [r.token for r in gguf_engine.generate(TOKENS, max_new_tokens=12, ignore_eos=True)] == ours
 
 
+@pytest.mark.parametrize("family", ["gemma3", "qwen2-untied"])
+def test_bench_hf_folder_of_a_gguf_holds_its_weights(family, tmp_path, monkeypatch):
+    """The bench's Hugging Face folder of a non-Llama GGUF (what onnxruntime-genai's builder reads) is
+    written by transformers' GGUF loader and gives the source model's logits."""
+    import torch
+    import transformers
+
+    from edgerun.bench.artifacts import save_with_transformers
+
+    if family == "gemma3":  # transformers' GGUF loader takes Gemma 3's head_dim as 256 (the real model's)
+        model_cls, config_cls, overrides = FAMILIES["gemma3"]
+        monkeypatch.setitem(FAMILIES, "gemma3", (model_cls, config_cls, overrides | dict(
+            head_dim=256, query_pre_attn_scalar=256, num_attention_heads=2, num_key_value_heads=1)))
+    folder = build_tiny(tmp_path / "hf", family, seed=5)
+    export(folder, tmp_path / "pkg", ExportOptions(formats=("gguf",)))
+    save_with_transformers(tmp_path / "pkg" / "model.gguf", tmp_path / "out")
+    logits = []
+    for source in (folder, tmp_path / "out"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(model(torch.tensor([TOKENS])).logits[0].numpy())
+    np.testing.assert_allclose(logits[1], logits[0], atol=1e-5)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
 def test_unknown_architecture_is_one_line_listing_supported(tmp_path):
     folder = build_tiny(tmp_path / "hf", "qwen3")
     config = json.loads((folder / "config.json").read_text())
