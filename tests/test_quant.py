@@ -434,14 +434,14 @@ def test_gptq_preset_promotes_the_most_sensitive_tensors_within_its_budget(tiny)
     hf, _, _ = tiny
     ckpt = load_checkpoint(hf)
     base = dict(load_recipe("int4-gptq").to_dict(), calibration={"sequences": 4, "tokens": 64})
-    assert base["promote"] == {"format": "int8_block", "block_size": 32, "budget": 0.09, "windows": 4}
+    assert base["promote"] == {"format": "int8_block", "block_size": 32, "budget": 0.10, "windows": 4}
     assert load_recipe("int4").promote is None  # RTN int4 keeps its fixed rules
     formats, _, _ = plan(ckpt, Recipe.from_dict(base))
     size = {n: f.storage_bytes(tuple(ckpt.weights["embed" if n == "lm_head" else n].shape))
             for n, f in formats.items() if f is not None}
     total = sum(v for n, v in size.items() if n != "lm_head")  # tied: one shared copy
     sizes = []
-    for budget in (0.0, 0.09, 0.3):
+    for budget in (0.0, 0.10, 0.3):
         recipe = Recipe.from_dict(dict(base, promote=dict(base["promote"], budget=budget)))
         assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
         done = quantize_checkpoint(ckpt, recipe)
