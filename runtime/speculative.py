@@ -100,28 +100,27 @@ def make_drafter(spec: str | SpeculativeSpec | Drafter | None, target, **load_kw
         return SelfDrafter(target, spec.arg)
     if spec.kind == "auto":
         model = _model_drafter(spec.arg, target, load_kwargs) if spec.arg else None
-        if model is not None and not _lighter(model.engine, target):
-            log.warning("auto leaves draft %s out: %s; it drafts by lookup only", spec.arg,
-                        _weights_per_token(model.engine, target))
+        why = model and _cannot_pay(model.engine, target)
+        if why:
+            log.warning("auto leaves draft %s out: %s; it drafts by lookup only", spec.arg, why)
             model = None
         return AutoDrafter(SuffixDrafter(), model)
     drafter = _model_drafter(spec.arg, target, load_kwargs)
-    if not _lighter(drafter.engine, target):
+    why = _cannot_pay(drafter.engine, target)
+    if why:
         log.warning("draft %s cannot make decoding faster: %s (the output stays exact); use a smaller draft, "
-                    "or lookup, suffix or auto", spec.arg, _weights_per_token(drafter.engine, target))
+                    "or lookup, suffix or auto", spec.arg, why)
     return drafter
 
 
-def _lighter(draft, target) -> bool:
-    """Whether a draft step reads fewer weight bytes than a target step. A decode step on these
+def _cannot_pay(draft, target) -> str | None:
+    """Why a draft model cannot make decoding faster, or None when its bytes allow it. A decode step on these
     small-batch engines costs about its weights' bytes, and a draft must cost well under a target
-    step to pay: one that reads as many bytes (INT8 drafting INT4) loses on every round."""
-    return draft.backend.weight_bytes < target.backend.weight_bytes
-
-
-def _weights_per_token(draft, target) -> str:
-    return (f"it reads {draft.backend.weight_bytes / 1e6:.0f} MB of weights per token, the target "
-            f"{target.backend.weight_bytes / 1e6:.0f} MB")
+    step to pay: one that reads as many bytes per token (INT8 drafting INT4) loses on every round."""
+    ours, theirs = draft.backend.weight_bytes, target.backend.weight_bytes
+    if ours < theirs:
+        return None
+    return f"it reads {ours / 1e6:.0f} MB of weights per token, the target {theirs / 1e6:.0f} MB"
 
 
 def _model_drafter(path: str, target, load_kwargs: dict) -> ModelDrafter:
