@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import command, parser
+from .artifacts import LLAMACPP_FLOATS, LLAMACPP_QUANTS, ORTGENAI_PRECISIONS
 from .stats import TimingRecord, achieved_bandwidth, ratio, summarize
 from .weights import engine_files
 
@@ -179,12 +180,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GGUF file or known model name the peers run (default: smollm2-135m)")
     p.add_argument("--packages", nargs="*", default=None, metavar="PKG",
                    help="edge-run packages to measure (default: the fp32 ONNX export of MODEL)")
-    p.add_argument("--edgerun-llamacpp", nargs="*", default=["source"], metavar="TYPE",
+    gguf_types = ("source", *LLAMACPP_FLOATS, *LLAMACPP_QUANTS)
+    p.add_argument("--edgerun-llamacpp", nargs="*", default=["source"], metavar="TYPE", choices=gguf_types,
                    help="GGUF types edge-run runs on its llama.cpp backend (default: source; none: give no TYPE)")
     p.add_argument("--llamacpp", nargs="*", default=["source", "F32", "F16", "Q8_0", "Q4_0"], metavar="TYPE",
+                   choices=gguf_types,
                    help="GGUF types llama-cpp-python runs: source (MODEL itself), F32, F16, Q8_0, Q4_0, ... "
                         "(default: source F32 F16 Q8_0 Q4_0)")
     p.add_argument("--ortgenai", nargs="*", default=["int4", "int8", "fp32"], metavar="PRECISION",
+                   choices=ORTGENAI_PRECISIONS,
                    help="onnxruntime-genai builder precisions (default: int4 int8 fp32)")
     p.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True,
                    help="measure Hugging Face transformers (fp32, CPU torch) (default: yes)")

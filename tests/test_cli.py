@@ -231,6 +231,13 @@ def test_usage_errors_are_one_line(capsys):
     assert "invalid choice: 'frobnicate'" in line
 
 
+@pytest.mark.parametrize("flag, value", [("--ortgenai", "int5"), ("--llamacpp", "Q9"), ("--edgerun-llamacpp", "f32")])
+def test_bench_refuses_an_unknown_peer_precision_before_measuring(capsys, tmp_path, flag, value):
+    line = fail(capsys, "bench", flag, value, "--out", tmp_path / "out")
+    assert f"argument {flag}: invalid choice: '{value}'" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_unexpected_errors_are_one_line_unless_verbose(capsys, monkeypatch, tiny_pkg):
     def broken(args):
         raise RuntimeError("something odd\n  happened")
