@@ -160,6 +160,9 @@ class ModelDrafter(Drafter):
             raise ValueError(f"window must be in [1, {(engine.max_context - sink) // 2}) for a draft of context "
                              f"{engine.max_context} and sink {sink}, got {window}")
         self.engine, self.min_confidence, self.window, self.sink = engine, min_confidence, window, sink
+        # why this draft cannot make its target faster (make_drafter sets it from the weight bytes),
+        # or None: an adaptive draft length then leaves it out of the generation
+        self.cannot_pay: str | None = None
         self.cache = None
         self.cached: list[list[int]] = []
         self.offset: list[int] = []  # where each row's window starts in its context

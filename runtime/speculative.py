@@ -106,10 +106,11 @@ def make_drafter(spec: str | SpeculativeSpec | Drafter | None, target, **load_kw
             model = None
         return AutoDrafter(SuffixDrafter(), model)
     drafter = _model_drafter(spec.arg, target, load_kwargs)
-    why = _cannot_pay(drafter.engine, target)
-    if why:
-        log.warning("draft %s cannot make decoding faster: %s (the output stays exact); use a smaller draft, "
-                    "or lookup, suffix or auto", spec.arg, why)
+    drafter.cannot_pay = _cannot_pay(drafter.engine, target)
+    if drafter.cannot_pay:
+        log.warning("draft %s cannot make decoding faster: %s; with the adaptive draft length (the default) "
+                    "generations decode plainly without it, a fixed length (draft_tokens=N, --draft-tokens N) "
+                    "runs it anyway; use a smaller draft, or lookup, suffix or auto", spec.arg, drafter.cannot_pay)
     return drafter
 
 

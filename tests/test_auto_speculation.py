@@ -150,6 +150,22 @@ def test_a_draft_no_lighter_than_its_target_is_left_out_by_auto_and_warned_of(ti
         assert caplog.text == ""
 
 
+def test_a_draft_that_cannot_pay_is_left_out_of_adaptive_generations_and_run_when_forced(tiny_pair):
+    """With the default adaptive draft length, an explicit draft no lighter than its target is not
+    run at all (its prefill and probe rounds would be pure loss): the generation is plain decoding.
+    A fixed draft length runs it as asked, and both outputs equal plain greedy."""
+    target, _ = tiny_pair
+    heavy = f"draft:{target.package_dir}"
+    prompts = [[5, 17, 42, 99, 3], [8, 9, 10, 8, 9, 10]]
+    plain = _tokens(target, prompts)
+    assert _tokens(target, prompts, speculative=heavy) == plain
+    assert target.stats.rounds == 0 and target.stats.proposed == 0
+    drafter = target._drafters[parse_speculative(heavy)]
+    assert drafter.cannot_pay and drafter.cache is None  # never started: no draft prefill
+    assert _tokens(target, prompts, speculative=heavy, draft_tokens=2) == plain
+    assert target.stats.rounds > 0 and drafter.cache is not None
+
+
 def test_auto_starts_the_model_lazily_and_leaves_it_out_after_a_generation_it_did_not_pay(tiny_pair):
     target, draft = tiny_pair
     drafter = make_drafter(f"auto:{draft}", target)
