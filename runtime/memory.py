@@ -33,13 +33,15 @@ class MemoryUse:
 
     Attributes:
         weights: the package's weight bytes as stored (what the backend reads per token, at most).
+        weights_resident: the part of them loading made resident: all of them, or what loading
+            added when that is less (memory-mapped weights not all paged in).
         kv_cache: bytes of the KV cache allocated now (it grows with the context used).
-        runtime: what loading added beyond the weights (onnxruntime's pre-packed weight layouts,
-            graph structures, the tokenizer; llama.cpp's buffers); negative when weights are
-            memory-mapped and not all resident.
+        runtime: what loading added beyond the resident weights (onnxruntime's pre-packed weight
+            layouts, graph structures, the tokenizer; llama.cpp's buffers); never negative.
         activations: what decoding added since loading beyond the KV cache (activation buffers).
         process: the interpreter and libraries before the engine loaded.
-        rss: the process's resident bytes now; the sum of the parts above.
+        rss: the process's resident bytes now: weights_resident + kv_cache + runtime +
+            activations + process.
     """
 
     weights: int
@@ -48,12 +50,16 @@ class MemoryUse:
     activations: int
     process: int
     rss: int
+    weights_resident: int
 
     def summary(self) -> str:
         """One line, in MB."""
-        return (f"weights {self.weights / MB:.0f} MB + KV cache {self.kv_cache / MB:.0f} MB + runtime "
-                f"{self.runtime / MB:.0f} MB + activations {self.activations / MB:.0f} MB + Python and "
-                f"libraries {self.process / MB:.0f} MB = {self.rss / MB:.0f} MB resident")
+        weights = f"weights {self.weights / MB:.0f} MB"
+        if self.weights_resident < self.weights:
+            weights += f" ({self.weights_resident / MB:.0f} MB resident, the rest mapped from the file)"
+        return (f"{weights} + KV cache {self.kv_cache / MB:.0f} MB + runtime {self.runtime / MB:.0f} MB + "
+                f"activations {self.activations / MB:.0f} MB + Python and libraries {self.process / MB:.0f} MB "
+                f"= {self.rss / MB:.0f} MB resident")
 
 
 class MemoryMeter:
@@ -69,9 +75,10 @@ class MemoryMeter:
 
     def use(self, kv_bytes: int) -> MemoryUse:
         rss = process_rss()
-        runtime = self.after_load - self.before - self.weights
+        loaded = self.after_load - self.before
+        resident = min(self.weights, max(loaded, 0))
         activations = rss - self.after_load - kv_bytes
-        return MemoryUse(self.weights, kv_bytes, runtime, activations, self.before, rss)
+        return MemoryUse(self.weights, kv_bytes, loaded - resident, activations, self.before, rss, resident)
 
 
 def release_mapped_pages(files: list[Path]) -> int:

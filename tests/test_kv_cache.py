@@ -73,9 +73,28 @@ def test_memory_report_adds_up_to_the_process_rss(engine):
     use = engine.memory()
     assert use.kv_cache == engine._kv.nbytes == engine._kv.capacity * engine._kv.bytes_per_position()
     assert use.weights == sum(f.stat().st_size for f in engine.package_dir.glob("stage*.onnx*"))
-    parts = use.weights + use.kv_cache + use.runtime + use.activations + use.process
-    assert parts == use.rss and abs(use.rss - process_rss()) <= 0.1 * use.rss
+    parts = use.weights_resident + use.kv_cache + use.runtime + use.activations + use.process
+    assert parts == use.rss and use.runtime >= 0 and use.weights_resident <= use.weights
+    assert abs(use.rss - process_rss()) <= 0.1 * use.rss
     assert "KV cache" in use.summary() and use.summary().endswith("MB resident")
+
+
+def test_memory_report_of_weights_not_all_resident_has_no_negative_runtime(monkeypatch):
+    """Memory-mapped weights that loading did not page in entirely (a large fp32 package) show as
+    partly resident, not as a negative runtime share."""
+    from edgerun.runtime import memory
+
+    monkeypatch.setattr(memory, "process_rss", lambda: 900 * 10**6)
+    meter = memory.MemoryMeter()
+    meter.before, meter.after_load, meter.weights = 100 * 10**6, 780 * 10**6, 1140 * 10**6
+    use = meter.use(kv_bytes=20 * 10**6)
+    assert (use.weights, use.weights_resident, use.runtime) == (1140 * 10**6, 680 * 10**6, 0)
+    assert use.weights_resident + use.kv_cache + use.runtime + use.activations + use.process == use.rss
+    assert "weights 1140 MB (680 MB resident, the rest mapped from the file)" in use.summary()
+    meter.weights = 500 * 10**6  # all resident: the rest of what loading added is the runtime's
+    use = meter.use(kv_bytes=20 * 10**6)
+    assert (use.weights_resident, use.runtime) == (500 * 10**6, 180 * 10**6)
+    assert use.summary().startswith("weights 500 MB + KV cache 20 MB + runtime 180 MB")
 
 
 @pytest.fixture(scope="module")
