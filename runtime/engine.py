@@ -14,7 +14,7 @@ import numpy as np
 from .backend import Backend, InvariantSteps, inexact_verification_types, open_backend, require_staged
 from .constraints import Grammar, Grammars, RowConstraint, choose
 from .draft_policy import AdaptiveDraftLength, DraftPolicy
-from .drafters import Drafter
+from .drafters import Drafter, ModelDrafter
 from .early_exit import EarlyExitRunner, ExitGuard, ExitPoint, exit_points
 from .manifest import MANIFEST_NAME, PackageError, check_memory, read_manifest
 from .memory import KV_ITEMSIZE, MemoryFit, MemoryMeter, MemoryUse, fit_memory, weight_file_bytes
@@ -535,8 +535,16 @@ class Engine:
         return "".join(r.text for r in self.generate(prompt, **kwargs))
 
     def memory(self) -> MemoryUse:
-        """Resident memory now, split into weights, KV cache, runtime, activations and the process."""
-        return self._memory.use(self._kv.nbytes if self._kv is not None else 0)
+        """Resident memory now, split into weights, KV cache, runtime, activations, draft models
+        (their loading and KV caches) and the process."""
+        drafts = sum(e._memory.loaded_bytes + (e._kv.nbytes if e._kv is not None else 0)
+                     for e in self._draft_engines())
+        return self._memory.use(self._kv.nbytes if self._kv is not None else 0, drafts)
+
+    def _draft_engines(self) -> list[Engine]:
+        """The draft models this engine opened for `draft:` and `auto:` modes."""
+        models = [getattr(d, "model", d) for d in self._drafters.values()]  # auto wraps its model drafter
+        return [m.engine for m in models if isinstance(m, ModelDrafter) and m.engine is not self]
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits [len(tokens), vocab] of a whole sequence in one pass (fresh cache)."""

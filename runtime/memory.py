@@ -41,7 +41,8 @@ class MemoryUse:
         activations: what decoding added since loading beyond the KV cache (activation buffers).
         process: the interpreter and libraries before the engine loaded.
         rss: the process's resident bytes now: weights_resident + kv_cache + runtime +
-            activations + process.
+            activations + process + drafts.
+        drafts: what the engine's draft models added (their loading and KV caches), 0 without.
     """
 
     weights: int
@@ -51,15 +52,17 @@ class MemoryUse:
     process: int
     rss: int
     weights_resident: int
+    drafts: int = 0
 
     def summary(self) -> str:
         """One line, in MB."""
         weights = f"weights {self.weights / MB:.0f} MB"
-        if self.weights_resident < self.weights:
+        if self.weights - self.weights_resident > max(0.1 * self.weights, 16 * MB):  # not RSS noise
             weights += f" ({self.weights_resident / MB:.0f} MB resident, the rest mapped from the file)"
+        drafts = f" + draft model {self.drafts / MB:.0f} MB" if self.drafts else ""
         return (f"{weights} + KV cache {self.kv_cache / MB:.0f} MB + runtime {self.runtime / MB:.0f} MB + "
-                f"activations {self.activations / MB:.0f} MB + Python and libraries {self.process / MB:.0f} MB "
-                f"= {self.rss / MB:.0f} MB resident")
+                f"activations {self.activations / MB:.0f} MB{drafts} + Python and libraries "
+                f"{self.process / MB:.0f} MB = {self.rss / MB:.0f} MB resident")
 
 
 class MemoryMeter:
@@ -73,12 +76,18 @@ class MemoryMeter:
     def loaded(self, weight_bytes: int) -> None:
         self.after_load, self.weights = process_rss(), weight_bytes
 
-    def use(self, kv_bytes: int) -> MemoryUse:
+    @property
+    def loaded_bytes(self) -> int:
+        """What loading the engine added to the process's resident memory."""
+        return self.after_load - self.before
+
+    def use(self, kv_bytes: int, draft_bytes: int = 0) -> MemoryUse:
+        """The split now, given the KV cache's bytes and what draft models loaded after the engine hold."""
         rss = process_rss()
-        loaded = self.after_load - self.before
-        resident = min(self.weights, max(loaded, 0))
-        activations = rss - self.after_load - kv_bytes
-        return MemoryUse(self.weights, kv_bytes, loaded - resident, activations, self.before, rss, resident)
+        resident = min(self.weights, max(self.loaded_bytes, 0))
+        activations = rss - self.after_load - kv_bytes - draft_bytes
+        return MemoryUse(self.weights, kv_bytes, self.loaded_bytes - resident, activations, self.before, rss,
+                         resident, draft_bytes)
 
 
 def release_mapped_pages(files: list[Path]) -> int:

@@ -164,6 +164,10 @@ def test_a_draft_that_cannot_pay_is_left_out_of_adaptive_generations_and_run_whe
     assert drafter.cannot_pay and drafter.cache is None  # never started: no draft prefill
     assert _tokens(target, prompts, speculative=heavy, draft_tokens=2) == plain
     assert target.stats.rounds > 0 and drafter.cache is not None
+    use = target.memory()  # the draft's load and KV cache are its own line, not "activations"
+    assert use.drafts != 0 and drafter.engine._kv.nbytes > 0 and "draft model" in use.summary()
+    parts = use.weights_resident + use.kv_cache + use.runtime + use.activations + use.process + use.drafts
+    assert parts == use.rss
 
 
 def test_auto_starts_the_model_lazily_and_leaves_it_out_after_a_generation_it_did_not_pay(tiny_pair):

@@ -358,7 +358,8 @@ def test_run_prints_text_and_summary(capsys, tiny_pkg):
     summary = SUMMARY.match(err.splitlines()[-2])
     assert summary, err
     assert summary.groups() == (str(len(prompt)), str(len(expected)), expected[-1].finish_reason)
-    assert re.fullmatch(r"\[memory: weights \d+ MB \+ KV cache \d+ MB \+ .* = \d+ MB resident\]", err.splitlines()[-1])
+    assert re.fullmatch(r"\[memory: weights \d+ MB( \(\d+ MB resident, the rest mapped from the file\))? \+ "
+                        r"KV cache \d+ MB \+ .* = \d+ MB resident\]", err.splitlines()[-1])
 
 
 def test_run_reads_prompt_from_stdin(capsys, monkeypatch, tiny_pkg):

@@ -73,7 +73,7 @@ def test_memory_report_adds_up_to_the_process_rss(engine):
     use = engine.memory()
     assert use.kv_cache == engine._kv.nbytes == engine._kv.capacity * engine._kv.bytes_per_position()
     assert use.weights == sum(f.stat().st_size for f in engine.package_dir.glob("stage*.onnx*"))
-    parts = use.weights_resident + use.kv_cache + use.runtime + use.activations + use.process
+    parts = use.weights_resident + use.kv_cache + use.runtime + use.activations + use.process + use.drafts
     assert parts == use.rss and use.runtime >= 0 and use.weights_resident <= use.weights
     assert abs(use.rss - process_rss()) <= 0.1 * use.rss
     assert "KV cache" in use.summary() and use.summary().endswith("MB resident")
@@ -89,7 +89,7 @@ def test_memory_report_of_weights_not_all_resident_has_no_negative_runtime(monke
     meter.before, meter.after_load, meter.weights = 100 * 10**6, 780 * 10**6, 1140 * 10**6
     use = meter.use(kv_bytes=20 * 10**6)
     assert (use.weights, use.weights_resident, use.runtime) == (1140 * 10**6, 680 * 10**6, 0)
-    assert use.weights_resident + use.kv_cache + use.runtime + use.activations + use.process == use.rss
+    assert use.weights_resident + use.kv_cache + use.runtime + use.activations + use.process + use.drafts == use.rss
     assert "weights 1140 MB (680 MB resident, the rest mapped from the file)" in use.summary()
     meter.weights = 500 * 10**6  # all resident: the rest of what loading added is the runtime's
     use = meter.use(kv_bytes=20 * 10**6)
