@@ -39,6 +39,9 @@ class Drafter:
     # Verifies in place of the backend's forward (same 4 arguments and logits [B, N, vocab]) when
     # the drafter already ran part of the target (self-speculation); None: the backend's forward.
     target_forward: Callable[[np.ndarray, Cache, np.ndarray, np.ndarray], np.ndarray] | None = None
+    # Why this drafter cannot make its target faster (make_drafter sets it for a draft model no
+    # lighter than the target), or None: an adaptive draft length leaves such a drafter out.
+    cannot_pay: str | None = None
 
     def use_backend(self, backend) -> None:
         """Called before `start` with the backend the target's steps run on in this generation
@@ -160,9 +163,6 @@ class ModelDrafter(Drafter):
             raise ValueError(f"window must be in [1, {(engine.max_context - sink) // 2}) for a draft of context "
                              f"{engine.max_context} and sink {sink}, got {window}")
         self.engine, self.min_confidence, self.window, self.sink = engine, min_confidence, window, sink
-        # why this draft cannot make its target faster (make_drafter sets it from the weight bytes),
-        # or None: an adaptive draft length then leaves it out of the generation
-        self.cannot_pay: str | None = None
         self.cache = None
         self.cached: list[list[int]] = []
         self.offset: list[int] = []  # where each row's window starts in its context

@@ -336,7 +336,8 @@ class Engine:
             speculative = parse_speculative(speculative)  # a bad mode is named before the exactness check
         steps = self._step_backend(speculative is not None, exact)
         drafter = self._drafter(speculative)
-        if getattr(drafter, "cannot_pay", None) and isinstance(policy, AdaptiveDraftLength) and policy.fixed is None:
+        if drafter is not None and drafter.cannot_pay and isinstance(policy, AdaptiveDraftLength) \
+                and policy.fixed is None:
             # a draft that reads as many weight bytes per token as this engine loses on every
             # round, and its prefill and probe rounds cost before the policy could turn it off
             log.info("decoding plainly: the draft model cannot pay (%s)", drafter.cannot_pay)
