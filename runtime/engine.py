@@ -538,9 +538,13 @@ class Engine:
     def memory(self) -> MemoryUse:
         """Resident memory now, split into weights, KV cache, runtime, activations, draft models
         (their loading and KV caches) and the process."""
-        drafts = sum(e._memory.loaded_bytes + (e._kv.nbytes if e._kv is not None else 0)
-                     for e in self._draft_engines())
-        return self._memory.use(self._kv.nbytes if self._kv is not None else 0, drafts)
+        drafts = sum(e._memory.loaded_bytes + e._kv_bytes for e in self._draft_engines())
+        return self._memory.use(self._kv_bytes, drafts)
+
+    @property
+    def _kv_bytes(self) -> int:
+        """Bytes of the KV cache allocated now (0 before the first generation)."""
+        return self._kv.nbytes if self._kv is not None else 0
 
     def _draft_engines(self) -> list[Engine]:
         """The draft models this engine opened for `draft:` and `auto:` modes."""
